@@ -1,0 +1,69 @@
+//! `shuttle check` (DESIGN §6): validate configuration, directories, scanners and
+//! keys without touching a file; print every problem; exit 0 or 2.
+
+use crate::config::{self, CommandLine};
+use crate::scan::{self, Scanners};
+
+/// Runs the checks, printing to stdout. Returns the exit code.
+pub fn check(cli: &CommandLine) -> i32 {
+    let loaded = match config::load(cli) {
+        Ok(l) => l,
+        Err(errors) => {
+            for e in &errors.0 {
+                println!("problem: {e}");
+            }
+            println!("shuttle check: {} problem(s) found", errors.0.len());
+            return 2;
+        }
+    };
+    let cfg = &loaded.config;
+    for w in &loaded.warnings {
+        println!("warning: {w}");
+    }
+    match &cfg.file {
+        Some(f) => println!("ok: config file {}", f.display()),
+        None => println!("ok: no config file; flags and defaults only"),
+    }
+    let mut problems = cfg.check_paths();
+    if problems.is_empty() {
+        println!(
+            "ok: source {}, quarantine {}, destination {}",
+            cfg.source_path.display(),
+            cfg.quarantine_path.display(),
+            cfg.destination_path.display()
+        );
+    }
+    if let Some(parent) = cfg.lock_path.parent()
+        && !parent.as_os_str().is_empty()
+        && !parent.is_dir()
+    {
+        problems.push(format!("lock_path {}: directory {} does not exist", cfg.lock_path.display(), parent.display()));
+    }
+    if let Some(key) = &cfg.hazard_encryption_key_path
+        && let Err(e) = std::fs::File::open(key)
+    {
+        problems.push(format!("hazard_encryption_key_path {}: {e}", key.display()));
+    }
+    match scan::enabled(cfg) {
+        Err(e) => problems.push(e),
+        Ok(engines) => match Scanners::start(engines, scan::Policy::from_config(&cfg.scanning), cfg.scanning.canary) {
+            Ok(s) => {
+                for (name, version) in s.versions() {
+                    let canary = if cfg.scanning.canary { ", canary detected" } else { "" };
+                    println!("ok: scanner {name} answers: {version}{canary}");
+                }
+            }
+            Err(e) => problems.push(format!("scanner {e}")),
+        },
+    }
+    for p in &problems {
+        println!("problem: {p}");
+    }
+    if problems.is_empty() {
+        println!("shuttle check: configuration OK");
+        0
+    } else {
+        println!("shuttle check: {} problem(s) found", problems.len());
+        2
+    }
+}

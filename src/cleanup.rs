@@ -1,0 +1,103 @@
+//! Source removal and end-of-run cleanup (DESIGN §1.10, §1.11).
+//!
+//! A source is removed only after its clean copy is durable and verified in the
+//! destination (or its suspect copy durable in the hazard archive, or deliberately
+//! deleted), and only if the source still hashes to what was quarantined.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use crate::fsx;
+use crate::quarantine::{Quarantined, Stamp, hash_file};
+
+/// Why a source was kept.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceKept {
+    #[error("source changed after it was quarantined (sha256 now {now}); kept")]
+    Changed { now: String },
+    #[error("source is no longer the file that was copied (replaced or renamed); kept")]
+    Replaced,
+    #[error("source already gone")]
+    Gone,
+    #[error("cannot remove source {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+/// Removes `source_root/rel` if it still holds the quarantined bytes.
+pub fn remove_source(source_root: &Path, rel: &Path, q: &Quarantined, buf: &mut [u8]) -> Result<(), SourceKept> {
+    let path = source_root.join(rel);
+    let io = |source| SourceKept::Io { path: path.clone(), source };
+    let mut f = match fsx::open_read_nofollow(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(SourceKept::Gone),
+        Err(e) => return Err(io(e)),
+    };
+    let before = Stamp::of(&f.metadata().map_err(io)?);
+    if (before.dev, before.ino) != (q.source.dev, q.source.ino) {
+        return Err(SourceKept::Replaced);
+    }
+    let (now, _) = hash_file(&mut f, buf).map_err(io)?;
+    if now != q.sha256 {
+        return Err(SourceKept::Changed { now });
+    }
+    let after = Stamp::of(&f.metadata().map_err(io)?);
+    if !after.unchanged(&before) {
+        return Err(SourceKept::Changed { now: "(modified while hashing)".into() });
+    }
+    // The name must still lead to the inode just hashed.
+    match std::fs::symlink_metadata(&path) {
+        Ok(m) if Stamp::of(&m) == after => {}
+        _ => return Err(SourceKept::Replaced),
+    }
+    std::fs::remove_file(&path).map_err(io)
+}
+
+/// Removes the empty subdirectories among `dirs` (relative to `root`, never `root`
+/// itself) whose mtime is at least `min_age` old. Deepest first; `rmdir` refuses any
+/// directory that is not empty, so nothing can be lost. Returns how many went.
+pub fn remove_empty_dirs(root: &Path, dirs: &[PathBuf], min_age: Duration, what: &str) -> usize {
+    let mut sorted: Vec<&PathBuf> = dirs.iter().filter(|d| !d.as_os_str().is_empty()).collect();
+    sorted.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    let now = SystemTime::now();
+    let mut removed = 0;
+    for rel in sorted {
+        let path = root.join(rel);
+        let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+        if !meta.is_dir() {
+            continue;
+        }
+        let old_enough = meta
+            .modified()
+            .ok()
+            .and_then(|m| now.duration_since(m).ok())
+            .is_some_and(|age| age >= min_age);
+        if old_enough && std::fs::remove_dir(&path).is_ok() {
+            tracing::debug!("removed empty {what} directory {}", path.display());
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// Every subdirectory below `root` (not following symlinks), relative.
+pub fn subdirs(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(root.join(&rel)) else { continue };
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                let child = rel.join(e.file_name());
+                out.push(child.clone());
+                stack.push(child);
+            }
+        }
+    }
+    out
+}
+
+/// Removes the quarantine's empty directories (the run's leftovers).
+pub fn empty_quarantine(quarantine: &Path) -> usize {
+    remove_empty_dirs(quarantine, &subdirs(quarantine), Duration::ZERO, "quarantine")
+}

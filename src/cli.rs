@@ -1,0 +1,148 @@
+//! The command line: subcommands, and one `--kebab-case` flag per configuration key
+//! (generated from the key table, so flags and INI keys never drift apart).
+
+use std::path::PathBuf;
+
+use clap::{Arg, ArgAction, ArgMatches, Command};
+
+use crate::config::{self, CommandLine, keys};
+use crate::lock::LockError;
+use crate::run::{self, RunError, RunOptions};
+use crate::{check, logging};
+
+/// Exit codes (DESIGN §1).
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_FAILED: u8 = 1;
+pub const EXIT_USAGE: u8 = 2;
+pub const EXIT_LOCKED: u8 = 3;
+
+const CONFIG_HEADING: &str = "Configuration (each flag overrides the config file key of the same name)";
+
+fn is_bool_key(name: &str) -> bool {
+    matches!(
+        name,
+        "delete_source_files_after_copying"
+            | "on_demand_clam_av"
+            | "on_demand_defender"
+            | "defender_handles_suspect_files"
+            | "throttle"
+            | "skip_stability_check"
+            | "canary"
+            | "notify"
+            | "notify_summary"
+            | "use_tls"
+    )
+}
+
+/// The clap command tree.
+pub fn command() -> Command {
+    let report_json = Arg::new("report-json")
+        .long("report-json")
+        .value_name("FILE")
+        .value_parser(clap::value_parser!(PathBuf))
+        .help("Write the run's figures as JSON to FILE");
+    let mut cmd = Command::new("shuttle")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about("Scanning file-transfer gateway: drop directory -> quarantine -> malware scan -> destination")
+        .arg(
+            Arg::new("config")
+                .long("config")
+                .visible_alias("settings-path")
+                .value_name("FILE")
+                .value_parser(clap::value_parser!(PathBuf))
+                .global(true)
+                .help("Config file [default: $SHUTTLE_CONFIG_PATH, ~/.config/shuttle/config.conf, ..., /etc/shuttle/config.conf]"),
+        )
+        .arg(report_json.clone())
+        .subcommand(Command::new("run").about("One pass over the drop directory (the default)").arg(report_json))
+        .subcommand(Command::new("check").about("Validate configuration, directories and scanners; exit 0 or 2"))
+        .subcommand(
+            Command::new("status")
+                .about("Today's counts against the limits, free space per target and its trend, last runs")
+                .arg(Arg::new("json").long("json").action(ArgAction::SetTrue).help("Machine-readable output")),
+        );
+    for key in keys::KEYS {
+        let mut arg = Arg::new(key.name)
+            .long(keys::flag_name(key.name))
+            .value_name(if is_bool_key(key.name) { "BOOL" } else { "VALUE" })
+            .help(key.help)
+            .global(true)
+            .help_heading(CONFIG_HEADING);
+        for alias in key.aliases {
+            arg = arg.alias(keys::flag_name(alias));
+        }
+        if is_bool_key(key.name) {
+            arg = arg.num_args(0..=1).default_missing_value("true");
+        }
+        cmd = cmd.arg(arg);
+    }
+    cmd
+}
+
+fn command_line(m: &ArgMatches) -> CommandLine {
+    let flags = keys::KEYS
+        .iter()
+        .filter_map(|k| m.get_one::<String>(k.name).map(|v| (k.name, v.clone())))
+        .collect();
+    CommandLine { config_file: m.get_one::<PathBuf>("config").cloned(), flags }
+}
+
+/// Parses the command line and runs the command; returns the process exit code.
+pub fn main() -> u8 {
+    let matches = match command().try_get_matches() {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
+        }
+    };
+    let (name, sub) = matches.subcommand().unwrap_or(("run", &matches));
+    let cli = command_line(sub);
+    match name {
+        "check" => u8::try_from(check::check(&cli)).unwrap_or(EXIT_USAGE),
+        "status" => crate::status::main(&cli, sub.get_flag("json")),
+        _ => run_command(&cli, sub.get_one::<PathBuf>("report-json").or(matches.get_one("report-json")).cloned()),
+    }
+}
+
+fn run_command(cli: &CommandLine, report_json: Option<PathBuf>) -> u8 {
+    let loaded = match config::load(cli) {
+        Ok(l) => l,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return EXIT_USAGE;
+        }
+    };
+    let cfg = loaded.config;
+    let _log = match logging::init(&cfg.log_level, cfg.log_path.as_deref()) {
+        Ok(g) => g,
+        Err(e) => {
+            let dir = cfg.log_path.as_deref().map(|p| p.display().to_string()).unwrap_or_default();
+            eprintln!("configuration error: log_path {dir}: cannot create the log file: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    for w in &loaded.warnings {
+        tracing::warn!("config: {w}");
+    }
+    if let Some(f) = &cfg.file {
+        tracing::info!("config file {}", f.display());
+    }
+    match run::run(&cfg, &RunOptions { report_json }) {
+        Ok(report) => u8::try_from(report.exit_code).unwrap_or(EXIT_FAILED),
+        Err(RunError::Lock(e @ LockError::Held { .. })) => {
+            tracing::error!("{e}");
+            EXIT_LOCKED
+        }
+        Err(RunError::Lock(e)) => {
+            tracing::error!("{e}");
+            EXIT_FAILED
+        }
+        Err(RunError::Config(msg)) => {
+            for line in msg.lines() {
+                tracing::error!("configuration error: {line}");
+            }
+            EXIT_USAGE
+        }
+    }
+}

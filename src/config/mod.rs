@@ -1,0 +1,717 @@
+//! Configuration: command-line flags > config file > defaults (DESIGN §1.1, §5).
+//!
+//! Every value remembers where it came from, so that a wrong value is reported with
+//! the key, the value and its origin (`/etc/shuttle/config.conf line 12`, `flag
+//! --max-scan-threads`) and is never silently replaced by a default.
+
+pub mod ini;
+pub mod keys;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Component, Path, PathBuf};
+
+/// Where a configuration value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    Default,
+    File { path: PathBuf, line: usize },
+    Flag(String),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Default => write!(f, "default"),
+            Origin::File { path, line } => write!(f, "{} line {line}", path.display()),
+            Origin::Flag(flag) => write!(f, "flag --{flag}"),
+        }
+    }
+}
+
+/// A configuration problem. Each one is a single line an administrator can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid value {value:?} for {key} (from {origin}): expected {expected}")]
+    Invalid { key: &'static str, value: String, origin: Origin, expected: String },
+    #[error("cannot read config file {path} (named by {named_by}): {source}")]
+    Read { path: PathBuf, named_by: &'static str, source: std::io::Error },
+    #[error("config file {path}: {source}")]
+    Syntax { path: PathBuf, source: ini::SyntaxError },
+    #[error("{0}")]
+    Problem(String),
+}
+
+/// All problems found, reported together (`shuttle check` prints each).
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "configuration error: {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Admission order (DESIGN §2, "priority when space is limited").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priority {
+    Oldest,
+    Newest,
+    Smallest,
+    Largest,
+}
+
+/// What to do when the destination name holds different bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnConflict {
+    /// Keep both: the new file gets a numbered suffix.
+    Rename,
+    /// Do not deliver; the source stays for a later run.
+    Skip,
+    Overwrite,
+}
+
+/// How to reach clamd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClamdEndpoint {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+impl fmt::Display for ClamdEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClamdEndpoint::Unix(p) => write!(f, "unix socket {}", p.display()),
+            ClamdEndpoint::Tcp(a) => write!(f, "tcp {a}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ThrottleConfig {
+    pub enabled: bool,
+    pub quarantine_free_mb: u64,
+    pub destination_free_mb: u64,
+    pub hazard_free_mb: u64,
+    pub max_files_per_day: u64,
+    pub max_mb_per_day: u64,
+    pub max_files_per_run: u64,
+    pub max_mb_per_run: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ScanConfig {
+    pub clam_av: bool,
+    pub defender: bool,
+    pub defender_handles_suspect_files: bool,
+    pub timeout_seconds: u64,
+    pub timeout_ms_per_byte: f64,
+    pub retry_wait_seconds: u64,
+    pub retry_count: u32,
+    /// `None` when ClamAV is off or no socket could be determined (a validation error).
+    pub clamd: Option<ClamdEndpoint>,
+    pub mdatp_command: String,
+    pub canary: bool,
+    pub max_file_size_mb: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct NotifyConfig {
+    pub notify: bool,
+    pub notify_summary: bool,
+    pub recipient_email: Option<String>,
+    pub recipient_email_error: Option<String>,
+    pub recipient_email_summary: Option<String>,
+    pub recipient_email_hazard: Option<String>,
+    pub sender_email: Option<String>,
+    pub smtp_server: Option<String>,
+    pub smtp_port: Option<u16>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub use_tls: bool,
+}
+
+/// The validated configuration of one Shuttle invocation.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The config file read, if any.
+    pub file: Option<PathBuf>,
+    pub source_path: PathBuf,
+    pub destination_path: PathBuf,
+    pub quarantine_path: PathBuf,
+    pub hazard_archive_path: Option<PathBuf>,
+    pub hazard_encryption_key_path: Option<PathBuf>,
+    pub ledger_file_path: Option<PathBuf>,
+    pub log_path: Option<PathBuf>,
+    pub lock_path: PathBuf,
+    pub tracking_data_path: PathBuf,
+    pub metrics_path: Option<PathBuf>,
+    pub delete_source_files: bool,
+    pub max_scan_threads: usize,
+    pub throttle: ThrottleConfig,
+    pub skip_stability_check: bool,
+    pub stability_seconds: u64,
+    pub priority: Priority,
+    /// Source subdirectories admitted first, relative to `source_path`.
+    pub priority_paths: Vec<PathBuf>,
+    pub on_conflict: OnConflict,
+    pub rescan_interval_seconds: u64,
+    pub scanning: ScanConfig,
+    pub log_level: String,
+    pub notifications: NotifyConfig,
+}
+
+/// A loaded configuration and the warnings found on the way.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Config,
+    pub warnings: Vec<String>,
+}
+
+/// What the command line says about configuration.
+#[derive(Debug, Default, Clone)]
+pub struct CommandLine {
+    /// `--config` / `--settings-path`.
+    pub config_file: Option<PathBuf>,
+    /// Canonical key name → value given as a flag.
+    pub flags: Vec<(&'static str, String)>,
+}
+
+/// Default config file locations, in search order (DESIGN §1.1).
+fn default_locations() -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    if let Some(home) = home_dir() {
+        v.push(home.join(".config/shuttle/config.conf"));
+        v.push(home.join(".shuttle/config.conf"));
+        v.push(home.join(".shuttle/settings.ini"));
+    }
+    v.push(PathBuf::from("/etc/shuttle/config.conf"));
+    v.push(PathBuf::from("/usr/local/etc/shuttle/config.conf"));
+    v
+}
+
+fn home_dir() -> Option<PathBuf> {
+    std::env::var_os("HOME").filter(|h| !h.is_empty()).map(PathBuf::from)
+}
+
+/// Expands a leading `~` to `$HOME`.
+pub fn expand_tilde(value: &str) -> PathBuf {
+    if value == "~" {
+        return home_dir().unwrap_or_else(|| PathBuf::from(value));
+    }
+    if let Some(rest) = value.strip_prefix("~/")
+        && let Some(home) = home_dir()
+    {
+        return home.join(rest);
+    }
+    PathBuf::from(value)
+}
+
+/// Raw values by canonical key, each with its origin; later sources override earlier.
+struct Raw {
+    values: HashMap<&'static str, (String, Origin)>,
+}
+
+impl Raw {
+    fn get(&self, key: &str) -> Option<(&str, &Origin)> {
+        self.values.get(key).map(|(v, o)| (v.as_str(), o))
+    }
+}
+
+/// Collects typed values, remembering every invalid one.
+struct Reader<'a> {
+    raw: &'a Raw,
+    errors: Vec<ConfigError>,
+}
+
+impl Reader<'_> {
+    fn invalid(&mut self, key: &'static str, value: &str, origin: &Origin, expected: &str) {
+        self.errors.push(ConfigError::Invalid {
+            key,
+            value: value.to_string(),
+            origin: origin.clone(),
+            expected: expected.to_string(),
+        });
+    }
+
+    /// A text value; empty counts as unset.
+    fn text(&mut self, key: &'static str) -> Option<String> {
+        self.raw.get(key).map(|(v, _)| v.to_string()).filter(|v| !v.is_empty())
+    }
+
+    fn path(&mut self, key: &'static str) -> Option<PathBuf> {
+        self.text(key).map(|v| expand_tilde(&v))
+    }
+
+    fn bool(&mut self, key: &'static str, default: bool) -> bool {
+        let Some((v, origin)) = self.raw.get(key) else { return default };
+        match parse_bool(v) {
+            Some(b) => b,
+            None => {
+                let origin = origin.clone();
+                self.invalid(key, v, &origin, "true/false, yes/no, on/off or 1/0");
+                default
+            }
+        }
+    }
+
+    fn number(&mut self, key: &'static str, default: u64, min: u64) -> u64 {
+        let Some((v, origin)) = self.raw.get(key) else { return default };
+        match v.parse::<u64>() {
+            Ok(n) if n >= min => n,
+            _ => {
+                let origin = origin.clone();
+                let expected = format!("a whole number ≥ {min}");
+                self.invalid(key, v, &origin, &expected);
+                default
+            }
+        }
+    }
+
+    fn float(&mut self, key: &'static str, default: f64) -> f64 {
+        let Some((v, origin)) = self.raw.get(key) else { return default };
+        match v.parse::<f64>() {
+            Ok(n) if n.is_finite() && n >= 0.0 => n,
+            _ => {
+                let origin = origin.clone();
+                self.invalid(key, v, &origin, "a number ≥ 0");
+                default
+            }
+        }
+    }
+
+    fn choice<T: Copy>(&mut self, key: &'static str, default: T, options: &[(&str, T)]) -> T {
+        let Some((v, origin)) = self.raw.get(key) else { return default };
+        let lower = v.to_ascii_lowercase();
+        if let Some((_, t)) = options.iter().find(|(name, _)| *name == lower) {
+            return *t;
+        }
+        let origin = origin.clone();
+        let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+        self.invalid(key, v, &origin, &format!("one of {}", names.join(", ")));
+        default
+    }
+}
+
+/// `true/false`, `yes/no`, `1/0`, `on/off`, any case.
+pub fn parse_bool(value: &str) -> Option<bool> {
+    match value.to_ascii_lowercase().as_str() {
+        "true" | "yes" | "1" | "on" => Some(true),
+        "false" | "no" | "0" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+/// Loads the configuration from the command line, the config file and the defaults.
+/// Nothing on disk is touched except reading the config file(s).
+pub fn load(cli: &CommandLine) -> Result<Loaded, ConfigErrors> {
+    let mut warnings = Vec::new();
+    let mut raw = Raw { values: HashMap::new() };
+
+    let file = locate_file(cli).map_err(|e| ConfigErrors(vec![e]))?;
+    if let Some(path) = &file {
+        read_file(path, &mut raw, &mut warnings).map_err(|e| ConfigErrors(vec![e]))?;
+    }
+    for (key, value) in &cli.flags {
+        raw.values.insert(key, (value.trim().to_string(), Origin::Flag(keys::flag_name(key))));
+    }
+
+    let mut r = Reader { raw: &raw, errors: Vec::new() };
+    let config = build(&mut r, file.clone(), &mut warnings);
+    if !r.errors.is_empty() {
+        return Err(ConfigErrors(r.errors));
+    }
+    Ok(Loaded { config, warnings })
+}
+
+fn locate_file(cli: &CommandLine) -> Result<Option<PathBuf>, ConfigError> {
+    if let Some(p) = &cli.config_file {
+        return Ok(Some(must_exist(expand_tilde(&p.to_string_lossy()), "--config")?));
+    }
+    if let Some(p) = std::env::var_os("SHUTTLE_CONFIG_PATH").filter(|p| !p.is_empty()) {
+        return Ok(Some(must_exist(expand_tilde(&p.to_string_lossy()), "$SHUTTLE_CONFIG_PATH")?));
+    }
+    Ok(default_locations().into_iter().find(|p| p.is_file()))
+}
+
+fn must_exist(path: PathBuf, named_by: &'static str) -> Result<PathBuf, ConfigError> {
+    match std::fs::metadata(&path) {
+        Ok(m) if m.is_file() => Ok(path),
+        Ok(_) => Err(ConfigError::Read {
+            path,
+            named_by,
+            source: std::io::Error::other("not a regular file"),
+        }),
+        Err(source) => Err(ConfigError::Read { path, named_by, source }),
+    }
+}
+
+fn read_file(path: &Path, raw: &mut Raw, warnings: &mut Vec<String>) -> Result<(), ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        named_by: "config file",
+        source,
+    })?;
+    let entries = ini::parse(&text).map_err(|source| ConfigError::Syntax { path: path.to_path_buf(), source })?;
+    for e in entries {
+        let origin = Origin::File { path: path.to_path_buf(), line: e.line };
+        let Some(key) = keys::lookup(&e.key) else {
+            warnings.push(format!("unknown key {:?} in [{}] ({origin}): ignored", e.key, e.section));
+            continue;
+        };
+        let section = keys::canonical_section(&e.section);
+        if !key.sections.contains(&section) {
+            warnings.push(format!(
+                "key {} found in [{}] ({origin}), documented in [{}]: accepted",
+                e.key, e.section, key.sections[0]
+            ));
+        }
+        if key.name == "password"
+            && let Ok(meta) = std::fs::metadata(path)
+            && meta.permissions().mode() & 0o004 != 0
+        {
+            warnings.push(format!(
+                "config file {} holds an SMTP password and is world-readable: chmod o-r it",
+                path.display()
+            ));
+        }
+        raw.values.insert(key.name, (e.value, origin));
+    }
+    Ok(())
+}
+
+fn build(r: &mut Reader, file: Option<PathBuf>, warnings: &mut Vec<String>) -> Config {
+    let source_path = r.path("source_path");
+    let destination_path = r.path("destination_path");
+    let quarantine_path = r.path("quarantine_path");
+    for (key, value) in [
+        ("source_path", &source_path),
+        ("destination_path", &destination_path),
+        ("quarantine_path", &quarantine_path),
+    ] {
+        if value.is_none() {
+            r.errors.push(ConfigError::Problem(format!(
+                "{key} is not set (set it in [paths] of the config file or with --{})",
+                keys::flag_name(key)
+            )));
+        }
+    }
+    let log_path = r.path("log_path");
+    let tracking_data_path = r
+        .path("tracking_data_path")
+        .or_else(|| log_path.clone())
+        .unwrap_or_else(|| expand_tilde("~/.local/state/shuttle"));
+
+    let free = r.number("throttle_free_space_mb", 10_000, 0);
+    let throttle = ThrottleConfig {
+        enabled: r.bool("throttle", false),
+        quarantine_free_mb: r.number("quarantine_free_space_mb", free, 0),
+        destination_free_mb: r.number("destination_free_space_mb", free, 0),
+        hazard_free_mb: r.number("hazard_free_space_mb", free, 0),
+        max_files_per_day: r.number("throttle_max_file_count_per_day", 0, 0),
+        max_mb_per_day: r.number("throttle_max_file_volume_per_day_mb", 0, 0),
+        max_files_per_run: r.number("throttle_max_file_count_per_run", 1000, 0),
+        max_mb_per_run: r.number("throttle_max_file_volume_per_run_mb", 1024, 0),
+    };
+
+    let clam_av = r.bool("on_demand_clam_av", true);
+    let clamd = clamd_endpoint(r, clam_av, warnings);
+    let retry_count = r.number("malware_scan_retry_count", 3, 1);
+    let scanning = ScanConfig {
+        clam_av,
+        defender: r.bool("on_demand_defender", false),
+        defender_handles_suspect_files: r.bool("defender_handles_suspect_files", false),
+        timeout_seconds: r.number("malware_scan_timeout_seconds", 300, 0),
+        timeout_ms_per_byte: r.float("malware_scan_timeout_ms_per_byte", 0.0),
+        retry_wait_seconds: r.number("malware_scan_retry_wait_seconds", 30, 0),
+        retry_count: u32::try_from(retry_count).unwrap_or(u32::MAX),
+        clamd,
+        mdatp_command: r.text("mdatp_command").unwrap_or_else(|| "mdatp".into()),
+        canary: r.bool("canary", true),
+        max_file_size_mb: r.number("max_file_size_mb", 0, 0),
+    };
+    if !scanning.clam_av && !scanning.defender {
+        r.errors.push(ConfigError::Problem(
+            "no scanner enabled: set on_demand_clam_av or on_demand_defender to true".into(),
+        ));
+    }
+
+    let priority_paths = priority_paths(r, source_path.as_deref());
+    let log_level = r.choice(
+        "log_level",
+        "info",
+        &[("error", "error"), ("warn", "warn"), ("warning", "warn"), ("info", "info"), ("debug", "debug"), ("trace", "trace")],
+    );
+    let notifications = notify_config(r);
+
+    let threads = r.number("max_scan_threads", 2, 1);
+    Config {
+        file,
+        source_path: source_path.unwrap_or_default(),
+        destination_path: destination_path.unwrap_or_default(),
+        quarantine_path: quarantine_path.unwrap_or_default(),
+        hazard_archive_path: r.path("hazard_archive_path"),
+        hazard_encryption_key_path: r.path("hazard_encryption_key_path"),
+        ledger_file_path: r.path("ledger_file_path"),
+        log_path,
+        lock_path: r.path("lock_path").unwrap_or_else(|| PathBuf::from("/tmp/shuttle.lock")),
+        tracking_data_path,
+        metrics_path: r.path("metrics_path"),
+        delete_source_files: r.bool("delete_source_files_after_copying", false),
+        max_scan_threads: usize::try_from(threads).unwrap_or(usize::MAX),
+        throttle,
+        skip_stability_check: r.bool("skip_stability_check", false),
+        stability_seconds: r.number("stability_seconds", 5, 0),
+        priority: r.choice(
+            "priority",
+            Priority::Oldest,
+            &[
+                ("oldest", Priority::Oldest),
+                ("newest", Priority::Newest),
+                ("smallest", Priority::Smallest),
+                ("largest", Priority::Largest),
+            ],
+        ),
+        priority_paths,
+        on_conflict: r.choice(
+            "on_conflict",
+            OnConflict::Rename,
+            &[("rename", OnConflict::Rename), ("skip", OnConflict::Skip), ("overwrite", OnConflict::Overwrite)],
+        ),
+        rescan_interval_seconds: r.number("rescan_interval_seconds", 60, 1),
+        scanning,
+        log_level: log_level.to_string(),
+        notifications,
+    }
+}
+
+fn clamd_endpoint(r: &mut Reader, clam_av: bool, warnings: &mut Vec<String>) -> Option<ClamdEndpoint> {
+    let socket = r.path("clamd_socket");
+    let address = r.text("clamd_address");
+    match (socket, address) {
+        (Some(_), Some(_)) => {
+            r.errors.push(ConfigError::Problem(
+                "clamd_socket and clamd_address are both set: set one (unix socket preferred)".into(),
+            ));
+            None
+        }
+        (Some(s), None) => Some(ClamdEndpoint::Unix(s)),
+        (None, Some(a)) => {
+            if !a.contains(':') {
+                let origin = r.raw.get("clamd_address").map(|(_, o)| o.clone()).unwrap_or(Origin::Default);
+                r.invalid("clamd_address", &a, &origin, "host:port");
+                return None;
+            }
+            Some(ClamdEndpoint::Tcp(a))
+        }
+        (None, None) if clam_av => match local_socket_from(Path::new("/etc/clamav/clamd.conf")) {
+            Some(p) => Some(ClamdEndpoint::Unix(p)),
+            None => {
+                warnings.push("no clamd_socket set and no LocalSocket in /etc/clamav/clamd.conf".into());
+                r.errors.push(ConfigError::Problem(
+                    "ClamAV is on but no clamd socket is known: set clamd_socket (or clamd_address), or LocalSocket in /etc/clamav/clamd.conf".into(),
+                ));
+                None
+            }
+        },
+        (None, None) => None,
+    }
+}
+
+/// `LocalSocket` from a clamd.conf, if the file exists and names one.
+pub fn local_socket_from(clamd_conf: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(clamd_conf).ok()?;
+    text.lines().find_map(|l| {
+        let mut parts = l.split_whitespace();
+        (parts.next() == Some("LocalSocket")).then(|| parts.next().map(PathBuf::from))?
+    })
+}
+
+fn priority_paths(r: &mut Reader, source: Option<&Path>) -> Vec<PathBuf> {
+    let Some((value, origin)) = r.raw.get("priority_paths") else { return Vec::new() };
+    let (value, origin) = (value.to_string(), origin.clone());
+    let mut out = Vec::new();
+    for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let p = expand_tilde(item);
+        let rel = match (p.is_absolute(), source) {
+            (true, Some(src)) => match p.strip_prefix(src) {
+                Ok(rel) => rel.to_path_buf(),
+                Err(_) => {
+                    r.invalid("priority_paths", item, &origin, "subdirectories of source_path");
+                    continue;
+                }
+            },
+            (true, None) => continue,
+            (false, _) => p,
+        };
+        if rel.components().any(|c| !matches!(c, Component::Normal(_))) {
+            r.invalid("priority_paths", item, &origin, "subdirectories of source_path (no `..`)");
+            continue;
+        }
+        out.push(rel);
+    }
+    out
+}
+
+fn notify_config(r: &mut Reader) -> NotifyConfig {
+    let port = r.raw.get("smtp_port").map(|(v, o)| (v.to_string(), o.clone()));
+    let smtp_port = match port {
+        None => None,
+        Some((v, origin)) => match v.parse::<u16>() {
+            Ok(p) if p > 0 => Some(p),
+            _ => {
+                r.invalid("smtp_port", &v, &origin, "a port number 1-65535");
+                None
+            }
+        },
+    };
+    let n = NotifyConfig {
+        notify: r.bool("notify", false),
+        notify_summary: r.bool("notify_summary", false),
+        recipient_email: r.text("recipient_email"),
+        recipient_email_error: r.text("recipient_email_error"),
+        recipient_email_summary: r.text("recipient_email_summary"),
+        recipient_email_hazard: r.text("recipient_email_hazard"),
+        sender_email: r.text("sender_email"),
+        smtp_server: r.text("smtp_server"),
+        smtp_port,
+        username: r.text("username"),
+        password: r.text("password"),
+        use_tls: r.bool("use_tls", false),
+    };
+    if n.notify {
+        let mut missing = Vec::new();
+        if n.smtp_server.is_none() {
+            missing.push("smtp_server");
+        }
+        if n.sender_email.is_none() {
+            missing.push("sender_email");
+        }
+        if n.recipient_email.is_none()
+            && (n.recipient_email_error.is_none() || n.recipient_email_hazard.is_none() || n.recipient_email_summary.is_none())
+        {
+            missing.push("recipient_email");
+        }
+        if !missing.is_empty() {
+            r.errors.push(ConfigError::Problem(format!(
+                "notify is on but [notifications] lacks {}",
+                missing.join(", ")
+            )));
+        }
+    }
+    n
+}
+
+impl Config {
+    /// Checks the directories before any file is touched: source, destination and
+    /// quarantine set, existing, distinct and not inside one another (nor the hazard
+    /// archive). Returns every problem found.
+    pub fn check_paths(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut dirs: Vec<(&str, PathBuf)> = Vec::new();
+        let mut named = vec![
+            ("source_path", &self.source_path),
+            ("destination_path", &self.destination_path),
+            ("quarantine_path", &self.quarantine_path),
+        ];
+        if let Some(h) = &self.hazard_archive_path {
+            named.push(("hazard_archive_path", h));
+        }
+        for (key, path) in named {
+            if path.as_os_str().is_empty() {
+                continue;
+            }
+            match std::fs::canonicalize(path) {
+                Ok(c) if c.is_dir() => dirs.push((key, c)),
+                Ok(_) => problems.push(format!("{key} {} is not a directory", path.display())),
+                Err(e) => problems.push(format!("{key} {} cannot be used: {e}", path.display())),
+            }
+        }
+        for (i, (ka, a)) in dirs.iter().enumerate() {
+            for (kb, b) in dirs.iter().skip(i + 1) {
+                if a == b {
+                    problems.push(format!("{ka} and {kb} are the same directory {}", a.display()));
+                } else if a.starts_with(b) {
+                    problems.push(format!("{ka} {} is inside {kb} {}", a.display(), b.display()));
+                } else if b.starts_with(a) {
+                    problems.push(format!("{kb} {} is inside {ka} {}", b.display(), a.display()));
+                }
+            }
+        }
+        if self.hazard_archive_path.is_some() && self.hazard_encryption_key_path.is_none() {
+            problems.push(
+                "hazard_archive_path is set but hazard_encryption_key_path is not: suspect files cannot be archived without a public key".into(),
+            );
+        }
+        problems
+    }
+
+    /// The hazard archive, when one is configured.
+    pub fn hazard_archive(&self) -> Option<&Path> {
+        self.hazard_archive_path.as_deref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn load_text(text: &str, flags: Vec<(&'static str, String)>) -> Result<Loaded, ConfigErrors> {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        load(&CommandLine { config_file: Some(f.path().to_path_buf()), flags })
+    }
+
+    const BASE: &str = "[paths]\nsource_path=/s\ndestination_path=/d\nquarantine_path=/q\n[scanning]\nclamd_socket=/c.sock\n";
+
+    #[test]
+    fn bad_value_names_key_value_and_line() {
+        let err = load_text(&format!("{BASE}[settings]\nmax_scan_threads = banana # x\n"), vec![]).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("max_scan_threads"), "{msg}");
+        assert!(msg.contains("\"banana\""), "{msg}");
+        assert!(msg.contains("line 8"), "{msg}");
+    }
+
+    #[test]
+    fn flag_beats_file_and_is_named_on_error() {
+        let ok = load_text(&format!("{BASE}[settings]\nmax_scan_threads = 3\n"), vec![("max_scan_threads", "5".into())]).unwrap();
+        assert_eq!(ok.config.max_scan_threads, 5);
+        let err = load_text(BASE, vec![("throttle", "maybe".into())]).unwrap_err().to_string();
+        assert!(err.contains("flag --throttle"), "{err}");
+    }
+
+    #[test]
+    fn aliases_and_misplaced_keys_are_accepted_with_warning() {
+        let l = load_text(
+            &format!("{BASE}[settings]\ndelete_source_files = YES\nthrottle_free_space = 42\n[logging]\nfoo = 1\n"),
+            vec![],
+        )
+        .unwrap();
+        assert!(l.config.delete_source_files);
+        assert_eq!(l.config.throttle.destination_free_mb, 42);
+        assert!(l.warnings.iter().any(|w| w.contains("unknown key \"foo\"")), "{:?}", l.warnings);
+    }
+
+    #[test]
+    fn negative_size_is_an_error() {
+        let err = load_text(&format!("{BASE}[settings]\nthrottle_free_space_mb = -5\n"), vec![]).unwrap_err();
+        assert!(err.to_string().contains("throttle_free_space_mb"));
+    }
+
+    #[test]
+    fn missing_required_paths_are_each_reported() {
+        let err = load_text("[scanning]\nclamd_socket=/c\n", vec![]).unwrap_err();
+        assert_eq!(err.0.len(), 3, "{err}");
+    }
+}

@@ -1,0 +1,258 @@
+//! Discovery (DESIGN §1.5): which files under `source_path` may be handled this run.
+//!
+//! Symlinks are never followed; FIFOs, sockets and devices are never opened; files
+//! still being written (recently modified, or open in some process), unsafe names and
+//! Shuttle's own temp files are skipped for this run, each with a logged reason.
+//! A candidate costs only its relative path and a few numbers (DESIGN §3).
+
+mod open_files;
+
+pub use open_files::OpenFiles;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::config::Priority;
+use crate::fsx;
+
+/// A file that may be admitted.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    /// Path relative to `source_path`; always valid UTF-8.
+    pub rel: PathBuf,
+    pub size: u64,
+    pub mtime_ns: i64,
+}
+
+/// Why a file was left alone this run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SkipReason {
+    Symlink,
+    Special(&'static str),
+    UnsafeName(&'static str),
+    OwnTempFile,
+    RecentlyModified,
+    OpenByProcess,
+    Unreadable(String),
+}
+
+impl SkipReason {
+    /// Short stable label, used to count skips in the report.
+    pub fn label(&self) -> &'static str {
+        match self {
+            SkipReason::Symlink => "symlink",
+            SkipReason::Special(_) => "special_file",
+            SkipReason::UnsafeName(_) => "unsafe_name",
+            SkipReason::OwnTempFile => "temp_file",
+            SkipReason::RecentlyModified => "recently_modified",
+            SkipReason::OpenByProcess => "open_by_process",
+            SkipReason::Unreadable(_) => "unreadable",
+        }
+    }
+}
+
+impl std::fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SkipReason::Symlink => write!(f, "symlink (never followed)"),
+            SkipReason::Special(kind) => write!(f, "{kind}, not a regular file"),
+            SkipReason::UnsafeName(why) => write!(f, "unsafe name: {why}"),
+            SkipReason::OwnTempFile => write!(f, "Shuttle temp file"),
+            SkipReason::RecentlyModified => write!(f, "modified too recently (stability check)"),
+            SkipReason::OpenByProcess => write!(f, "open in another process"),
+            SkipReason::Unreadable(e) => write!(f, "cannot read: {e}"),
+        }
+    }
+}
+
+/// How discovery decides.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    /// `None` = `skip_stability_check`.
+    pub stability: Option<Duration>,
+    pub priority: Priority,
+    pub priority_paths: Vec<PathBuf>,
+}
+
+/// What one walk of the source found.
+#[derive(Debug, Default)]
+pub struct Discovery {
+    /// Admission order: priority paths first, then by `priority`.
+    pub candidates: Vec<Candidate>,
+    /// Count of skipped entries by reason label.
+    pub skipped: BTreeMap<&'static str, u64>,
+    /// Every subdirectory seen (relative), for the empty-directory cleanup.
+    pub dirs: Vec<PathBuf>,
+}
+
+impl Discovery {
+    pub fn skipped_total(&self) -> u64 {
+        self.skipped.values().sum()
+    }
+
+    fn skip(&mut self, rel: &Path, reason: SkipReason) {
+        // Names may hold control characters: log them escaped.
+        tracing::info!("skipped {:?}: {reason}", rel.as_os_str());
+        *self.skipped.entry(reason.label()).or_default() += 1;
+    }
+}
+
+/// Why a name is unsafe, if it is.
+pub fn unsafe_name(name: &std::ffi::OsStr) -> Option<&'static str> {
+    let Some(s) = name.to_str() else { return Some("not valid UTF-8") };
+    if s.starts_with('-') {
+        return Some("starts with '-'");
+    }
+    if s.chars().any(char::is_control) {
+        return Some("contains control characters");
+    }
+    None
+}
+
+fn mtime_ns(m: &std::fs::Metadata) -> i64 {
+    m.mtime().saturating_mul(1_000_000_000).saturating_add(m.mtime_nsec())
+}
+
+/// Walks `source` (never following symlinks) and returns the candidates in admission order.
+pub fn discover(source: &Path, rules: &Rules, open: &OpenFiles) -> Discovery {
+    let mut out = Discovery::default();
+    let now_ns = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(i64::MAX);
+    let stability_ns = rules.stability.map(|d| d.as_nanos() as i64);
+    let mut stack: Vec<PathBuf> = vec![PathBuf::new()];
+    while let Some(rel_dir) = stack.pop() {
+        let entries = match std::fs::read_dir(source.join(&rel_dir)) {
+            Ok(e) => e,
+            Err(e) => {
+                out.skip(&rel_dir, SkipReason::Unreadable(e.to_string()));
+                continue;
+            }
+        };
+        for entry in entries {
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) => {
+                    out.skip(&rel_dir, SkipReason::Unreadable(e.to_string()));
+                    continue;
+                }
+            };
+            let name = entry.file_name();
+            let rel = rel_dir.join(&name);
+            // DirEntry::metadata does not follow symlinks.
+            let meta = match entry.metadata() {
+                Ok(m) => m,
+                Err(e) => {
+                    out.skip(&rel, SkipReason::Unreadable(e.to_string()));
+                    continue;
+                }
+            };
+            let ft = meta.file_type();
+            if ft.is_symlink() {
+                out.skip(&rel, SkipReason::Symlink);
+                continue;
+            }
+            if let Some(why) = unsafe_name(&name) {
+                out.skip(&rel, SkipReason::UnsafeName(why));
+                continue;
+            }
+            if ft.is_dir() {
+                out.dirs.push(rel.clone());
+                stack.push(rel);
+                continue;
+            }
+            if !ft.is_file() {
+                use std::os::unix::fs::FileTypeExt;
+                let kind = if ft.is_fifo() {
+                    "FIFO"
+                } else if ft.is_socket() {
+                    "socket"
+                } else {
+                    "device"
+                };
+                out.skip(&rel, SkipReason::Special(kind));
+                continue;
+            }
+            if name.to_str().is_some_and(fsx::is_temp_name) {
+                out.skip(&rel, SkipReason::OwnTempFile);
+                continue;
+            }
+            let mtime = mtime_ns(&meta);
+            if let Some(window) = stability_ns
+                && !is_stable(&meta, mtime, now_ns, window)
+            {
+                out.skip(&rel, SkipReason::RecentlyModified);
+                continue;
+            }
+            if open.is_open(meta.dev(), meta.ino()) {
+                out.skip(&rel, SkipReason::OpenByProcess);
+                continue;
+            }
+            out.candidates.push(Candidate { rel, size: meta.len(), mtime_ns: mtime });
+        }
+    }
+    order(&mut out.candidates, rules);
+    out.dirs.sort();
+    out
+}
+
+/// A file is stable when its mtime is at least `window` old. A file whose mtime lies
+/// in the future (a device with a wrong clock) is judged by its ctime instead, which
+/// only this host's kernel sets, so it is not held back forever.
+fn is_stable(meta: &std::fs::Metadata, mtime_ns: i64, now_ns: i64, window: i64) -> bool {
+    if mtime_ns > now_ns {
+        let ctime = meta.ctime().saturating_mul(1_000_000_000).saturating_add(meta.ctime_nsec());
+        return now_ns.saturating_sub(ctime) >= window;
+    }
+    now_ns.saturating_sub(mtime_ns) >= window
+}
+
+/// Sorts candidates into admission order.
+pub fn order(candidates: &mut [Candidate], rules: &Rules) {
+    let group = |c: &Candidate| {
+        rules
+            .priority_paths
+            .iter()
+            .position(|p| c.rel.starts_with(p))
+            .unwrap_or(rules.priority_paths.len())
+    };
+    candidates.sort_by(|a, b| {
+        let by_priority = match rules.priority {
+            Priority::Oldest => a.mtime_ns.cmp(&b.mtime_ns),
+            Priority::Newest => b.mtime_ns.cmp(&a.mtime_ns),
+            Priority::Smallest => a.size.cmp(&b.size),
+            Priority::Largest => b.size.cmp(&a.size),
+        };
+        group(a).cmp(&group(b)).then(by_priority).then_with(|| a.rel.cmp(&b.rel))
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(rel: &str, size: u64, mtime_ns: i64) -> Candidate {
+        Candidate { rel: rel.into(), size, mtime_ns }
+    }
+
+    #[test]
+    fn priority_paths_come_first_then_the_priority_order() {
+        let mut v = vec![c("a", 5, 1), c("urgent/b", 1, 9), c("c", 9, 2), c("urgent/d", 7, 3)];
+        let rules = Rules { stability: None, priority: Priority::Largest, priority_paths: vec!["urgent".into()] };
+        order(&mut v, &rules);
+        let names: Vec<_> = v.iter().map(|c| c.rel.to_str().unwrap()).collect();
+        assert_eq!(names, ["urgent/d", "urgent/b", "c", "a"]);
+    }
+
+    #[test]
+    fn unsafe_names() {
+        use std::os::unix::ffi::OsStrExt;
+        assert!(unsafe_name(std::ffi::OsStr::new("-rf")).is_some());
+        assert!(unsafe_name(std::ffi::OsStr::new("a\nb")).is_some());
+        assert!(unsafe_name(std::ffi::OsStr::from_bytes(b"\xff")).is_some());
+        assert!(unsafe_name(std::ffi::OsStr::new("a b\\c.txt")).is_none());
+    }
+}

@@ -1,0 +1,330 @@
+//! The journal (DESIGN §4): an SQLite database recording every file's lifecycle, each
+//! run's totals, throttle decisions and per-target free space.
+//!
+//! It is the source of truth for daily limits, `shuttle status` and crash recovery. The
+//! pipeline writes a step here only after that step is durable on disk, so the journal
+//! may under-claim after a crash but never over-claims.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+pub const FILE_NAME: &str = "shuttle-journal.sqlite3";
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("cannot create journal directory {path}: {source}")]
+    Dir { path: PathBuf, source: std::io::Error },
+    #[error("journal {path}: {source}")]
+    Sqlite { path: PathBuf, source: rusqlite::Error },
+}
+
+/// A file's final outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Clean,
+    Suspect,
+    Failed,
+    /// Left in the source for a later run (changed while copied, conflict skip).
+    Skipped,
+    /// An earlier run died while handling it; recovery cleaned up after it.
+    Interrupted,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Clean => "clean",
+            Outcome::Suspect => "suspect",
+            Outcome::Failed => "failed",
+            Outcome::Skipped => "skipped",
+            Outcome::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// A file an earlier run admitted but never finished.
+#[derive(Debug, Clone)]
+pub struct Unfinished {
+    pub id: i64,
+    pub run_id: i64,
+    pub rel_path: String,
+}
+
+/// One earlier run, for `shuttle status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunRow {
+    pub id: i64,
+    pub started: String,
+    pub finished: Option<String>,
+    pub exit_code: Option<i64>,
+    pub summary: Option<serde_json::Value>,
+}
+
+/// One free-space sample.
+#[derive(Debug, Clone)]
+pub struct SpaceSample {
+    pub time: i64,
+    pub target: String,
+    pub path: String,
+    pub free_bytes: u64,
+    pub threshold_bytes: u64,
+}
+
+pub struct Journal {
+    conn: Connection,
+    path: PathBuf,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY,
+    pid INTEGER NOT NULL,
+    started TEXT NOT NULL,
+    finished TEXT,
+    exit_code INTEGER,
+    summary TEXT
+);
+CREATE TABLE IF NOT EXISTS files (
+    id INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    rel_path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    sha256 TEXT,
+    verdict TEXT,
+    scan_results TEXT,
+    outcome TEXT,
+    disposition TEXT,
+    final_path TEXT,
+    error TEXT,
+    source_removed INTEGER NOT NULL DEFAULT 0,
+    admitted_at INTEGER NOT NULL,
+    finished_at INTEGER,
+    finished_day TEXT
+);
+CREATE INDEX IF NOT EXISTS files_day ON files(finished_day, outcome);
+CREATE INDEX IF NOT EXISTS files_open ON files(outcome) WHERE outcome IS NULL;
+CREATE TABLE IF NOT EXISTS space (
+    run_id INTEGER NOT NULL,
+    time INTEGER NOT NULL,
+    target TEXT NOT NULL,
+    path TEXT NOT NULL,
+    free_bytes INTEGER NOT NULL,
+    threshold_bytes INTEGER NOT NULL,
+    total_bytes INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS space_time ON space(target, time);
+CREATE TABLE IF NOT EXISTS throttle_events (
+    run_id INTEGER NOT NULL,
+    time INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+";
+
+fn now_secs() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// Today's local date as the journal stores it (daily limits use the local day).
+pub fn local_day(t: chrono::DateTime<chrono::Local>) -> String {
+    t.format("%Y-%m-%d").to_string()
+}
+
+impl Journal {
+    /// Opens (creating if needed) the journal in `dir`.
+    pub fn open(dir: &Path) -> Result<Journal, JournalError> {
+        std::fs::create_dir_all(dir).map_err(|source| JournalError::Dir { path: dir.into(), source })?;
+        let path = dir.join(FILE_NAME);
+        let err = |source| JournalError::Sqlite { path: path.clone(), source };
+        let conn = Connection::open(&path).map_err(err)?;
+        conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
+        conn.execute_batch(SCHEMA).map_err(err)?;
+        Ok(Journal { conn, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn wrap<T>(&self, r: rusqlite::Result<T>) -> Result<T, JournalError> {
+        r.map_err(|source| JournalError::Sqlite { path: self.path.clone(), source })
+    }
+
+    pub fn begin_run(&self, started: &str) -> Result<i64, JournalError> {
+        self.wrap(self.conn.execute(
+            "INSERT INTO runs (pid, started) VALUES (?1, ?2)",
+            params![std::process::id(), started],
+        ))?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    pub fn finish_run(&self, run: i64, finished: &str, exit_code: i32, summary: &serde_json::Value) -> Result<(), JournalError> {
+        self.wrap(self.conn.execute(
+            "UPDATE runs SET finished = ?2, exit_code = ?3, summary = ?4 WHERE id = ?1",
+            params![run, finished, exit_code, summary.to_string()],
+        ))
+        .map(drop)
+    }
+
+    /// Records an admitted file; the returned id names its temp files.
+    pub fn file_admitted(&self, run: i64, rel_path: &str, size: u64, mtime_ns: i64) -> Result<i64, JournalError> {
+        let mut st = self.wrap(self.conn.prepare_cached(
+            "INSERT INTO files (run_id, rel_path, size, mtime_ns, state, admitted_at) VALUES (?1, ?2, ?3, ?4, 'admitted', ?5)",
+        ))?;
+        self.wrap(st.execute(params![run, rel_path, size as i64, mtime_ns, now_secs()]))?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    pub fn file_quarantined(&self, id: i64, sha256: &str) -> Result<(), JournalError> {
+        let mut st = self.wrap(self.conn.prepare_cached("UPDATE files SET state = 'quarantined', sha256 = ?2 WHERE id = ?1"))?;
+        self.wrap(st.execute(params![id, sha256])).map(drop)
+    }
+
+    pub fn file_scanned(&self, id: i64, verdict: &str, results: &serde_json::Value) -> Result<(), JournalError> {
+        let mut st = self.wrap(self.conn.prepare_cached(
+            "UPDATE files SET state = 'scanned', verdict = ?2, scan_results = ?3 WHERE id = ?1",
+        ))?;
+        self.wrap(st.execute(params![id, verdict, results.to_string()])).map(drop)
+    }
+
+    /// The file's outcome is final and durable (delivered, archived, deleted or failed).
+    pub fn file_finished(
+        &self,
+        id: i64,
+        outcome: Outcome,
+        disposition: &str,
+        final_path: Option<&str>,
+        error: Option<&str>,
+    ) -> Result<(), JournalError> {
+        let mut st = self.wrap(self.conn.prepare_cached(
+            "UPDATE files SET state = 'finished', outcome = ?2, disposition = ?3, final_path = ?4, error = ?5,
+             finished_at = ?6, finished_day = ?7 WHERE id = ?1",
+        ))?;
+        let day = local_day(chrono::Local::now());
+        self.wrap(st.execute(params![id, outcome.as_str(), disposition, final_path, error, now_secs(), day]))
+            .map(drop)
+    }
+
+    pub fn source_removed(&self, id: i64) -> Result<(), JournalError> {
+        let mut st = self.wrap(self.conn.prepare_cached("UPDATE files SET source_removed = 1 WHERE id = ?1"))?;
+        self.wrap(st.execute(params![id])).map(drop)
+    }
+
+    /// Files an earlier run admitted but did not finish (it crashed or was killed).
+    pub fn unfinished(&self) -> Result<Vec<Unfinished>, JournalError> {
+        let mut st = self.wrap(self.conn.prepare("SELECT id, run_id, rel_path FROM files WHERE outcome IS NULL ORDER BY id"))?;
+        let rows = self.wrap(st.query_map([], |r| {
+            Ok(Unfinished { id: r.get(0)?, run_id: r.get(1)?, rel_path: r.get(2)? })
+        }))?;
+        self.wrap(rows.collect())
+    }
+
+    /// Runs that never recorded their end.
+    pub fn unfinished_runs(&self, current: i64) -> Result<Vec<i64>, JournalError> {
+        let mut st = self.wrap(self.conn.prepare("SELECT id FROM runs WHERE finished IS NULL AND id != ?1"))?;
+        let rows = self.wrap(st.query_map([current], |r| r.get(0)))?;
+        self.wrap(rows.collect())
+    }
+
+    pub fn mark_run_interrupted(&self, run: i64) -> Result<(), JournalError> {
+        self.wrap(self.conn.execute(
+            "UPDATE runs SET finished = 'interrupted', exit_code = -1 WHERE id = ?1",
+            params![run],
+        ))
+        .map(drop)
+    }
+
+    pub fn mark_interrupted(&self, id: i64, note: &str) -> Result<(), JournalError> {
+        self.file_finished(id, Outcome::Interrupted, "recovered", None, Some(note))
+    }
+
+    /// Files and bytes finished on local day `day` (clean or suspect), across runs.
+    pub fn day_totals(&self, day: &str) -> Result<(u64, u64), JournalError> {
+        let row: (i64, i64) = self.wrap(self.conn.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files WHERE finished_day = ?1 AND outcome IN ('clean', 'suspect')",
+            [day],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        ))?;
+        Ok((row.0.max(0) as u64, row.1.max(0) as u64))
+    }
+
+    /// Bytes of files delivered clean since `since` (unix seconds).
+    pub fn delivered_bytes_since(&self, since: i64) -> Result<u64, JournalError> {
+        let b: i64 = self.wrap(self.conn.query_row(
+            "SELECT COALESCE(SUM(size), 0) FROM files WHERE outcome = 'clean' AND finished_at >= ?1",
+            [since],
+            |r| r.get(0),
+        ))?;
+        Ok(b.max(0) as u64)
+    }
+
+    pub fn record_space(&self, run: i64, s: &SpaceSample, total: u64) -> Result<(), JournalError> {
+        self.wrap(self.conn.execute(
+            "INSERT INTO space (run_id, time, target, path, free_bytes, threshold_bytes, total_bytes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![run, s.time, s.target, s.path, s.free_bytes as i64, s.threshold_bytes as i64, total as i64],
+        ))
+        .map(drop)
+    }
+
+    /// Free-space samples of `target` since `since` (unix seconds), oldest first.
+    pub fn space_samples(&self, target: &str, since: i64) -> Result<Vec<SpaceSample>, JournalError> {
+        let mut st = self.wrap(self.conn.prepare(
+            "SELECT time, target, path, free_bytes, threshold_bytes FROM space WHERE target = ?1 AND time >= ?2 ORDER BY time",
+        ))?;
+        let rows = self.wrap(st.query_map(params![target, since], |r| {
+            Ok(SpaceSample {
+                time: r.get(0)?,
+                target: r.get(1)?,
+                path: r.get(2)?,
+                free_bytes: r.get::<_, i64>(3)?.max(0) as u64,
+                threshold_bytes: r.get::<_, i64>(4)?.max(0) as u64,
+            })
+        }))?;
+        self.wrap(rows.collect())
+    }
+
+    pub fn record_throttle(&self, run: i64, reason: &str, message: &str) -> Result<(), JournalError> {
+        self.wrap(self.conn.execute(
+            "INSERT INTO throttle_events (run_id, time, reason, message) VALUES (?1, ?2, ?3, ?4)",
+            params![run, now_secs(), reason, message],
+        ))
+        .map(drop)
+    }
+
+    pub fn last_runs(&self, n: u32) -> Result<Vec<RunRow>, JournalError> {
+        let mut st = self.wrap(self.conn.prepare(
+            "SELECT id, started, finished, exit_code, summary FROM runs ORDER BY id DESC LIMIT ?1",
+        ))?;
+        let rows = self.wrap(st.query_map([n], |r| {
+            let summary: Option<String> = r.get(4)?;
+            Ok(RunRow {
+                id: r.get(0)?,
+                started: r.get(1)?,
+                finished: r.get(2)?,
+                exit_code: r.get(3)?,
+                summary: summary.and_then(|s| serde_json::from_str(&s).ok()),
+            })
+        }))?;
+        self.wrap(rows.collect())
+    }
+
+    /// The outcome and disposition recorded for file `id` (tests and status).
+    pub fn file_outcome(&self, id: i64) -> Result<Option<(String, Option<String>)>, JournalError> {
+        self.wrap(
+            self.conn
+                .query_row("SELECT state, outcome FROM files WHERE id = ?1", [id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional(),
+        )
+    }
+
+    /// Direct access for tests and the status command's ad-hoc queries.
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+}

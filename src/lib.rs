@@ -1,0 +1,26 @@
+//! Shuttle: a scanning file-transfer gateway.
+//!
+//! Files move from an untrusted drop directory through a quarantine, are scanned by
+//! ClamAV (and/or Microsoft Defender), and clean files are delivered to a protected
+//! destination. The modules are named after the steps of a run (DESIGN §1); [`run`]
+//! puts them in order.
+
+pub mod check;
+pub mod cleanup;
+pub mod cli;
+pub mod config;
+pub mod deliver;
+pub mod discover;
+pub mod fsx;
+pub mod hazard;
+pub mod journal;
+pub mod lock;
+pub mod logging;
+pub mod notify;
+pub mod quarantine;
+pub mod recover;
+pub mod report;
+pub mod run;
+pub mod scan;
+pub mod throttle;
+pub mod status;

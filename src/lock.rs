@@ -1,0 +1,58 @@
+//! Single instance (DESIGN §1.2): an exclusive `flock` on the lock file.
+//!
+//! The kernel drops a `flock` when its holder dies, so a run killed with SIGKILL never
+//! leaves a stale lock; the PID written into the file is only for the message.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::FlockOperation;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("another shuttle run is active (pid {pid}) holding {path}")]
+    Held { pid: String, path: PathBuf },
+    #[error("cannot open lock file {path}: {source}")]
+    Open { path: PathBuf, source: std::io::Error },
+    #[error("cannot lock {path}: {source}")]
+    Lock { path: PathBuf, source: std::io::Error },
+}
+
+/// Held for the life of a run; the lock is released when this is dropped.
+#[derive(Debug)]
+pub struct InstanceLock {
+    _file: File,
+}
+
+/// Takes the lock or reports who holds it.
+pub fn acquire(path: &Path) -> Result<InstanceLock, LockError> {
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o660)
+        .open(path)
+        .map_err(|source| LockError::Open { path: path.into(), source })?;
+    match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {}
+        Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            let pid = pid.trim();
+            let pid = if pid.is_empty() { "unknown".to_string() } else { pid.to_string() };
+            return Err(LockError::Held { pid, path: path.into() });
+        }
+        Err(e) => return Err(LockError::Lock { path: path.into(), source: e.into() }),
+    }
+    let write = |f: &mut File| -> std::io::Result<()> {
+        f.set_len(0)?;
+        f.seek(SeekFrom::Start(0))?;
+        writeln!(f, "{}", std::process::id())?;
+        f.flush()
+    };
+    write(&mut file).map_err(|source| LockError::Lock { path: path.into(), source })?;
+    Ok(InstanceLock { _file: file })
+}

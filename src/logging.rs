@@ -1,0 +1,52 @@
+//! Logging (DESIGN §8): stderr plus one log file per run in `log_path`
+//! (`shuttle_YYYYMMDD_HHMMSS_<pid>.log`), written by one buffered background writer
+//! so that logging never waits on the disk in the middle of a file's handling.
+
+use std::path::{Path, PathBuf};
+
+use tracing_subscriber::{EnvFilter, Layer};
+use tracing_subscriber::fmt::time::ChronoLocal;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// Keeps the background log writer alive; dropping it flushes the file.
+pub struct LogGuard {
+    _file: Option<tracing_appender::non_blocking::WorkerGuard>,
+    pub file: Option<PathBuf>,
+}
+
+/// Starts logging at `level` to stderr and, with `dir`, to a new file in it.
+pub fn init(level: &str, dir: Option<&Path>) -> std::io::Result<LogGuard> {
+    let filter = || EnvFilter::new(format!("shuttle={level},warn"));
+    let timer = || ChronoLocal::new("%Y-%m-%d %H:%M:%S%.3f".into());
+    let stderr = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_timer(timer())
+        .with_ansi(false)
+        .with_filter(filter());
+    let (file_layer, guard, file) = match dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            let name = format!(
+                "shuttle_{}_{}.log",
+                chrono::Local::now().format("%Y%m%d_%H%M%S"),
+                std::process::id()
+            );
+            let path = dir.join(name);
+            let f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+            let (writer, guard) = tracing_appender::non_blocking(f);
+            let layer = tracing_subscriber::fmt::layer()
+                .with_writer(writer)
+                .with_target(false)
+                .with_timer(timer())
+                .with_ansi(false)
+                .with_filter(filter());
+            (Some(layer), Some(guard), Some(path))
+        }
+        None => (None, None, None),
+    };
+    // A second init (tests calling the library twice) keeps the first subscriber.
+    let _ = tracing_subscriber::registry().with(stderr).with(file_layer).try_init();
+    Ok(LogGuard { _file: guard, file })
+}

@@ -1,0 +1,196 @@
+//! Quarantine (DESIGN §1.7): copy a source file into `quarantine_path/<relative path>`
+//! through a temp name, computing its SHA-256 in the same pass.
+//!
+//! The copy is owner-only (0600) while it is unscanned; the source's permission bits
+//! (without setuid/setgid/sticky, without world bits) are applied when it is
+//! delivered. If the source changes while it is being copied the copy is dropped.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::fsx;
+
+/// The identity and state of a file at one moment, to tell whether it changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+}
+
+impl Stamp {
+    pub fn of(m: &std::fs::Metadata) -> Stamp {
+        Stamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.len(),
+            mtime_ns: m.mtime().saturating_mul(1_000_000_000).saturating_add(m.mtime_nsec()),
+            ctime_ns: m.ctime().saturating_mul(1_000_000_000).saturating_add(m.ctime_nsec()),
+        }
+    }
+
+    /// Same file, same content as far as the inode tells (ctime catches any write,
+    /// even one that restores the mtime).
+    pub fn unchanged(&self, other: &Stamp) -> bool {
+        self == other
+    }
+}
+
+/// A finished quarantine copy.
+#[derive(Debug, Clone)]
+pub struct Quarantined {
+    pub path: PathBuf,
+    /// SHA-256 of the bytes read from the source and written here, lowercase hex.
+    pub sha256: String,
+    pub size: u64,
+    /// The copy itself (its ctime changes with later chmod; dev/ino/size/mtime do not).
+    pub copy: Stamp,
+    /// The source as it was while being copied.
+    pub source: Stamp,
+    /// Permission bits to give the delivered file.
+    pub mode: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QuarantineError {
+    /// The source changed since discovery or during the copy: skip it this run.
+    #[error("source changed while being copied ({0}); left for the next run")]
+    Changed(&'static str),
+    #[error("source is no longer a regular file")]
+    NotRegular,
+    #[error("source vanished before it could be copied")]
+    Vanished,
+    #[error("disk full writing quarantine copy {path}: {source}")]
+    DiskFull { path: PathBuf, source: io::Error },
+    #[error("cannot {action} {path}: {source}")]
+    Io { action: &'static str, path: PathBuf, source: io::Error },
+}
+
+impl QuarantineError {
+    fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> QuarantineError + 'a {
+        move |source| {
+            if fsx::is_disk_full(&source) {
+                QuarantineError::DiskFull { path: path.to_path_buf(), source }
+            } else {
+                QuarantineError::Io { action, path: path.to_path_buf(), source }
+            }
+        }
+    }
+}
+
+/// Permission bits a delivered file may carry: no setuid/setgid/sticky, no world bits
+/// (DESIGN §1.4, umask 007).
+pub fn delivered_mode(source_mode: u32) -> u32 {
+    source_mode & 0o770
+}
+
+/// Copies `source_root/rel` to `quarantine_root/rel` via the temp name for `id`.
+/// `expected` is the size and mtime discovery saw.
+pub fn copy_in(
+    source_root: &Path,
+    quarantine_root: &Path,
+    rel: &Path,
+    id: i64,
+    expected: (u64, i64),
+    buf: &mut [u8],
+) -> Result<Quarantined, QuarantineError> {
+    let src_path = source_root.join(rel);
+    let mut src = match fsx::open_read_nofollow(&src_path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(QuarantineError::Vanished),
+        Err(e) => return Err(QuarantineError::io("open source", &src_path)(e)),
+    };
+    let before = src.metadata().map_err(QuarantineError::io("stat source", &src_path))?;
+    if !before.is_file() {
+        return Err(QuarantineError::NotRegular);
+    }
+    let source_mode = before.mode();
+    let before = Stamp::of(&before);
+    if (before.size, before.mtime_ns) != expected {
+        return Err(QuarantineError::Changed("size or mtime differs from discovery"));
+    }
+
+    let final_path = quarantine_root.join(rel);
+    let dir = final_path.parent().unwrap_or(quarantine_root);
+    std::fs::create_dir_all(dir).map_err(QuarantineError::io("create quarantine directory", dir))?;
+    let temp = fsx::temp_path_for(&final_path, id);
+    let _ = fsx::remove_if_exists(&temp);
+    let mut out = fsx::create_new(&temp).map_err(QuarantineError::io("create", &temp))?;
+
+    let copied = copy_hashing(&mut src, &mut out, buf, &src_path, &temp);
+    let result = copied.and_then(|(sha256, n)| {
+        let after = src.metadata().map_err(QuarantineError::io("stat source", &src_path))?;
+        if !Stamp::of(&after).unchanged(&before) || n != before.size {
+            return Err(QuarantineError::Changed("source was modified during the copy"));
+        }
+        let mtime = rustix::fs::Timespec {
+            tv_sec: before.mtime_ns.div_euclid(1_000_000_000),
+            tv_nsec: before.mtime_ns.rem_euclid(1_000_000_000) as _,
+        };
+        let times = rustix::fs::Timestamps { last_access: mtime, last_modification: mtime };
+        rustix::fs::futimens(&out, &times).map_err(|e| QuarantineError::io("set mtime of", &temp)(e.into()))?;
+        let copy = Stamp::of(&out.metadata().map_err(QuarantineError::io("stat", &temp))?);
+        std::fs::rename(&temp, &final_path).map_err(QuarantineError::io("rename into", &final_path))?;
+        Ok(Quarantined {
+            path: final_path.clone(),
+            sha256,
+            size: n,
+            copy,
+            source: before,
+            mode: delivered_mode(source_mode),
+        })
+    });
+    if result.is_err() {
+        drop(out);
+        let _ = fsx::remove_if_exists(&temp);
+    }
+    result
+}
+
+/// Copies `src` to `out`, returning the hex SHA-256 and the byte count.
+fn copy_hashing(
+    src: &mut File,
+    out: &mut File,
+    buf: &mut [u8],
+    src_path: &Path,
+    out_path: &Path,
+) -> Result<(String, u64), QuarantineError> {
+    let mut hasher = Sha256::new();
+    let mut n: u64 = 0;
+    loop {
+        let got = match src.read(buf) {
+            Ok(0) => break,
+            Ok(k) => k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(QuarantineError::io("read source", src_path)(e)),
+        };
+        hasher.update(&buf[..got]);
+        out.write_all(&buf[..got]).map_err(QuarantineError::io("write", out_path))?;
+        n += got as u64;
+    }
+    Ok((hex::encode(hasher.finalize()), n))
+}
+
+/// SHA-256 of an open file, reading it from its current position to the end.
+pub fn hash_file(f: &mut File, buf: &mut [u8]) -> io::Result<(String, u64)> {
+    let mut hasher = Sha256::new();
+    let mut n: u64 = 0;
+    loop {
+        match f.read(buf) {
+            Ok(0) => break,
+            Ok(k) => {
+                hasher.update(&buf[..k]);
+                n += k as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((hex::encode(hasher.finalize()), n))
+}

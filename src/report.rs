@@ -1,0 +1,117 @@
+//! The run's figures (DESIGN §8): one summary line in the log and `--report-json`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::fsx;
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct FileCounts {
+    pub discovered: u64,
+    pub skipped: u64,
+    pub admitted: u64,
+    pub clean: u64,
+    pub suspect: u64,
+    pub failed: u64,
+    pub deferred: u64,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct ByteCounts {
+    pub clean: u64,
+    pub suspect: u64,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct ThrottleReport {
+    pub stopped: bool,
+    pub reason: Option<&'static str>,
+    pub message: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub recommendations: Vec<String>,
+}
+
+/// A source that was not removed although its file was handled, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeptSource {
+    pub path: String,
+    pub reason: String,
+}
+
+/// One file's outcome, in the JSON report.
+#[derive(Debug, Clone, Serialize)]
+pub struct FileEntry {
+    pub path: String,
+    pub outcome: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub detections: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "serde_json::Value::is_null")]
+    pub scanners: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EngineVersion {
+    pub scanner: &'static str,
+    pub version: String,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Report {
+    pub exit_code: i32,
+    pub started: String,
+    pub finished: String,
+    pub run_id: Option<i64>,
+    pub files: FileCounts,
+    pub bytes: ByteCounts,
+    pub throttle: ThrottleReport,
+    /// Skips by reason (`recently_modified`, `open_by_process`, `symlink`, …).
+    pub skipped_by_reason: BTreeMap<&'static str, u64>,
+    pub scanners: Vec<EngineVersion>,
+    pub sources_kept: Vec<KeptSource>,
+    /// Run-level errors (scanner down, circuit breaker, disk full…).
+    pub errors: Vec<String>,
+    pub file_results: Vec<FileEntry>,
+}
+
+impl Report {
+    /// The one summary line of the log.
+    pub fn summary_line(&self) -> String {
+        let f = &self.files;
+        let mut s = format!(
+            "run finished (exit {}): {} discovered, {} skipped, {} admitted: {} clean ({:.1} MB), {} suspect, {} failed; {} deferred",
+            self.exit_code,
+            f.discovered,
+            f.skipped,
+            f.admitted,
+            f.clean,
+            fsx::mib(self.bytes.clean),
+            f.suspect,
+            f.failed,
+            f.deferred
+        );
+        if let (true, Some(reason)) = (self.throttle.stopped, self.throttle.reason) {
+            s.push_str(&format!("; admission stopped: {reason}"));
+        }
+        s
+    }
+
+    /// Writes the report atomically (temp + rename), so a reader never sees half.
+    pub fn write_json(&self, path: &Path) -> std::io::Result<()> {
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+        serde_json::to_writer_pretty(&mut tmp, self)?;
+        tmp.write_all(b"\n")?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(path).map_err(|e| e.error)?;
+        Ok(())
+    }
+}

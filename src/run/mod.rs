@@ -1,0 +1,165 @@
+//! One run, step by step (DESIGN §1). Each step is a call into the module named after
+//! it; this file only orders them and keeps the run's figures.
+
+mod file;
+mod pipeline;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::config::Config;
+use crate::discover::{self, OpenFiles, Rules};
+use crate::journal::{self, Journal};
+use crate::lock::{self, LockError};
+use crate::notify::{self, Notifier};
+use crate::report::{EngineVersion, Report};
+use crate::scan::{self, Scanner, Scanners};
+use crate::throttle::Admission;
+use crate::{cleanup, recover};
+
+/// Source subdirectories are removed once empty and untouched this long (DESIGN §1.11).
+const EMPTY_DIR_AGE: Duration = Duration::from_secs(5 * 60);
+
+#[derive(Debug, Default, Clone)]
+pub struct RunOptions {
+    pub report_json: Option<PathBuf>,
+}
+
+/// What stops a run before it starts; everything later ends in the report instead.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error("{0}")]
+    Config(String),
+}
+
+pub fn now_string() -> String {
+    chrono::Local::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, false)
+}
+
+/// Runs one pass over the drop directory. Returns the run's report (its `exit_code`
+/// is the process exit code), or an error when the run could not start.
+pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Report, RunError> {
+    // 1. Configuration: loaded by the caller; the directories are checked here,
+    //    before any file is touched.
+    let problems = cfg.check_paths();
+    if !problems.is_empty() {
+        return Err(RunError::Config(problems.join("\n")));
+    }
+    let engines = scan::enabled(cfg).map_err(RunError::Config)?;
+
+    // 2. Single instance.
+    let _lock = lock::acquire(&cfg.lock_path)?;
+
+    // 4. umask 007: everything Shuttle creates is group- but never world-accessible.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o007));
+
+    let notifier = Notifier::new(&cfg.notifications);
+    let mut report = Report { started: now_string(), ..Default::default() };
+    if let Err(e) = run_locked(cfg, engines, &notifier, &mut report) {
+        let msg = format!("{e:#}");
+        tracing::error!("run stopped: {msg}");
+        notifier.send(notify::Kind::Error, "Shuttle run stopped", &msg);
+        report.errors.push(msg);
+    }
+    report.exit_code = exit_code(&report);
+    report.finished = now_string();
+    record_end(cfg, &report);
+
+    // 12. Report.
+    tracing::info!("{}", report.summary_line());
+    if let Some(path) = &opts.report_json
+        && let Err(e) = report.write_json(path)
+    {
+        tracing::error!("cannot write report {}: {e}", path.display());
+    }
+    if cfg.notifications.notify_summary || report.files.failed > 0 || report.throttle.stopped {
+        notifier.send(notify::Kind::Summary, "Shuttle run summary", &report.summary_line());
+    }
+    Ok(report)
+}
+
+/// 0 = finished (files may be suspect, admission may be throttled); 1 = a file failed
+/// or the run hit a runtime error (DESIGN §1).
+fn exit_code(r: &Report) -> i32 {
+    if r.files.failed > 0 || !r.errors.is_empty() { 1 } else { 0 }
+}
+
+/// Records the run's end and totals in the journal.
+fn record_end(cfg: &Config, report: &Report) {
+    let Some(run_id) = report.run_id else { return };
+    let summary = serde_json::json!({ "files": report.files, "bytes": report.bytes, "throttle": report.throttle });
+    let done = Journal::open(&cfg.tracking_data_path)
+        .and_then(|j| j.finish_run(run_id, &report.finished, report.exit_code, &summary));
+    if let Err(e) = done {
+        tracing::error!("cannot record the end of run {run_id} in the journal: {e}");
+    }
+}
+
+fn run_locked(cfg: &Config, engines: Vec<Box<dyn Scanner>>, notifier: &Notifier, report: &mut Report) -> anyhow::Result<()> {
+    // 3. Recovery: reconcile what an interrupted run left (journal first).
+    let journal = Journal::open(&cfg.tracking_data_path).context("cannot open the journal")?;
+    let run_id = journal.begin_run(&report.started)?;
+    report.run_id = Some(run_id);
+    let recovered = recover::reconcile(&journal, cfg, run_id)?;
+    if recovered.interrupted_files > 0 {
+        tracing::warn!(
+            "recovered {} file(s) of an interrupted run; their sources are handled again",
+            recovered.interrupted_files
+        );
+    }
+
+    // 8 (first part). Every scanner must answer, and detect the canary, before any
+    // file is touched.
+    let scanners = Scanners::start(engines, scan::Policy::from_config(&cfg.scanning), cfg.scanning.canary)
+        .map_err(|e| anyhow::anyhow!("scanner not usable, no file was touched: {e}"))?;
+    report.scanners = scanners.versions().into_iter().map(|(scanner, version)| EngineVersion { scanner, version }).collect();
+
+    // 5. Discover.
+    let open = OpenFiles::scan();
+    if open.unreadable_processes > 0 {
+        tracing::debug!("{} processes' open files could not be read", open.unreadable_processes);
+    }
+    let rules = Rules {
+        stability: (!cfg.skip_stability_check).then(|| Duration::from_secs(cfg.stability_seconds)),
+        priority: cfg.priority,
+        priority_paths: cfg.priority_paths.clone(),
+    };
+    let discovery = discover::discover(&cfg.source_path, &rules, &open);
+    report.files.discovered = discovery.candidates.len() as u64 + discovery.skipped_total();
+    report.files.skipped = discovery.skipped_total();
+    report.skipped_by_reason = discovery.skipped.clone();
+    tracing::info!(
+        "discovered {} file(s) in {}: {} to handle, {} skipped this run",
+        report.files.discovered,
+        cfg.source_path.display(),
+        discovery.candidates.len(),
+        report.files.skipped
+    );
+
+    // 6–10. Admit, quarantine, scan, dispose, remove sources.
+    let today = journal::local_day(chrono::Local::now());
+    let admission = Admission::new(cfg, journal.day_totals(&today)?);
+    for (sample, total) in admission.samples() {
+        journal.record_space(run_id, &sample, total)?;
+    }
+    let dirs = discovery.dirs;
+    let journal = std::sync::Mutex::new(journal);
+    let run = pipeline::Run { cfg, journal: &journal, run_id, scanners: &scanners, notifier };
+    pipeline::process(&run, admission, discovery.candidates, report)?;
+    let journal = journal.into_inner().unwrap_or_else(|p| p.into_inner());
+    for (sample, total) in crate::throttle::targets_space(cfg) {
+        journal.record_space(run_id, &sample, total)?;
+    }
+
+    // 11. Clean up.
+    cleanup::empty_quarantine(&cfg.quarantine_path);
+    let removed = cleanup::remove_empty_dirs(&cfg.source_path, &dirs, EMPTY_DIR_AGE, "source");
+    if removed > 0 {
+        tracing::info!("removed {removed} empty source subdirectories untouched for 5 minutes");
+    }
+    Ok(())
+}

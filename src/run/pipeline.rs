@@ -1,0 +1,213 @@
+//! Steps 6–10 for all files: admission in priority order on this thread, up to
+//! `max_scan_threads` files in flight on worker threads (DESIGN §3).
+//!
+//! A waiting file is only its [`Candidate`] record. Jobs are handed over one at a time
+//! (a rendezvous channel), so a file is admitted — and its free space checked — only
+//! when a worker is ready for it. Results come back tagged with the file's journal id,
+//! never matched by position.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::mpsc;
+
+use super::file::{self, FileResult};
+use crate::config::Config;
+use crate::discover::Candidate;
+use crate::journal::{Journal, Outcome};
+use crate::notify::{self, Notifier};
+use crate::report::{FileEntry, Report};
+use crate::scan::Scanners;
+use crate::throttle::{self, Admission, Denial};
+
+/// The parts of a run every file's handling needs.
+pub struct Run<'a> {
+    pub cfg: &'a Config,
+    pub journal: &'a Mutex<Journal>,
+    pub run_id: i64,
+    pub scanners: &'a Scanners,
+    pub notifier: &'a Notifier,
+}
+
+/// Files handed to a worker.
+pub struct Job {
+    pub id: i64,
+    pub candidate: Candidate,
+}
+
+/// The JSON report lists at most this many files (the journal has all of them).
+const REPORT_FILE_LIMIT: usize = 10_000;
+/// Copy buffer per worker.
+const BUFFER: usize = 1 << 20;
+
+pub fn process(run: &Run, mut admission: Admission, candidates: Vec<Candidate>, report: &mut Report) -> anyhow::Result<()> {
+    let threads = run.cfg.max_scan_threads.max(1);
+    let total = candidates.len() as u64;
+    let mut tickets = HashMap::new();
+    let mut stop: Option<String> = None;
+
+    let (job_tx, job_rx) = mpsc::sync_channel::<Job>(0);
+    let job_rx = Mutex::new(job_rx);
+    std::thread::scope(|scope| {
+        let (done_tx, done_rx) = mpsc::channel::<FileResult>();
+        for _ in 0..threads {
+            let (job_rx, done_tx) = (&job_rx, done_tx.clone());
+            scope.spawn(move || {
+                let mut buf = vec![0u8; BUFFER];
+                loop {
+                    let job = match job_rx.lock() {
+                        Ok(rx) => rx.recv(),
+                        Err(_) => break,
+                    };
+                    let Ok(job) = job else { break };
+                    if done_tx.send(file::handle(run, &job, &mut buf)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(done_tx);
+
+        let mut in_flight = 0usize;
+        for candidate in candidates {
+            while in_flight >= threads {
+                let Ok(r) = done_rx.recv() else { break };
+                in_flight -= 1;
+                settle(r, &mut tickets, &mut admission, &mut stop, report);
+            }
+            while let Ok(r) = done_rx.try_recv() {
+                in_flight -= 1;
+                settle(r, &mut tickets, &mut admission, &mut stop, report);
+            }
+            if run.scanners.tripped() {
+                stop.get_or_insert_with(|| "circuit breaker: too many scan timeouts this run".into());
+            }
+            if stop.is_some() {
+                break;
+            }
+            // 6. Admit.
+            let ticket = match admission.admit(candidate.size) {
+                Ok(t) => t,
+                Err(denial) => {
+                    throttle_stop(run, &denial, report);
+                    break;
+                }
+            };
+            let rel = candidate.rel.to_string_lossy().into_owned();
+            let id = match lock(run.journal).file_admitted(run.run_id, &rel, candidate.size, candidate.mtime_ns) {
+                Ok(id) => id,
+                Err(e) => {
+                    admission.finish(ticket, false);
+                    stop = Some(format!("journal write failed: {e}"));
+                    break;
+                }
+            };
+            tickets.insert(id, ticket);
+            report.files.admitted += 1;
+            in_flight += 1;
+            if job_tx.send(Job { id, candidate }).is_err() {
+                stop = Some("worker threads ended unexpectedly".into());
+                break;
+            }
+        }
+        drop(job_tx);
+        while in_flight > 0 {
+            let Ok(r) = done_rx.recv() else { break };
+            in_flight -= 1;
+            settle(r, &mut tickets, &mut admission, &mut stop, report);
+        }
+    });
+
+    report.files.deferred = total - report.files.admitted;
+    if run.scanners.tripped() {
+        stop.get_or_insert_with(|| "circuit breaker: too many scan timeouts this run".into());
+    }
+    if let Some(reason) = stop {
+        anyhow::bail!("{reason}; {} file(s) left in the source for the next run", report.files.deferred);
+    }
+    Ok(())
+}
+
+/// Takes in one finished file: releases its reservation, notes a fatal problem,
+/// counts it.
+fn settle(
+    r: FileResult,
+    tickets: &mut HashMap<i64, throttle::Ticket>,
+    admission: &mut Admission,
+    stop: &mut Option<String>,
+    report: &mut Report,
+) {
+    if let Some(t) = tickets.remove(&r.id) {
+        admission.finish(t, matches!(r.outcome, Outcome::Clean | Outcome::Suspect));
+    }
+    if let Some(f) = &r.fatal {
+        stop.get_or_insert_with(|| f.clone());
+    }
+    tally(report, r);
+}
+
+pub fn lock(j: &Mutex<Journal>) -> std::sync::MutexGuard<'_, Journal> {
+    j.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Counts one finished file into the report.
+fn tally(report: &mut Report, r: FileResult) {
+    let f = &mut report.files;
+    match r.outcome {
+        Outcome::Clean => {
+            f.clean += 1;
+            report.bytes.clean += r.size;
+        }
+        Outcome::Suspect => {
+            f.suspect += 1;
+            report.bytes.suspect += r.size;
+        }
+        Outcome::Failed | Outcome::Interrupted => f.failed += 1,
+        Outcome::Skipped => {
+            f.skipped += 1;
+            *report.skipped_by_reason.entry("changed_or_conflict").or_default() += 1;
+        }
+    }
+    if let Some(k) = r.kept {
+        report.sources_kept.push(k);
+    }
+    if report.file_results.len() < REPORT_FILE_LIMIT {
+        report.file_results.push(FileEntry {
+            path: r.rel,
+            outcome: r.outcome.as_str(),
+            sha256: r.sha256,
+            destination: r.destination,
+            detections: r.detections,
+            error: r.error,
+            scanners: r.scanners,
+        });
+    }
+}
+
+/// Admission stops: log `THROTTLE REASON:`, journal, notify once, report.
+fn throttle_stop(run: &Run, denial: &Denial, report: &mut Report) {
+    tracing::error!("{}", denial.log_line());
+    let mut recommendations = Vec::new();
+    if let Denial::DiskSpace { path, .. } = denial {
+        let week_ago = chrono::Utc::now().timestamp() - 7 * 86_400;
+        let delivered = lock(run.journal).delivered_bytes_since(week_ago).unwrap_or(0);
+        recommendations = throttle::recommendations(run.cfg, path, delivered);
+        for r in &recommendations {
+            tracing::warn!("cleanup recommendation: {r}");
+        }
+    }
+    if let Err(e) = lock(run.journal).record_throttle(run.run_id, denial.reason(), denial.message()) {
+        tracing::error!("cannot record the throttle decision in the journal: {e}");
+    }
+    let mut body = format!("{}\n\nFiles not admitted stay untouched in the source for the next run.\n", denial.log_line());
+    if !recommendations.is_empty() {
+        body.push_str("\nWhat Shuttle keeps on the full filesystem, largest first:\n");
+        for r in &recommendations {
+            body.push_str(&format!("- {r}\n"));
+        }
+    }
+    run.notifier.send(notify::Kind::Error, &format!("Shuttle throttled: {}", denial.title()), &body);
+    report.throttle.stopped = true;
+    report.throttle.reason = Some(denial.reason());
+    report.throttle.message = Some(denial.message().to_string());
+    report.throttle.recommendations = recommendations;
+}

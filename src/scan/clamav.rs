@@ -1,0 +1,258 @@
+//! ClamAV through clamd's own socket protocol (no `clamdscan` process per file).
+//!
+//! Over a unix socket the open descriptor is passed with `FILDES` (SCM_RIGHTS), so
+//! clamd needs no read access to the quarantine. Over TCP the bytes are streamed with
+//! `INSTREAM`; clamd refuses streams above its `StreamMaxLength` with an `ERROR`, which
+//! makes the file failed, never clean. Commands use the `z` prefix (NUL-terminated).
+//! No clamd client crate on crates.io supports FILDES, hence this module.
+
+use std::fs::File;
+use std::io::{self, IoSlice, Read, Write};
+use std::mem::MaybeUninit;
+use std::net::TcpStream;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+
+use super::{ScanError, Scanner, Verdict};
+use crate::config::ClamdEndpoint;
+
+/// How long to wait for clamd to accept a connection or answer a short command.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+/// INSTREAM chunk size.
+const CHUNK: usize = 64 * 1024;
+
+pub struct ClamAv {
+    endpoint: ClamdEndpoint,
+}
+
+enum Conn {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Conn {
+    fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Conn::Unix(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+            Conn::Tcp(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+        }
+    }
+
+    fn stream(&mut self) -> &mut dyn ReadWrite {
+        match self {
+            Conn::Unix(s) => s,
+            Conn::Tcp(s) => s,
+        }
+    }
+}
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+}
+
+impl ClamAv {
+    pub fn new(endpoint: ClamdEndpoint) -> ClamAv {
+        ClamAv { endpoint }
+    }
+
+    fn connect(&self) -> Result<Conn, ScanError> {
+        let unreachable = |e: io::Error| ScanError::Unreachable(format!("clamd at {}: {e}", self.endpoint));
+        let conn = match &self.endpoint {
+            ClamdEndpoint::Unix(p) => Conn::Unix(UnixStream::connect(p).map_err(unreachable)?),
+            ClamdEndpoint::Tcp(addr) => {
+                use std::net::ToSocketAddrs;
+                let sa = addr
+                    .to_socket_addrs()
+                    .map_err(unreachable)?
+                    .next()
+                    .ok_or_else(|| ScanError::Unreachable(format!("clamd address {addr} resolves to nothing")))?;
+                Conn::Tcp(TcpStream::connect_timeout(&sa, COMMAND_TIMEOUT).map_err(unreachable)?)
+            }
+        };
+        conn.set_timeout(Some(COMMAND_TIMEOUT)).map_err(unreachable)?;
+        Ok(conn)
+    }
+
+    /// Sends a short command (`PING`, `VERSION`) and returns the reply.
+    pub fn command(&self, cmd: &str) -> Result<String, ScanError> {
+        let mut conn = self.connect()?;
+        let io_err = |e: io::Error| ScanError::Failed(format!("clamd {cmd}: {e}"));
+        conn.stream().write_all(format!("z{cmd}\0").as_bytes()).map_err(io_err)?;
+        let reply = read_reply(conn.stream(), COMMAND_TIMEOUT)?;
+        Ok(reply.trim_end_matches(['\0', '\n']).to_string())
+    }
+
+    fn scan_fildes(&self, conn: &mut Conn, file: &File) -> io::Result<()> {
+        let Conn::Unix(sock) = conn else { unreachable!("FILDES is only used over a unix socket") };
+        sock.write_all(b"zFILDES\0")?;
+        let fds = [file.as_fd()];
+        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+            return Err(io::Error::other("cannot build SCM_RIGHTS message"));
+        }
+        rustix::net::sendmsg(&*sock, &[IoSlice::new(b"\0")], &mut control, SendFlags::NOSIGNAL)?;
+        Ok(())
+    }
+
+    fn scan_instream(&self, conn: &mut Conn, file: &File) -> io::Result<()> {
+        let s = conn.stream();
+        s.write_all(b"zINSTREAM\0")?;
+        let mut reader = file;
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            s.write_all(&(n as u32).to_be_bytes())?;
+            s.write_all(&buf[..n])?;
+        }
+        s.write_all(&0u32.to_be_bytes())
+    }
+}
+
+impl Scanner for ClamAv {
+    fn name(&self) -> &'static str {
+        "clamav"
+    }
+
+    fn version(&self) -> Result<String, ScanError> {
+        let v = self.command("VERSION")?;
+        if v.starts_with("ClamAV ") {
+            Ok(v)
+        } else {
+            Err(ScanError::Failed(format!("unexpected VERSION reply from clamd: {v:?}")))
+        }
+    }
+
+    fn scan(&self, file: &File, _path: &Path, _size: u64, timeout: Option<Duration>) -> Result<Verdict, ScanError> {
+        let mut conn = self.connect()?;
+        let sent = match self.endpoint {
+            ClamdEndpoint::Unix(_) => self.scan_fildes(&mut conn, file),
+            ClamdEndpoint::Tcp(_) => self.scan_instream(&mut conn, file),
+        };
+        // The scan itself may take long: wait for the reply up to the scan timeout.
+        if let Err(e) = conn.set_timeout(timeout) {
+            return Err(ScanError::Failed(format!("cannot set clamd socket timeout: {e}")));
+        }
+        // clamd may refuse a stream midway (size limit) and close: its reply says why.
+        let reply = read_reply_opt(conn.stream(), timeout);
+        match (sent, reply) {
+            (_, Ok(r)) if !r.is_empty() => parse_reply(&r),
+            (_, Err(ScanError::Timeout(t))) => Err(ScanError::Timeout(t)),
+            (Err(e), _) => Err(ScanError::Failed(format!("sending to clamd failed: {e}"))),
+            (Ok(()), Ok(_)) => Err(ScanError::Failed("clamd closed the connection without a reply".into())),
+            (Ok(()), Err(e)) => Err(e),
+        }
+    }
+}
+
+fn read_reply(s: &mut dyn ReadWrite, timeout: Duration) -> Result<String, ScanError> {
+    read_reply_opt(s, Some(timeout))
+}
+
+/// Reads until clamd closes the connection (it does after one reply outside a
+/// session) or sends the terminating NUL.
+fn read_reply_opt(s: &mut dyn ReadWrite, timeout: Option<Duration>) -> Result<String, ScanError> {
+    let started = std::time::Instant::now();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        // The socket timeout applies per read; clamd sends nothing until it is done.
+        if let Some(t) = timeout {
+            let left = t.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                return Err(ScanError::Timeout(t));
+            }
+        }
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                out.extend_from_slice(&buf[..n]);
+                if out.ends_with(b"\0") {
+                    break;
+                }
+                if out.len() > 64 * 1024 {
+                    return Err(ScanError::Failed("clamd reply is implausibly long".into()));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if is_timeout(&e) => return Err(ScanError::Timeout(timeout.unwrap_or(COMMAND_TIMEOUT))),
+            Err(e) if !out.is_empty() => {
+                tracing::debug!("clamd connection error after partial reply: {e}");
+                break;
+            }
+            Err(e) => return Err(ScanError::Failed(format!("reading clamd reply: {e}"))),
+        }
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Parses a scan reply: `fd[7]: OK`, `stream: Eicar-Signature FOUND`, `... ERROR`.
+/// Anything that is not clearly clean or clearly a detection is an error.
+pub fn parse_reply(reply: &str) -> Result<Verdict, ScanError> {
+    let mut detections = Vec::new();
+    let mut clean = false;
+    let lines: Vec<&str> = reply.split(['\0', '\n']).map(str::trim).filter(|l| !l.is_empty()).collect();
+    if lines.is_empty() {
+        return Err(ScanError::Failed("empty reply from clamd".into()));
+    }
+    for line in lines {
+        if let Some(body) = line.strip_suffix(" FOUND") {
+            let name = body.split_once(": ").map(|(_, n)| n).unwrap_or(body).trim();
+            if name.is_empty() {
+                return Err(ScanError::Failed(format!("clamd reported a detection without a name: {line:?}")));
+            }
+            detections.push(name.to_string());
+        } else if line.ends_with(" ERROR") {
+            return Err(ScanError::Failed(format!("clamd: {line}")));
+        } else if line.ends_with(": OK") {
+            clean = true;
+        } else {
+            return Err(ScanError::Failed(format!("unrecognised clamd reply: {line:?}")));
+        }
+    }
+    if !detections.is_empty() {
+        Ok(Verdict::Suspect(detections))
+    } else if clean {
+        Ok(Verdict::Clean)
+    } else {
+        Err(ScanError::Failed(format!("unrecognised clamd reply: {reply:?}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies() {
+        assert_eq!(parse_reply("fd[5]: OK\0"), Ok(Verdict::Clean));
+        assert_eq!(parse_reply("stream: OK"), Ok(Verdict::Clean));
+        assert_eq!(
+            parse_reply("fd[5]: Eicar-Test-Signature FOUND\0"),
+            Ok(Verdict::Suspect(vec!["Eicar-Test-Signature".into()]))
+        );
+        assert!(parse_reply("INSTREAM size limit exceeded. ERROR\0").is_err());
+        assert!(parse_reply("fd[5]: lstat() failed: No such file. ERROR").is_err());
+        assert!(parse_reply("").is_err());
+        assert!(parse_reply("fd[5]: MAYBE").is_err());
+        assert!(parse_reply("fd[5]: OK\0fd[5]: Heuristics.Limits.Exceeded FOUND\0").is_ok_and(|v| v != Verdict::Clean));
+    }
+}

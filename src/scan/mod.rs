@@ -1,0 +1,275 @@
+//! Scanning (DESIGN §1.8): every enabled engine scans the quarantine copy; a file is
+//! clean only if every engine says clean.
+//!
+//! Each engine lives in its own file behind the [`Scanner`] trait. What is common to
+//! all of them is here: the dynamic timeout, retries after a timeout, and the circuit
+//! breaker that stops the run after `malware_scan_retry_count` timeouts.
+
+pub mod clamav;
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Duration;
+
+use crate::config::ScanConfig;
+
+/// The engines `cfg` enables (not yet contacted).
+pub fn enabled(cfg: &crate::config::Config) -> Result<Vec<Box<dyn Scanner>>, String> {
+    let mut v: Vec<Box<dyn Scanner>> = Vec::new();
+    if cfg.scanning.defender {
+        return Err("on_demand_defender: Microsoft Defender scanning is not available in this build yet".into());
+    }
+    if cfg.scanning.clam_av {
+        let endpoint = cfg.scanning.clamd.clone().ok_or("on_demand_clam_av: no clamd socket or address known")?;
+        v.push(Box::new(clamav::ClamAv::new(endpoint)));
+    }
+    Ok(v)
+}
+
+/// What one engine said about one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Clean,
+    /// Detection names.
+    Suspect(Vec<String>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScanError {
+    #[error("scan timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("scanner unreachable: {0}")]
+    Unreachable(String),
+    #[error("scanner error: {0}")]
+    Failed(String),
+}
+
+/// One malware engine.
+pub trait Scanner: Send + Sync {
+    /// Short engine name for logs, reports and the journal ("clamav", "defender").
+    fn name(&self) -> &'static str;
+
+    /// Engine and signature version, asked once per run and recorded with every verdict.
+    fn version(&self) -> Result<String, ScanError>;
+
+    /// Scans one quarantine copy. `file` is an open read-only descriptor of `path`,
+    /// already checked to be the copy Shuttle wrote.
+    fn scan(&self, file: &File, path: &Path, size: u64, timeout: Option<Duration>) -> Result<Verdict, ScanError>;
+}
+
+/// One engine's part in a file's verdict, as the journal and report record it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EngineResult {
+    pub scanner: &'static str,
+    pub version: String,
+    /// "clean", "suspect" or "failed".
+    pub result: &'static str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub detections: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The combined verdict on one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileVerdict {
+    Clean,
+    Suspect(Vec<String>),
+    /// Not known to be clean: the file stays in the source for a later run.
+    Failed(String),
+}
+
+#[derive(Debug)]
+pub struct FileScan {
+    pub verdict: FileVerdict,
+    pub results: Vec<EngineResult>,
+}
+
+/// Timeouts and retries (DESIGN §1.8).
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub base: Duration,
+    pub ms_per_byte: f64,
+    pub retry_wait: Duration,
+    /// Timeouts in one run before the circuit breaker opens.
+    pub retry_count: u32,
+}
+
+impl Policy {
+    pub fn from_config(c: &ScanConfig) -> Policy {
+        Policy {
+            base: Duration::from_secs(c.timeout_seconds),
+            ms_per_byte: c.timeout_ms_per_byte,
+            retry_wait: Duration::from_secs(c.retry_wait_seconds),
+            retry_count: c.retry_count,
+        }
+    }
+
+    /// `None` when both parts are 0 (no timeout).
+    pub fn timeout_for(&self, size: u64) -> Option<Duration> {
+        let extra = Duration::from_secs_f64((self.ms_per_byte * size as f64 / 1000.0).min(1e9));
+        let t = self.base + extra;
+        (!t.is_zero()).then_some(t)
+    }
+}
+
+/// The enabled engines of a run, with their versions and the run's circuit breaker.
+pub struct Scanners {
+    engines: Vec<(Box<dyn Scanner>, String)>,
+    policy: Policy,
+    timeouts: AtomicU32,
+    tripped: AtomicBool,
+}
+
+/// An engine that is not usable at the start of a run.
+#[derive(Debug, thiserror::Error)]
+#[error("{engine}: {problem}")]
+pub struct EngineProblem {
+    pub engine: &'static str,
+    pub problem: String,
+}
+
+impl Scanners {
+    /// Asks every engine for its version (proving it answers) and, with `canary`,
+    /// checks that it detects the EICAR test file.
+    pub fn start(engines: Vec<Box<dyn Scanner>>, policy: Policy, canary: bool) -> Result<Scanners, EngineProblem> {
+        let mut ready = Vec::new();
+        for engine in engines {
+            let version = engine.version().map_err(|e| EngineProblem { engine: engine.name(), problem: e.to_string() })?;
+            if canary {
+                check_canary(engine.as_ref(), &policy)?;
+            }
+            tracing::info!("scanner {} ready: {version}", engine.name());
+            ready.push((engine, version));
+        }
+        Ok(Scanners { engines: ready, policy, timeouts: AtomicU32::new(0), tripped: AtomicBool::new(false) })
+    }
+
+    /// Engine names and versions, for the report and metrics.
+    pub fn versions(&self) -> Vec<(&'static str, String)> {
+        self.engines.iter().map(|(e, v)| (e.name(), v.clone())).collect()
+    }
+
+    /// Has the circuit breaker stopped the run?
+    pub fn tripped(&self) -> bool {
+        self.tripped.load(Ordering::SeqCst)
+    }
+
+    /// Scans the quarantine copy at `path` with every engine. `open` reopens it for
+    /// each attempt (a fresh descriptor, checked by the caller to be the same file).
+    pub fn scan(&self, path: &Path, size: u64, open: &dyn Fn() -> std::io::Result<File>) -> FileScan {
+        let mut results = Vec::new();
+        let mut detections = Vec::new();
+        let mut failure: Option<String> = None;
+        for (engine, version) in &self.engines {
+            let outcome = self.scan_one(engine.as_ref(), path, size, open);
+            let (result, dets, error) = match outcome {
+                Ok(Verdict::Clean) => ("clean", Vec::new(), None),
+                Ok(Verdict::Suspect(names)) => {
+                    detections.extend(names.iter().cloned());
+                    ("suspect", names, None)
+                }
+                Err(e) => {
+                    let msg = format!("{}: {e}", engine.name());
+                    failure.get_or_insert(msg.clone());
+                    ("failed", Vec::new(), Some(msg))
+                }
+            };
+            results.push(EngineResult { scanner: engine.name(), version: version.clone(), result, detections: dets, error });
+        }
+        // A detection by any engine outweighs another engine's failure.
+        let verdict = if !detections.is_empty() {
+            FileVerdict::Suspect(detections)
+        } else if let Some(f) = failure {
+            FileVerdict::Failed(f)
+        } else {
+            FileVerdict::Clean
+        };
+        FileScan { verdict, results }
+    }
+
+    fn scan_one(
+        &self,
+        engine: &dyn Scanner,
+        path: &Path,
+        size: u64,
+        open: &dyn Fn() -> std::io::Result<File>,
+    ) -> Result<Verdict, ScanError> {
+        let timeout = self.policy.timeout_for(size);
+        loop {
+            if self.tripped() {
+                return Err(ScanError::Failed("circuit breaker open after repeated timeouts".into()));
+            }
+            let file = open().map_err(|e| ScanError::Failed(format!("cannot open quarantine copy: {e}")))?;
+            match engine.scan(&file, path, size, timeout) {
+                Err(ScanError::Timeout(t)) => {
+                    let n = self.timeouts.fetch_add(1, Ordering::SeqCst) + 1;
+                    tracing::warn!(
+                        "{} timed out after {t:?} scanning {} (timeout {n} of {} allowed this run)",
+                        engine.name(),
+                        path.display(),
+                        self.policy.retry_count
+                    );
+                    if n >= self.policy.retry_count {
+                        if !self.tripped.swap(true, Ordering::SeqCst) {
+                            tracing::error!(
+                                "circuit breaker: {n} scan timeouts this run; admitting no more files"
+                            );
+                        }
+                        return Err(ScanError::Timeout(t));
+                    }
+                    std::thread::sleep(self.policy.retry_wait);
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// The EICAR test string, stored reversed so that Shuttle's own binary is not flagged
+/// by the scanners it drives.
+const EICAR_REVERSED: &str = r"*H+H$!ELIF-TSET-SURIVITNA-DRADNATS-RACIE$}7)CC7)^P(45XZP\4[PA@%P!O5X";
+
+/// The 68-byte EICAR test file.
+pub fn eicar() -> Vec<u8> {
+    EICAR_REVERSED.bytes().rev().collect()
+}
+
+fn check_canary(engine: &dyn Scanner, policy: &Policy) -> Result<(), EngineProblem> {
+    let problem = |p: String| EngineProblem { engine: engine.name(), problem: p };
+    let dir = tempfile::Builder::new()
+        .prefix("shuttle-canary.")
+        .tempdir()
+        .map_err(|e| problem(format!("cannot create canary directory: {e}")))?;
+    let path = dir.path().join("eicar.com");
+    std::fs::write(&path, eicar()).map_err(|e| problem(format!("cannot write canary file: {e}")))?;
+    let file = File::open(&path).map_err(|e| problem(format!("cannot open canary file: {e}")))?;
+    match engine.scan(&file, &path, eicar().len() as u64, policy.timeout_for(68)) {
+        Ok(Verdict::Suspect(_)) => Ok(()),
+        Ok(Verdict::Clean) => Err(problem(
+            "canary failed: the EICAR test file was reported clean; the engine cannot be trusted (signatures missing?)".into(),
+        )),
+        Err(e) => Err(problem(format!("canary scan of the EICAR test file failed: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eicar_is_the_standard_string() {
+        let e = eicar();
+        assert_eq!(e.len(), 68);
+        assert!(e.starts_with(b"X5O!P%@AP"));
+    }
+
+    #[test]
+    fn timeout_grows_with_size_and_zero_means_none() {
+        let p = Policy { base: Duration::from_secs(2), ms_per_byte: 0.5, retry_wait: Duration::ZERO, retry_count: 3 };
+        assert_eq!(p.timeout_for(2000), Some(Duration::from_secs(3)));
+        let none = Policy { base: Duration::ZERO, ms_per_byte: 0.0, ..p };
+        assert_eq!(none.timeout_for(10), None);
+    }
+}

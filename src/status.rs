@@ -1,0 +1,212 @@
+//! `shuttle status` (DESIGN §6, §2 "space trends"): today's counts against the limits,
+//! free space per target against its threshold, consumption and a projection of the
+//! days left before the threshold is reached, the last runs, the hazard archive size.
+//!
+//! Everything comes from the journal plus one `statvfs` per target; nothing is written.
+
+use serde::Serialize;
+
+use crate::config::{self, CommandLine, Config};
+use crate::fsx::{self, mib};
+use crate::journal::{self, Journal, RunRow, SpaceSample};
+use crate::throttle;
+
+const DAY: i64 = 86_400;
+
+#[derive(Debug, Serialize)]
+pub struct TargetStatus {
+    pub target: String,
+    pub path: String,
+    pub free_mb: Option<f64>,
+    pub threshold_mb: f64,
+    /// Free space lost since the first sample of today (negative: space was freed).
+    pub consumed_today_mb: Option<f64>,
+    /// Average free space lost per day over the last 7 days of samples.
+    pub avg_daily_consumption_mb: Option<f64>,
+    /// Days until free space reaches the threshold at that rate; `None` when the trend
+    /// is flat, rising, or unknown.
+    pub projected_days_to_threshold: Option<f64>,
+    pub below_threshold: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Limit {
+    pub used: u64,
+    /// 0 = no limit.
+    pub limit: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub day: String,
+    pub files_today: Limit,
+    pub mb_today: Limit,
+    pub throttle_enabled: bool,
+    pub targets: Vec<TargetStatus>,
+    pub hazard_archive_mb: Option<f64>,
+    pub last_runs: Vec<RunRow>,
+}
+
+/// Builds the status from the journal and the filesystems, at `now` (unix seconds).
+pub fn gather(cfg: &Config, journal: &Journal, now: i64) -> Result<Status, journal::JournalError> {
+    let day = journal::local_day(chrono::Local::now());
+    let (files, bytes) = journal.day_totals(&day)?;
+    let midnight = chrono::Local::now()
+        .date_naive()
+        .and_hms_opt(0, 0, 0)
+        .and_then(|t| t.and_local_timezone(chrono::Local).earliest())
+        .map(|t| t.timestamp())
+        .unwrap_or(now - DAY);
+    let mut targets = Vec::new();
+    for t in throttle::targets(cfg) {
+        let free = fsx::space(&t.path).ok().map(|s| s.available);
+        let samples = journal.space_samples(t.name, now - 7 * DAY)?;
+        let today: Vec<&SpaceSample> = samples.iter().filter(|s| s.time >= midnight).collect();
+        let consumed_today = match (today.first(), free) {
+            (Some(first), Some(f)) => Some(first.free_bytes as f64 - f as f64),
+            _ => None,
+        };
+        let avg = trend_per_day(&samples, free, now);
+        let projected = match (avg, free) {
+            (Some(rate), Some(f)) if rate > 0.0 => Some(((f as f64 - t.threshold as f64) / rate).max(0.0)),
+            _ => None,
+        };
+        targets.push(TargetStatus {
+            target: t.name.to_string(),
+            path: t.path.display().to_string(),
+            free_mb: free.map(mib),
+            threshold_mb: mib(t.threshold),
+            consumed_today_mb: consumed_today.map(|b| b / 1_048_576.0),
+            avg_daily_consumption_mb: avg.map(|b| b / 1_048_576.0),
+            projected_days_to_threshold: projected.map(|d| (d * 10.0).round() / 10.0),
+            below_threshold: free.is_some_and(|f| f < t.threshold),
+        });
+    }
+    let hazard_archive_mb = cfg.hazard_archive().map(|h| mib(dir_bytes(h)));
+    Ok(Status {
+        day,
+        files_today: Limit { used: files, limit: cfg.throttle.max_files_per_day },
+        mb_today: Limit { used: bytes / 1_048_576, limit: cfg.throttle.max_mb_per_day },
+        throttle_enabled: cfg.throttle.enabled,
+        targets,
+        hazard_archive_mb,
+        last_runs: journal.last_runs(5)?,
+    })
+}
+
+/// Bytes of free space lost per day: from the oldest sample of the window to now.
+/// `None` with less than an hour of history.
+fn trend_per_day(samples: &[SpaceSample], free_now: Option<u64>, now: i64) -> Option<f64> {
+    let first = samples.first()?;
+    let (last_free, last_time) = match free_now {
+        Some(f) => (f, now),
+        None => {
+            let l = samples.last()?;
+            (l.free_bytes, l.time)
+        }
+    };
+    let span = last_time - first.time;
+    if span < 3600 {
+        return None;
+    }
+    Some((first.free_bytes as f64 - last_free as f64) / (span as f64 / DAY as f64))
+}
+
+fn dir_bytes(root: &std::path::Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) if m.is_file() => total += m.len(),
+                _ => {}
+            }
+        }
+    }
+    total
+}
+
+fn limit_text(l: &Limit, unit: &str) -> String {
+    if l.limit == 0 { format!("{} {unit} (no daily limit)", l.used) } else { format!("{} of {} {unit}", l.used, l.limit) }
+}
+
+fn opt(v: Option<f64>, unit: &str) -> String {
+    v.map(|x| format!("{x:.1} {unit}")).unwrap_or_else(|| "unknown".into())
+}
+
+/// Prints the status for people.
+pub fn print(s: &Status) {
+    println!("Shuttle status for {}", s.day);
+    println!("  today: {}, {}", limit_text(&s.files_today, "files"), limit_text(&s.mb_today, "MB"));
+    println!("  throttle: {}", if s.throttle_enabled { "on" } else { "off" });
+    for t in &s.targets {
+        let projection = match t.projected_days_to_threshold {
+            Some(d) => format!("threshold reached in ~{d:.1} days at this rate"),
+            None => "no consumption trend toward the threshold".into(),
+        };
+        println!(
+            "  {} {}: {} free, threshold {:.0} MB{}; used today {}, avg {}/day; {projection}",
+            t.target,
+            t.path,
+            opt(t.free_mb, "MB"),
+            t.threshold_mb,
+            if t.below_threshold { " (BELOW THRESHOLD)" } else { "" },
+            opt(t.consumed_today_mb, "MB"),
+            opt(t.avg_daily_consumption_mb, "MB"),
+        );
+    }
+    if let Some(h) = s.hazard_archive_mb {
+        println!("  hazard archive: {h:.1} MB");
+    }
+    println!("  last runs:");
+    for r in &s.last_runs {
+        println!(
+            "    #{} started {} finished {} exit {}",
+            r.id,
+            r.started,
+            r.finished.as_deref().unwrap_or("(running or crashed)"),
+            r.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into())
+        );
+    }
+}
+
+/// `shuttle status [--json]`; returns the exit code.
+pub fn main(cli: &CommandLine, json: bool) -> u8 {
+    let loaded = match config::load(cli) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("{e}");
+            return 2;
+        }
+    };
+    let cfg = &loaded.config;
+    let journal = match Journal::open(&cfg.tracking_data_path) {
+        Ok(j) => j,
+        Err(e) => {
+            eprintln!("shuttle status: {e}");
+            return 1;
+        }
+    };
+    match gather(cfg, &journal, chrono::Utc::now().timestamp()) {
+        Ok(s) if json => match serde_json::to_string_pretty(&s) {
+            Ok(text) => {
+                println!("{text}");
+                0
+            }
+            Err(e) => {
+                eprintln!("shuttle status: {e}");
+                1
+            }
+        },
+        Ok(s) => {
+            print(&s);
+            0
+        }
+        Err(e) => {
+            eprintln!("shuttle status: {e}");
+            1
+        }
+    }
+}
