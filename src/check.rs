@@ -37,7 +37,11 @@ pub fn check(cli: &CommandLine) -> i32 {
         && !parent.as_os_str().is_empty()
         && !parent.is_dir()
     {
-        problems.push(format!("lock_path {}: directory {} does not exist", cfg.lock_path.display(), parent.display()));
+        problems.push(format!(
+            "lock_path {}: directory {} does not exist",
+            cfg.lock_path.display(),
+            parent.display()
+        ));
     }
     if let Some(key) = &cfg.hazard_encryption_key_path
         && let Err(e) = std::fs::File::open(key)
@@ -46,10 +50,18 @@ pub fn check(cli: &CommandLine) -> i32 {
     }
     match scan::enabled(cfg) {
         Err(e) => problems.push(e),
-        Ok(engines) => match Scanners::start(engines, scan::Policy::from_config(&cfg.scanning), cfg.scanning.canary) {
+        Ok(engines) => match Scanners::start(
+            engines,
+            scan::Policy::from_config(&cfg.scanning),
+            cfg.scanning.canary,
+        ) {
             Ok(s) => {
                 for (name, version) in s.versions() {
-                    let canary = if cfg.scanning.canary { ", canary detected" } else { "" };
+                    let canary = if cfg.scanning.canary {
+                        ", canary detected"
+                    } else {
+                        ""
+                    };
                     println!("ok: scanner {name} answers: {version}{canary}");
                 }
             }

@@ -25,9 +25,17 @@ pub enum SourceKept {
 }
 
 /// Removes `source_root/rel` if it still holds the quarantined bytes.
-pub fn remove_source(source_root: &Path, rel: &Path, q: &Quarantined, buf: &mut [u8]) -> Result<(), SourceKept> {
+pub fn remove_source(
+    source_root: &Path,
+    rel: &Path,
+    q: &Quarantined,
+    buf: &mut [u8],
+) -> Result<(), SourceKept> {
     let path = source_root.join(rel);
-    let io = |source| SourceKept::Io { path: path.clone(), source };
+    let io = |source| SourceKept::Io {
+        path: path.clone(),
+        source,
+    };
     let mut f = match fsx::open_read_nofollow(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(SourceKept::Gone),
@@ -43,7 +51,9 @@ pub fn remove_source(source_root: &Path, rel: &Path, q: &Quarantined, buf: &mut 
     }
     let after = Stamp::of(&f.metadata().map_err(io)?);
     if !after.unchanged(&before) {
-        return Err(SourceKept::Changed { now: "(modified while hashing)".into() });
+        return Err(SourceKept::Changed {
+            now: "(modified while hashing)".into(),
+        });
     }
     // The name must still lead to the inode just hashed.
     match std::fs::symlink_metadata(&path) {
@@ -63,7 +73,9 @@ pub fn remove_empty_dirs(root: &Path, dirs: &[PathBuf], min_age: Duration, what:
     let mut removed = 0;
     for rel in sorted {
         let path = root.join(rel);
-        let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
         if !meta.is_dir() {
             continue;
         }
@@ -85,7 +97,9 @@ pub fn subdirs(root: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(root.join(&rel)) else { continue };
+        let Ok(entries) = std::fs::read_dir(root.join(&rel)) else {
+            continue;
+        };
         for e in entries.flatten() {
             if e.file_type().is_ok_and(|t| t.is_dir()) {
                 let child = rel.join(e.file_name());
@@ -99,5 +113,10 @@ pub fn subdirs(root: &Path) -> Vec<PathBuf> {
 
 /// Removes the quarantine's empty directories (the run's leftovers).
 pub fn empty_quarantine(quarantine: &Path) -> usize {
-    remove_empty_dirs(quarantine, &subdirs(quarantine), Duration::ZERO, "quarantine")
+    remove_empty_dirs(
+        quarantine,
+        &subdirs(quarantine),
+        Duration::ZERO,
+        "quarantine",
+    )
 }

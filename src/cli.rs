@@ -16,7 +16,8 @@ pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_LOCKED: u8 = 3;
 
-const CONFIG_HEADING: &str = "Configuration (each flag overrides the config file key of the same name)";
+const CONFIG_HEADING: &str =
+    "Configuration (each flag overrides the config file key of the same name)";
 
 fn is_bool_key(name: &str) -> bool {
     matches!(
@@ -64,7 +65,11 @@ pub fn command() -> Command {
     for key in keys::KEYS {
         let mut arg = Arg::new(key.name)
             .long(keys::flag_name(key.name))
-            .value_name(if is_bool_key(key.name) { "BOOL" } else { "VALUE" })
+            .value_name(if is_bool_key(key.name) {
+                "BOOL"
+            } else {
+                "VALUE"
+            })
             .help(key.help)
             .global(true)
             .help_heading(CONFIG_HEADING);
@@ -84,7 +89,10 @@ fn command_line(m: &ArgMatches) -> CommandLine {
         .iter()
         .filter_map(|k| m.get_one::<String>(k.name).map(|v| (k.name, v.clone())))
         .collect();
-    CommandLine { config_file: m.get_one::<PathBuf>("config").cloned(), flags }
+    CommandLine {
+        config_file: m.get_one::<PathBuf>("config").cloned(),
+        flags,
+    }
 }
 
 /// Parses the command line and runs the command; returns the process exit code.
@@ -101,7 +109,12 @@ pub fn main() -> u8 {
     match name {
         "check" => u8::try_from(check::check(&cli)).unwrap_or(EXIT_USAGE),
         "status" => crate::status::main(&cli, sub.get_flag("json")),
-        _ => run_command(&cli, sub.get_one::<PathBuf>("report-json").or(matches.get_one("report-json")).cloned()),
+        _ => run_command(
+            &cli,
+            sub.get_one::<PathBuf>("report-json")
+                .or(matches.get_one("report-json"))
+                .cloned(),
+        ),
     }
 }
 
@@ -117,7 +130,11 @@ fn run_command(cli: &CommandLine, report_json: Option<PathBuf>) -> u8 {
     let _log = match logging::init(&cfg.log_level, cfg.log_path.as_deref()) {
         Ok(g) => g,
         Err(e) => {
-            let dir = cfg.log_path.as_deref().map(|p| p.display().to_string()).unwrap_or_default();
+            let dir = cfg
+                .log_path
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
             eprintln!("configuration error: log_path {dir}: cannot create the log file: {e}");
             return EXIT_USAGE;
         }

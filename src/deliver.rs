@@ -56,19 +56,34 @@ pub enum DeliverError {
     #[error("quarantine copy {0} changed after it was scanned; not delivered")]
     QuarantineChanged(PathBuf),
     #[error("copy to {path} does not match the scanned bytes (sha256 {got}, expected {expected})")]
-    HashMismatch { path: PathBuf, got: String, expected: String },
+    HashMismatch {
+        path: PathBuf,
+        got: String,
+        expected: String,
+    },
     #[error("disk full delivering to {path}: {source}")]
     DiskFull { path: PathBuf, source: io::Error },
     #[error("cannot {action} {path}: {source}")]
-    Io { action: &'static str, path: PathBuf, source: io::Error },
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
 }
 
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> DeliverError + 'a {
     move |source| {
         if fsx::is_disk_full(&source) {
-            DeliverError::DiskFull { path: path.to_path_buf(), source }
+            DeliverError::DiskFull {
+                path: path.to_path_buf(),
+                source,
+            }
         } else {
-            DeliverError::Io { action, path: path.to_path_buf(), source }
+            DeliverError::Io {
+                action,
+                path: path.to_path_buf(),
+                source,
+            }
         }
     }
 }
@@ -84,20 +99,30 @@ pub struct Target<'a> {
 /// Delivers quarantine copy `q` of file `id` to `target.root/rel`. On success the file
 /// is durable under its final name with the scanned bytes, and the quarantine copy is
 /// gone (renamed away or removed).
-pub fn deliver(q: &Quarantined, rel: &Path, id: i64, target: &Target, buf: &mut [u8]) -> Result<Delivered, DeliverError> {
+pub fn deliver(
+    q: &Quarantined,
+    rel: &Path,
+    id: i64,
+    target: &Target,
+    buf: &mut [u8],
+) -> Result<Delivered, DeliverError> {
     let final_path = target.root.join(rel);
     let dir = final_path.parent().unwrap_or(target.root).to_path_buf();
     create_dirs_durable(target.root, &dir)?;
 
     // The copy must still be the inode that was written, hashed and scanned.
-    let mut copy = fsx::open_read_nofollow(&q.path).map_err(io_err("open quarantine copy", &q.path))?;
+    let mut copy =
+        fsx::open_read_nofollow(&q.path).map_err(io_err("open quarantine copy", &q.path))?;
     let now = Stamp::of(&copy.metadata().map_err(io_err("stat", &q.path))?);
-    if (now.dev, now.ino, now.size, now.mtime_ns) != (q.copy.dev, q.copy.ino, q.copy.size, q.copy.mtime_ns) {
+    if (now.dev, now.ino, now.size, now.mtime_ns)
+        != (q.copy.dev, q.copy.ino, q.copy.size, q.copy.mtime_ns)
+    {
         return Err(DeliverError::QuarantineChanged(q.path.clone()));
     }
 
     let (staged, how) = if target.same_fs {
-        copy.set_permissions(std::fs::Permissions::from_mode(q.mode)).map_err(io_err("chmod", &q.path))?;
+        copy.set_permissions(std::fs::Permissions::from_mode(q.mode))
+            .map_err(io_err("chmod", &q.path))?;
         copy.sync_all().map_err(io_err("fsync", &q.path))?;
         (q.path.clone(), How::Renamed)
     } else {
@@ -113,8 +138,13 @@ pub fn deliver(q: &Quarantined, rel: &Path, id: i64, target: &Target, buf: &mut 
     let placed = place(&staged, &final_path, q, target.on_conflict, buf);
     let result = match placed {
         Ok((path, placed_how)) => {
-            fsx::fsync_dir(path.parent().unwrap_or(target.root)).map_err(io_err("fsync directory", &dir))?;
-            let how = if placed_how == How::Renamed { how } else { placed_how };
+            fsx::fsync_dir(path.parent().unwrap_or(target.root))
+                .map_err(io_err("fsync directory", &dir))?;
+            let how = if placed_how == How::Renamed {
+                how
+            } else {
+                placed_how
+            };
             Ok(Delivered { path, how })
         }
         Err(e) => Err(e),
@@ -131,7 +161,12 @@ pub fn deliver(q: &Quarantined, rel: &Path, id: i64, target: &Target, buf: &mut 
 }
 
 /// Copies the open quarantine copy to `temp`, hashing; refuses a mismatch.
-fn copy_verified(src: &mut File, temp: &Path, q: &Quarantined, buf: &mut [u8]) -> Result<(), DeliverError> {
+fn copy_verified(
+    src: &mut File,
+    temp: &Path,
+    q: &Quarantined,
+    buf: &mut [u8],
+) -> Result<(), DeliverError> {
     let mut out = fsx::create_new(temp).map_err(io_err("create", temp))?;
     let mut hasher = Sha256::new();
     loop {
@@ -146,20 +181,37 @@ fn copy_verified(src: &mut File, temp: &Path, q: &Quarantined, buf: &mut [u8]) -
     }
     let got = hex::encode(hasher.finalize());
     if got != q.sha256 {
-        return Err(DeliverError::HashMismatch { path: temp.to_path_buf(), got, expected: q.sha256.clone() });
+        return Err(DeliverError::HashMismatch {
+            path: temp.to_path_buf(),
+            got,
+            expected: q.sha256.clone(),
+        });
     }
-    out.set_permissions(std::fs::Permissions::from_mode(q.mode)).map_err(io_err("chmod", temp))?;
+    out.set_permissions(std::fs::Permissions::from_mode(q.mode))
+        .map_err(io_err("chmod", temp))?;
     let t = rustix::fs::Timespec {
         tv_sec: q.source.mtime_ns.div_euclid(1_000_000_000),
         tv_nsec: q.source.mtime_ns.rem_euclid(1_000_000_000) as _,
     };
-    rustix::fs::futimens(&out, &rustix::fs::Timestamps { last_access: t, last_modification: t })
-        .map_err(|e| io_err("set mtime of", temp)(e.into()))?;
+    rustix::fs::futimens(
+        &out,
+        &rustix::fs::Timestamps {
+            last_access: t,
+            last_modification: t,
+        },
+    )
+    .map_err(|e| io_err("set mtime of", temp)(e.into()))?;
     out.sync_all().map_err(io_err("fsync", temp))
 }
 
 /// Gives `staged` its final name under the conflict policy.
-fn place(staged: &Path, final_path: &Path, q: &Quarantined, policy: OnConflict, buf: &mut [u8]) -> Result<(PathBuf, How), DeliverError> {
+fn place(
+    staged: &Path,
+    final_path: &Path,
+    q: &Quarantined,
+    policy: OnConflict,
+    buf: &mut [u8],
+) -> Result<(PathBuf, How), DeliverError> {
     match fsx::rename_noreplace(staged, final_path) {
         Ok(()) => return Ok((final_path.to_path_buf(), How::Renamed)),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -209,7 +261,9 @@ pub fn suffixed(path: &Path, n: u32) -> PathBuf {
 
 /// Is `path` a regular file (not a symlink) holding exactly the scanned bytes?
 fn holds_same_bytes(path: &Path, q: &Quarantined, buf: &mut [u8]) -> bool {
-    let Ok(mut f) = fsx::open_read_nofollow(path) else { return false };
+    let Ok(mut f) = fsx::open_read_nofollow(path) else {
+        return false;
+    };
     match f.metadata() {
         Ok(m) if m.is_file() && m.len() == q.size => {}
         _ => return false,
@@ -237,7 +291,9 @@ fn create_dirs_durable(root: &Path, dir: &Path) -> Result<(), DeliverError> {
                 return Err(DeliverError::Io {
                     action: "use directory",
                     path: cur,
-                    source: io::Error::other("exists but is not a directory (symlinks are never followed)"),
+                    source: io::Error::other(
+                        "exists but is not a directory (symlinks are never followed)",
+                    ),
                 });
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -258,9 +314,21 @@ mod tests {
 
     #[test]
     fn suffixes_keep_the_extension() {
-        assert_eq!(suffixed(Path::new("/d/report.csv"), 1), PathBuf::from("/d/report_1.csv"));
-        assert_eq!(suffixed(Path::new("/d/a.tar.gz"), 2), PathBuf::from("/d/a_2.tar.gz"));
-        assert_eq!(suffixed(Path::new("/d/README"), 3), PathBuf::from("/d/README_3"));
-        assert_eq!(suffixed(Path::new("/d/.hidden"), 1), PathBuf::from("/d/.hidden_1"));
+        assert_eq!(
+            suffixed(Path::new("/d/report.csv"), 1),
+            PathBuf::from("/d/report_1.csv")
+        );
+        assert_eq!(
+            suffixed(Path::new("/d/a.tar.gz"), 2),
+            PathBuf::from("/d/a_2.tar.gz")
+        );
+        assert_eq!(
+            suffixed(Path::new("/d/README"), 3),
+            PathBuf::from("/d/README_3")
+        );
+        assert_eq!(
+            suffixed(Path::new("/d/.hidden"), 1),
+            PathBuf::from("/d/.hidden_1")
+        );
     }
 }

@@ -20,12 +20,22 @@ pub enum Disposal {
 #[derive(Debug, thiserror::Error)]
 pub enum HazardError {
     #[error("cannot delete suspect quarantine copy {path}: {source}")]
-    Delete { path: PathBuf, source: std::io::Error },
+    Delete {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Disposes of a suspect quarantine copy. Once this returns Ok the suspect copy is
 /// durably archived or deliberately gone, and the source may be removed.
-pub fn dispose(q: &Quarantined, _rel: &Path, _detections: &[String]) -> Result<Disposal, HazardError> {
-    fsx::remove_if_exists(&q.path).map_err(|source| HazardError::Delete { path: q.path.clone(), source })?;
+pub fn dispose(
+    q: &Quarantined,
+    _rel: &Path,
+    _detections: &[String],
+) -> Result<Disposal, HazardError> {
+    fsx::remove_if_exists(&q.path).map_err(|source| HazardError::Delete {
+        path: q.path.clone(),
+        source,
+    })?;
     Ok(Disposal::Deleted)
 }

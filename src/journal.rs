@@ -15,9 +15,15 @@ pub const FILE_NAME: &str = "shuttle-journal.sqlite3";
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
     #[error("cannot create journal directory {path}: {source}")]
-    Dir { path: PathBuf, source: std::io::Error },
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("journal {path}: {source}")]
-    Sqlite { path: PathBuf, source: rusqlite::Error },
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
 }
 
 /// A file's final outcome.
@@ -137,13 +143,21 @@ pub fn local_day(t: chrono::DateTime<chrono::Local>) -> String {
 impl Journal {
     /// Opens (creating if needed) the journal in `dir`.
     pub fn open(dir: &Path) -> Result<Journal, JournalError> {
-        std::fs::create_dir_all(dir).map_err(|source| JournalError::Dir { path: dir.into(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| JournalError::Dir {
+            path: dir.into(),
+            source,
+        })?;
         let path = dir.join(FILE_NAME);
-        let err = |source| JournalError::Sqlite { path: path.clone(), source };
+        let err = |source| JournalError::Sqlite {
+            path: path.clone(),
+            source,
+        };
         let conn = Connection::open(&path).map_err(err)?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
         Ok(Journal { conn, path })
     }
@@ -153,7 +167,10 @@ impl Journal {
     }
 
     fn wrap<T>(&self, r: rusqlite::Result<T>) -> Result<T, JournalError> {
-        r.map_err(|source| JournalError::Sqlite { path: self.path.clone(), source })
+        r.map_err(|source| JournalError::Sqlite {
+            path: self.path.clone(),
+            source,
+        })
     }
 
     pub fn begin_run(&self, started: &str) -> Result<i64, JournalError> {
@@ -164,7 +181,13 @@ impl Journal {
         Ok(self.conn.last_insert_rowid())
     }
 
-    pub fn finish_run(&self, run: i64, finished: &str, exit_code: i32, summary: &serde_json::Value) -> Result<(), JournalError> {
+    pub fn finish_run(
+        &self,
+        run: i64,
+        finished: &str,
+        exit_code: i32,
+        summary: &serde_json::Value,
+    ) -> Result<(), JournalError> {
         self.wrap(self.conn.execute(
             "UPDATE runs SET finished = ?2, exit_code = ?3, summary = ?4 WHERE id = ?1",
             params![run, finished, exit_code, summary.to_string()],
@@ -173,7 +196,13 @@ impl Journal {
     }
 
     /// Records an admitted file; the returned id names its temp files.
-    pub fn file_admitted(&self, run: i64, rel_path: &str, size: u64, mtime_ns: i64) -> Result<i64, JournalError> {
+    pub fn file_admitted(
+        &self,
+        run: i64,
+        rel_path: &str,
+        size: u64,
+        mtime_ns: i64,
+    ) -> Result<i64, JournalError> {
         let mut st = self.wrap(self.conn.prepare_cached(
             "INSERT INTO files (run_id, rel_path, size, mtime_ns, state, admitted_at) VALUES (?1, ?2, ?3, ?4, 'admitted', ?5)",
         ))?;
@@ -182,15 +211,24 @@ impl Journal {
     }
 
     pub fn file_quarantined(&self, id: i64, sha256: &str) -> Result<(), JournalError> {
-        let mut st = self.wrap(self.conn.prepare_cached("UPDATE files SET state = 'quarantined', sha256 = ?2 WHERE id = ?1"))?;
+        let mut st =
+            self.wrap(self.conn.prepare_cached(
+                "UPDATE files SET state = 'quarantined', sha256 = ?2 WHERE id = ?1",
+            ))?;
         self.wrap(st.execute(params![id, sha256])).map(drop)
     }
 
-    pub fn file_scanned(&self, id: i64, verdict: &str, results: &serde_json::Value) -> Result<(), JournalError> {
+    pub fn file_scanned(
+        &self,
+        id: i64,
+        verdict: &str,
+        results: &serde_json::Value,
+    ) -> Result<(), JournalError> {
         let mut st = self.wrap(self.conn.prepare_cached(
             "UPDATE files SET state = 'scanned', verdict = ?2, scan_results = ?3 WHERE id = ?1",
         ))?;
-        self.wrap(st.execute(params![id, verdict, results.to_string()])).map(drop)
+        self.wrap(st.execute(params![id, verdict, results.to_string()]))
+            .map(drop)
     }
 
     /// The file's outcome is final and durable (delivered, archived, deleted or failed).
@@ -207,27 +245,48 @@ impl Journal {
              finished_at = ?6, finished_day = ?7 WHERE id = ?1",
         ))?;
         let day = local_day(chrono::Local::now());
-        self.wrap(st.execute(params![id, outcome.as_str(), disposition, final_path, error, now_secs(), day]))
-            .map(drop)
+        self.wrap(st.execute(params![
+            id,
+            outcome.as_str(),
+            disposition,
+            final_path,
+            error,
+            now_secs(),
+            day
+        ]))
+        .map(drop)
     }
 
     pub fn source_removed(&self, id: i64) -> Result<(), JournalError> {
-        let mut st = self.wrap(self.conn.prepare_cached("UPDATE files SET source_removed = 1 WHERE id = ?1"))?;
+        let mut st = self.wrap(
+            self.conn
+                .prepare_cached("UPDATE files SET source_removed = 1 WHERE id = ?1"),
+        )?;
         self.wrap(st.execute(params![id])).map(drop)
     }
 
     /// Files an earlier run admitted but did not finish (it crashed or was killed).
     pub fn unfinished(&self) -> Result<Vec<Unfinished>, JournalError> {
-        let mut st = self.wrap(self.conn.prepare("SELECT id, run_id, rel_path FROM files WHERE outcome IS NULL ORDER BY id"))?;
+        let mut st =
+            self.wrap(self.conn.prepare(
+                "SELECT id, run_id, rel_path FROM files WHERE outcome IS NULL ORDER BY id",
+            ))?;
         let rows = self.wrap(st.query_map([], |r| {
-            Ok(Unfinished { id: r.get(0)?, run_id: r.get(1)?, rel_path: r.get(2)? })
+            Ok(Unfinished {
+                id: r.get(0)?,
+                run_id: r.get(1)?,
+                rel_path: r.get(2)?,
+            })
         }))?;
         self.wrap(rows.collect())
     }
 
     /// Runs that never recorded their end.
     pub fn unfinished_runs(&self, current: i64) -> Result<Vec<i64>, JournalError> {
-        let mut st = self.wrap(self.conn.prepare("SELECT id FROM runs WHERE finished IS NULL AND id != ?1"))?;
+        let mut st = self.wrap(
+            self.conn
+                .prepare("SELECT id FROM runs WHERE finished IS NULL AND id != ?1"),
+        )?;
         let rows = self.wrap(st.query_map([current], |r| r.get(0)))?;
         self.wrap(rows.collect())
     }
@@ -273,7 +332,11 @@ impl Journal {
     }
 
     /// Free-space samples of `target` since `since` (unix seconds), oldest first.
-    pub fn space_samples(&self, target: &str, since: i64) -> Result<Vec<SpaceSample>, JournalError> {
+    pub fn space_samples(
+        &self,
+        target: &str,
+        since: i64,
+    ) -> Result<Vec<SpaceSample>, JournalError> {
         let mut st = self.wrap(self.conn.prepare(
             "SELECT time, target, path, free_bytes, threshold_bytes FROM space WHERE target = ?1 AND time >= ?2 ORDER BY time",
         ))?;
@@ -289,7 +352,12 @@ impl Journal {
         self.wrap(rows.collect())
     }
 
-    pub fn record_throttle(&self, run: i64, reason: &str, message: &str) -> Result<(), JournalError> {
+    pub fn record_throttle(
+        &self,
+        run: i64,
+        reason: &str,
+        message: &str,
+    ) -> Result<(), JournalError> {
         self.wrap(self.conn.execute(
             "INSERT INTO throttle_events (run_id, time, reason, message) VALUES (?1, ?2, ?3, ?4)",
             params![run, now_secs(), reason, message],
@@ -318,7 +386,11 @@ impl Journal {
     pub fn file_outcome(&self, id: i64) -> Result<Option<(String, Option<String>)>, JournalError> {
         self.wrap(
             self.conn
-                .query_row("SELECT state, outcome FROM files WHERE id = ?1", [id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .query_row(
+                    "SELECT state, outcome FROM files WHERE id = ?1",
+                    [id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
                 .optional(),
         )
     }

@@ -22,5 +22,5 @@ pub mod recover;
 pub mod report;
 pub mod run;
 pub mod scan;
-pub mod throttle;
 pub mod status;
+pub mod throttle;

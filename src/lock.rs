@@ -15,9 +15,15 @@ pub enum LockError {
     #[error("another shuttle run is active (pid {pid}) holding {path}")]
     Held { pid: String, path: PathBuf },
     #[error("cannot open lock file {path}: {source}")]
-    Open { path: PathBuf, source: std::io::Error },
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot lock {path}: {source}")]
-    Lock { path: PathBuf, source: std::io::Error },
+    Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Held for the life of a run; the lock is released when this is dropped.
@@ -35,17 +41,32 @@ pub fn acquire(path: &Path) -> Result<InstanceLock, LockError> {
         .truncate(false)
         .mode(0o660)
         .open(path)
-        .map_err(|source| LockError::Open { path: path.into(), source })?;
+        .map_err(|source| LockError::Open {
+            path: path.into(),
+            source,
+        })?;
     match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => {}
         Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
             let mut pid = String::new();
             let _ = file.read_to_string(&mut pid);
             let pid = pid.trim();
-            let pid = if pid.is_empty() { "unknown".to_string() } else { pid.to_string() };
-            return Err(LockError::Held { pid, path: path.into() });
+            let pid = if pid.is_empty() {
+                "unknown".to_string()
+            } else {
+                pid.to_string()
+            };
+            return Err(LockError::Held {
+                pid,
+                path: path.into(),
+            });
         }
-        Err(e) => return Err(LockError::Lock { path: path.into(), source: e.into() }),
+        Err(e) => {
+            return Err(LockError::Lock {
+                path: path.into(),
+                source: e.into(),
+            });
+        }
     }
     let write = |f: &mut File| -> std::io::Result<()> {
         f.set_len(0)?;
@@ -53,6 +74,9 @@ pub fn acquire(path: &Path) -> Result<InstanceLock, LockError> {
         writeln!(f, "{}", std::process::id())?;
         f.flush()
     };
-    write(&mut file).map_err(|source| LockError::Lock { path: path.into(), source })?;
+    write(&mut file).map_err(|source| LockError::Lock {
+        path: path.into(),
+        source,
+    })?;
     Ok(InstanceLock { _file: file })
 }

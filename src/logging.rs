@@ -4,10 +4,10 @@
 
 use std::path::{Path, PathBuf};
 
-use tracing_subscriber::{EnvFilter, Layer};
 use tracing_subscriber::fmt::time::ChronoLocal;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 /// Keeps the background log writer alive; dropping it flushes the file.
 pub struct LogGuard {
@@ -34,7 +34,10 @@ pub fn init(level: &str, dir: Option<&Path>) -> std::io::Result<LogGuard> {
                 std::process::id()
             );
             let path = dir.join(name);
-            let f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)?;
             let (writer, guard) = tracing_appender::non_blocking(f);
             let layer = tracing_subscriber::fmt::layer()
                 .with_writer(writer)
@@ -47,6 +50,9 @@ pub fn init(level: &str, dir: Option<&Path>) -> std::io::Result<LogGuard> {
         None => (None, None, None),
     };
     // A second init (tests calling the library twice) keeps the first subscriber.
-    let _ = tracing_subscriber::registry().with(stderr).with(file_layer).try_init();
+    let _ = tracing_subscriber::registry()
+        .with(stderr)
+        .with(file_layer)
+        .try_init();
     Ok(LogGuard { _file: guard, file })
 }

@@ -29,13 +29,18 @@ pub struct Notifier {
 
 impl Notifier {
     pub fn new(config: &NotifyConfig) -> Notifier {
-        Notifier { config: config.clone() }
+        Notifier {
+            config: config.clone(),
+        }
     }
 
     /// Sends one notification; failures are logged, never returned.
     pub fn send(&self, kind: Kind, subject: &str, body: &str) {
         if !self.config.notify {
-            tracing::debug!("{} notification not sent (notify is off): {subject}", kind.as_str());
+            tracing::debug!(
+                "{} notification not sent (notify is off): {subject}",
+                kind.as_str()
+            );
             return;
         }
         tracing::warn!(

@@ -30,8 +30,14 @@ impl Stamp {
             dev: m.dev(),
             ino: m.ino(),
             size: m.len(),
-            mtime_ns: m.mtime().saturating_mul(1_000_000_000).saturating_add(m.mtime_nsec()),
-            ctime_ns: m.ctime().saturating_mul(1_000_000_000).saturating_add(m.ctime_nsec()),
+            mtime_ns: m
+                .mtime()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(m.mtime_nsec()),
+            ctime_ns: m
+                .ctime()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(m.ctime_nsec()),
         }
     }
 
@@ -69,16 +75,30 @@ pub enum QuarantineError {
     #[error("disk full writing quarantine copy {path}: {source}")]
     DiskFull { path: PathBuf, source: io::Error },
     #[error("cannot {action} {path}: {source}")]
-    Io { action: &'static str, path: PathBuf, source: io::Error },
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
 }
 
 impl QuarantineError {
-    fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> QuarantineError + 'a {
+    fn io<'a>(
+        action: &'static str,
+        path: &'a Path,
+    ) -> impl FnOnce(io::Error) -> QuarantineError + 'a {
         move |source| {
             if fsx::is_disk_full(&source) {
-                QuarantineError::DiskFull { path: path.to_path_buf(), source }
+                QuarantineError::DiskFull {
+                    path: path.to_path_buf(),
+                    source,
+                }
             } else {
-                QuarantineError::Io { action, path: path.to_path_buf(), source }
+                QuarantineError::Io {
+                    action,
+                    path: path.to_path_buf(),
+                    source,
+                }
             }
         }
     }
@@ -106,37 +126,51 @@ pub fn copy_in(
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(QuarantineError::Vanished),
         Err(e) => return Err(QuarantineError::io("open source", &src_path)(e)),
     };
-    let before = src.metadata().map_err(QuarantineError::io("stat source", &src_path))?;
+    let before = src
+        .metadata()
+        .map_err(QuarantineError::io("stat source", &src_path))?;
     if !before.is_file() {
         return Err(QuarantineError::NotRegular);
     }
     let source_mode = before.mode();
     let before = Stamp::of(&before);
     if (before.size, before.mtime_ns) != expected {
-        return Err(QuarantineError::Changed("size or mtime differs from discovery"));
+        return Err(QuarantineError::Changed(
+            "size or mtime differs from discovery",
+        ));
     }
 
     let final_path = quarantine_root.join(rel);
     let dir = final_path.parent().unwrap_or(quarantine_root);
-    std::fs::create_dir_all(dir).map_err(QuarantineError::io("create quarantine directory", dir))?;
+    std::fs::create_dir_all(dir)
+        .map_err(QuarantineError::io("create quarantine directory", dir))?;
     let temp = fsx::temp_path_for(&final_path, id);
     let _ = fsx::remove_if_exists(&temp);
     let mut out = fsx::create_new(&temp).map_err(QuarantineError::io("create", &temp))?;
 
     let copied = copy_hashing(&mut src, &mut out, buf, &src_path, &temp);
     let result = copied.and_then(|(sha256, n)| {
-        let after = src.metadata().map_err(QuarantineError::io("stat source", &src_path))?;
+        let after = src
+            .metadata()
+            .map_err(QuarantineError::io("stat source", &src_path))?;
         if !Stamp::of(&after).unchanged(&before) || n != before.size {
-            return Err(QuarantineError::Changed("source was modified during the copy"));
+            return Err(QuarantineError::Changed(
+                "source was modified during the copy",
+            ));
         }
         let mtime = rustix::fs::Timespec {
             tv_sec: before.mtime_ns.div_euclid(1_000_000_000),
             tv_nsec: before.mtime_ns.rem_euclid(1_000_000_000) as _,
         };
-        let times = rustix::fs::Timestamps { last_access: mtime, last_modification: mtime };
-        rustix::fs::futimens(&out, &times).map_err(|e| QuarantineError::io("set mtime of", &temp)(e.into()))?;
+        let times = rustix::fs::Timestamps {
+            last_access: mtime,
+            last_modification: mtime,
+        };
+        rustix::fs::futimens(&out, &times)
+            .map_err(|e| QuarantineError::io("set mtime of", &temp)(e.into()))?;
         let copy = Stamp::of(&out.metadata().map_err(QuarantineError::io("stat", &temp))?);
-        std::fs::rename(&temp, &final_path).map_err(QuarantineError::io("rename into", &final_path))?;
+        std::fs::rename(&temp, &final_path)
+            .map_err(QuarantineError::io("rename into", &final_path))?;
         Ok(Quarantined {
             path: final_path.clone(),
             sha256,
@@ -171,7 +205,8 @@ fn copy_hashing(
             Err(e) => return Err(QuarantineError::io("read source", src_path)(e)),
         };
         hasher.update(&buf[..got]);
-        out.write_all(&buf[..got]).map_err(QuarantineError::io("write", out_path))?;
+        out.write_all(&buf[..got])
+            .map_err(QuarantineError::io("write", out_path))?;
         n += got as u64;
     }
     Ok((hex::encode(hasher.finalize()), n))

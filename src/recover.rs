@@ -21,7 +21,11 @@ pub struct Recovered {
     pub unknown_in_quarantine: Vec<PathBuf>,
 }
 
-pub fn reconcile(journal: &Journal, cfg: &Config, current_run: i64) -> Result<Recovered, JournalError> {
+pub fn reconcile(
+    journal: &Journal,
+    cfg: &Config,
+    current_run: i64,
+) -> Result<Recovered, JournalError> {
     let mut out = Recovered::default();
     for run in journal.unfinished_runs(current_run)? {
         tracing::warn!("run {run} did not finish (crashed or killed); recovering its files");
@@ -47,7 +51,10 @@ pub fn reconcile(journal: &Journal, cfg: &Config, current_run: i64) -> Result<Re
             remove_temps_named(h, f.id, &mut out.removed);
         }
         known.insert(q_final);
-        journal.mark_interrupted(f.id, "interrupted run; quarantine copy and temp files removed, source left for this run")?;
+        journal.mark_interrupted(
+            f.id,
+            "interrupted run; quarantine copy and temp files removed, source left for this run",
+        )?;
         out.interrupted_files += 1;
     }
     sweep_quarantine(&cfg.quarantine_path, &mut out);
@@ -74,7 +81,9 @@ fn remove_temps_named(dir: &Path, id: i64, removed: &mut Vec<PathBuf>) {
 fn sweep_quarantine(root: &Path, out: &mut Recovered) {
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for e in entries.flatten() {
             let path = e.path();
             let Ok(t) = e.file_type() else { continue };

@@ -106,7 +106,10 @@ impl Report {
 
     /// Writes the report atomically (temp + rename), so a reader never sees half.
     pub fn write_json(&self, path: &Path) -> std::io::Result<()> {
-        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
         serde_json::to_writer_pretty(&mut tmp, self)?;
         tmp.write_all(b"\n")?;

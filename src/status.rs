@@ -68,7 +68,9 @@ pub fn gather(cfg: &Config, journal: &Journal, now: i64) -> Result<Status, journ
         };
         let avg = trend_per_day(&samples, free, now);
         let projected = match (avg, free) {
-            (Some(rate), Some(f)) if rate > 0.0 => Some(((f as f64 - t.threshold as f64) / rate).max(0.0)),
+            (Some(rate), Some(f)) if rate > 0.0 => {
+                Some(((f as f64 - t.threshold as f64) / rate).max(0.0))
+            }
             _ => None,
         };
         targets.push(TargetStatus {
@@ -85,8 +87,14 @@ pub fn gather(cfg: &Config, journal: &Journal, now: i64) -> Result<Status, journ
     let hazard_archive_mb = cfg.hazard_archive().map(|h| mib(dir_bytes(h)));
     Ok(Status {
         day,
-        files_today: Limit { used: files, limit: cfg.throttle.max_files_per_day },
-        mb_today: Limit { used: bytes / 1_048_576, limit: cfg.throttle.max_mb_per_day },
+        files_today: Limit {
+            used: files,
+            limit: cfg.throttle.max_files_per_day,
+        },
+        mb_today: Limit {
+            used: bytes / 1_048_576,
+            limit: cfg.throttle.max_mb_per_day,
+        },
         throttle_enabled: cfg.throttle.enabled,
         targets,
         hazard_archive_mb,
@@ -116,7 +124,9 @@ fn dir_bytes(root: &std::path::Path) -> u64 {
     let mut total = 0;
     let mut stack = vec![root.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in entries.flatten() {
             match e.metadata() {
                 Ok(m) if m.is_dir() => stack.push(e.path()),
@@ -129,18 +139,30 @@ fn dir_bytes(root: &std::path::Path) -> u64 {
 }
 
 fn limit_text(l: &Limit, unit: &str) -> String {
-    if l.limit == 0 { format!("{} {unit} (no daily limit)", l.used) } else { format!("{} of {} {unit}", l.used, l.limit) }
+    if l.limit == 0 {
+        format!("{} {unit} (no daily limit)", l.used)
+    } else {
+        format!("{} of {} {unit}", l.used, l.limit)
+    }
 }
 
 fn opt(v: Option<f64>, unit: &str) -> String {
-    v.map(|x| format!("{x:.1} {unit}")).unwrap_or_else(|| "unknown".into())
+    v.map(|x| format!("{x:.1} {unit}"))
+        .unwrap_or_else(|| "unknown".into())
 }
 
 /// Prints the status for people.
 pub fn print(s: &Status) {
     println!("Shuttle status for {}", s.day);
-    println!("  today: {}, {}", limit_text(&s.files_today, "files"), limit_text(&s.mb_today, "MB"));
-    println!("  throttle: {}", if s.throttle_enabled { "on" } else { "off" });
+    println!(
+        "  today: {}, {}",
+        limit_text(&s.files_today, "files"),
+        limit_text(&s.mb_today, "MB")
+    );
+    println!(
+        "  throttle: {}",
+        if s.throttle_enabled { "on" } else { "off" }
+    );
     for t in &s.targets {
         let projection = match t.projected_days_to_threshold {
             Some(d) => format!("threshold reached in ~{d:.1} days at this rate"),
@@ -152,7 +174,11 @@ pub fn print(s: &Status) {
             t.path,
             opt(t.free_mb, "MB"),
             t.threshold_mb,
-            if t.below_threshold { " (BELOW THRESHOLD)" } else { "" },
+            if t.below_threshold {
+                " (BELOW THRESHOLD)"
+            } else {
+                ""
+            },
             opt(t.consumed_today_mb, "MB"),
             opt(t.avg_daily_consumption_mb, "MB"),
         );
@@ -167,7 +193,9 @@ pub fn print(s: &Status) {
             r.id,
             r.started,
             r.finished.as_deref().unwrap_or("(running or crashed)"),
-            r.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into())
+            r.exit_code
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "-".into())
         );
     }
 }

@@ -65,7 +65,9 @@ impl Denial {
 
     pub fn message(&self) -> &str {
         match self {
-            Denial::DiskSpace { message, .. } | Denial::DailyLimit { message } | Denial::PerRunLimit { message } => message,
+            Denial::DiskSpace { message, .. }
+            | Denial::DailyLimit { message }
+            | Denial::PerRunLimit { message } => message,
         }
     }
 
@@ -110,11 +112,23 @@ pub struct Admission {
 pub fn targets(cfg: &Config) -> Vec<Target> {
     let t = &cfg.throttle;
     let mut v = vec![
-        Target { name: "quarantine", path: cfg.quarantine_path.clone(), threshold: t.quarantine_free_mb.saturating_mul(MIB) },
-        Target { name: "destination", path: cfg.destination_path.clone(), threshold: t.destination_free_mb.saturating_mul(MIB) },
+        Target {
+            name: "quarantine",
+            path: cfg.quarantine_path.clone(),
+            threshold: t.quarantine_free_mb.saturating_mul(MIB),
+        },
+        Target {
+            name: "destination",
+            path: cfg.destination_path.clone(),
+            threshold: t.destination_free_mb.saturating_mul(MIB),
+        },
     ];
     if let Some(h) = cfg.hazard_archive() {
-        v.push(Target { name: "hazard_archive", path: h.to_path_buf(), threshold: t.hazard_free_mb.saturating_mul(MIB) });
+        v.push(Target {
+            name: "hazard_archive",
+            path: h.to_path_buf(),
+            threshold: t.hazard_free_mb.saturating_mul(MIB),
+        });
     }
     v
 }
@@ -132,7 +146,12 @@ impl Admission {
         Self::with_targets(t.enabled, targets(cfg), limits, day_before)
     }
 
-    pub fn with_targets(enabled: bool, targets: Vec<Target>, limits: Limits, day_before: (u64, u64)) -> Admission {
+    pub fn with_targets(
+        enabled: bool,
+        targets: Vec<Target>,
+        limits: Limits,
+        day_before: (u64, u64),
+    ) -> Admission {
         let mut groups: Vec<FsGroup> = Vec::new();
         for (i, target) in targets.iter().enumerate() {
             let dev = std::fs::metadata(&target.path).ok().map(|m| m.dev());
@@ -141,10 +160,23 @@ impl Admission {
                     g.targets.push(i);
                     g.threshold = g.threshold.max(target.threshold);
                 }
-                None => groups.push(FsGroup { dev, targets: vec![i], threshold: target.threshold, reserved: 0 }),
+                None => groups.push(FsGroup {
+                    dev,
+                    targets: vec![i],
+                    threshold: target.threshold,
+                    reserved: 0,
+                }),
             }
         }
-        Admission { enabled, targets, groups, limits, day_before, day_this_run: (0, 0), run: (0, 0) }
+        Admission {
+            enabled,
+            targets,
+            groups,
+            limits,
+            day_before,
+            day_this_run: (0, 0),
+            run: (0, 0),
+        }
     }
 
     /// Decides on a file of `size` bytes. On `Ok` its space is reserved until
@@ -153,7 +185,10 @@ impl Admission {
         if !self.enabled {
             self.run.0 += 1;
             self.run.1 += size;
-            return Ok(Ticket { size, per_group: Vec::new() });
+            return Ok(Ticket {
+                size,
+                per_group: Vec::new(),
+            });
         }
         self.check_limits(size)?;
         let mut per_group = Vec::with_capacity(self.groups.len());
@@ -175,7 +210,11 @@ impl Admission {
             };
             let required = g.reserved.saturating_add(need).saturating_add(g.threshold);
             if free < required {
-                let shared = if g.targets.len() > 1 { " (same filesystem: the file is counted once per target)" } else { "" };
+                let shared = if g.targets.len() > 1 {
+                    " (same filesystem: the file is counted once per target)"
+                } else {
+                    ""
+                };
                 return Err(Denial::DiskSpace {
                     message: format!(
                         "{names} {}: {:.1} MB free, {:.1} MB required ({:.1} MB for the file{shared}, {:.1} MB reserved for files in flight, {:.0} MB must stay free)",
@@ -225,7 +264,10 @@ impl Admission {
         }
         if l.run_files > 0 && self.run.0 + 1 > l.run_files {
             return Err(Denial::PerRunLimit {
-                message: format!("{} files admitted this run, throttle_max_file_count_per_run is {}", self.run.0, l.run_files),
+                message: format!(
+                    "{} files admitted this run, throttle_max_file_count_per_run is {}",
+                    self.run.0, l.run_files
+                ),
             });
         }
         // A single file larger than the per-run volume is still admitted as the first
@@ -256,7 +298,11 @@ impl Admission {
     }
 
     fn group_names(&self, g: &FsGroup) -> String {
-        g.targets.iter().map(|&i| self.targets[i].name).collect::<Vec<_>>().join("+")
+        g.targets
+            .iter()
+            .map(|&i| self.targets[i].name)
+            .collect::<Vec<_>>()
+            .join("+")
     }
 
     /// Free space per target now, for the journal's trend data.
@@ -277,21 +323,21 @@ pub fn targets_space(cfg: &Config) -> Vec<(SpaceSample, u64)> {
 fn samples_of(targets: &[Target]) -> Vec<(SpaceSample, u64)> {
     let now = chrono::Utc::now().timestamp();
     targets
-            .iter()
-            .filter_map(|t| {
-                let s = fsx::space(&t.path).ok()?;
-                Some((
-                    SpaceSample {
-                        time: now,
-                        target: t.name.to_string(),
-                        path: t.path.display().to_string(),
-                        free_bytes: s.available,
-                        threshold_bytes: t.threshold,
-                    },
-                    s.total,
-                ))
-            })
-            .collect()
+        .iter()
+        .filter_map(|t| {
+            let s = fsx::space(&t.path).ok()?;
+            Some((
+                SpaceSample {
+                    time: now,
+                    target: t.name.to_string(),
+                    path: t.path.display().to_string(),
+                    free_bytes: s.available,
+                    threshold_bytes: t.threshold,
+                },
+                s.total,
+            ))
+        })
+        .collect()
 }
 
 /// What Shuttle-owned data occupies a full filesystem, largest first (DESIGN §2,
@@ -340,7 +386,7 @@ pub fn recommendations(cfg: &Config, full: &Path, delivered_last_7_days: u64) ->
             ),
         ));
     }
-    items.sort_by(|a, b| b.0.cmp(&a.0));
+    items.sort_by_key(|i| std::cmp::Reverse(i.0));
     items.into_iter().map(|(_, s)| s).collect()
 }
 
@@ -349,7 +395,9 @@ fn tree_usage(root: &Path) -> (u64, u64, Option<std::time::SystemTime>) {
     let (mut files, mut bytes, mut oldest) = (0u64, 0u64, None::<std::time::SystemTime>);
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for e in entries.flatten() {
             let Ok(m) = e.metadata() else { continue };
             if m.is_dir() {
@@ -372,13 +420,23 @@ mod tests {
 
     fn gate(limits: Limits, day_before: (u64, u64)) -> Admission {
         let d = std::env::temp_dir();
-        let t = vec![Target { name: "destination", path: d, threshold: 0 }];
+        let t = vec![Target {
+            name: "destination",
+            path: d,
+            threshold: 0,
+        }];
         Admission::with_targets(true, t, limits, day_before)
     }
 
     #[test]
     fn daily_count_counts_earlier_runs() {
-        let mut a = gate(Limits { day_files: 10, ..Default::default() }, (7, 0));
+        let mut a = gate(
+            Limits {
+                day_files: 10,
+                ..Default::default()
+            },
+            (7, 0),
+        );
         for _ in 0..3 {
             a.admit(1).unwrap();
         }
@@ -387,17 +445,34 @@ mod tests {
 
     #[test]
     fn daily_volume_allows_exactly_up_to_the_limit() {
-        let mut a = gate(Limits { day_bytes: 50 * MIB, ..Default::default() }, (6, 30 * MIB));
+        let mut a = gate(
+            Limits {
+                day_bytes: 50 * MIB,
+                ..Default::default()
+            },
+            (6, 30 * MIB),
+        );
         for _ in 0..4 {
             a.admit(5 * MIB).unwrap();
         }
         let d = a.admit(5 * MIB).unwrap_err();
-        assert!(d.log_line().starts_with("THROTTLE REASON: Daily Limit Reached"), "{}", d.log_line());
+        assert!(
+            d.log_line()
+                .starts_with("THROTTLE REASON: Daily Limit Reached"),
+            "{}",
+            d.log_line()
+        );
     }
 
     #[test]
     fn failed_files_give_back_their_daily_share() {
-        let mut a = gate(Limits { day_files: 1, ..Default::default() }, (0, 0));
+        let mut a = gate(
+            Limits {
+                day_files: 1,
+                ..Default::default()
+            },
+            (0, 0),
+        );
         let t = a.admit(1).unwrap();
         a.finish(t, false);
         assert!(a.admit(1).is_ok());
@@ -405,14 +480,24 @@ mod tests {
 
     #[test]
     fn a_huge_first_file_passes_the_per_run_volume() {
-        let mut a = gate(Limits { run_bytes: MIB, ..Default::default() }, (0, 0));
+        let mut a = gate(
+            Limits {
+                run_bytes: MIB,
+                ..Default::default()
+            },
+            (0, 0),
+        );
         a.admit(5 * MIB).unwrap();
         assert_eq!(a.admit(1).unwrap_err().reason(), "per_run_limit");
     }
 
     #[test]
     fn unreadable_free_space_is_not_enough() {
-        let t = vec![Target { name: "destination", path: "/nonexistent/shuttle".into(), threshold: 0 }];
+        let t = vec![Target {
+            name: "destination",
+            path: "/nonexistent/shuttle".into(),
+            threshold: 0,
+        }];
         let mut a = Admission::with_targets(true, t, Limits::default(), (0, 0));
         let d = a.admit(1).unwrap_err();
         assert_eq!(d.reason(), "disk_space");

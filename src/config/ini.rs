@@ -36,20 +36,39 @@ pub fn parse(text: &str) -> Result<Vec<Entry>, SyntaxError> {
         }
         if let Some(rest) = trimmed.strip_prefix('[') {
             let Some(name) = rest.strip_suffix(']') else {
-                return Err(SyntaxError { line, problem: "unclosed section header", text: raw.into() });
+                return Err(SyntaxError {
+                    line,
+                    problem: "unclosed section header",
+                    text: raw.into(),
+                });
             };
             section = name.trim().to_ascii_lowercase();
             continue;
         }
         let Some(split) = trimmed.find(['=', ':']) else {
-            return Err(SyntaxError { line, problem: "expected `key = value`", text: raw.into() });
+            return Err(SyntaxError {
+                line,
+                problem: "expected `key = value`",
+                text: raw.into(),
+            });
         };
         let key = trimmed[..split].trim().to_ascii_lowercase();
         if key.is_empty() {
-            return Err(SyntaxError { line, problem: "missing key name", text: raw.into() });
+            return Err(SyntaxError {
+                line,
+                problem: "missing key name",
+                text: raw.into(),
+            });
         }
-        let value = strip_inline_comment(&trimmed[split + 1..]).trim().to_string();
-        entries.push(Entry { section: section.clone(), key, value, line });
+        let value = strip_inline_comment(&trimmed[split + 1..])
+            .trim()
+            .to_string();
+        entries.push(Entry {
+            section: section.clone(),
+            key,
+            value,
+            line,
+        });
     }
     Ok(entries)
 }
@@ -70,7 +89,8 @@ mod tests {
 
     #[test]
     fn inline_comments_are_stripped_but_not_inside_words() {
-        let e = parse("[settings]\nmax_scan_threads = 4   # four\nx = a#b\ny = 5 ; five\n").unwrap();
+        let e =
+            parse("[settings]\nmax_scan_threads = 4   # four\nx = a#b\ny = 5 ; five\n").unwrap();
         assert_eq!(e[0].value, "4");
         assert_eq!(e[0].line, 2);
         assert_eq!(e[1].value, "a#b");
@@ -80,7 +100,14 @@ mod tests {
     #[test]
     fn sections_and_keys_are_case_insensitive() {
         let e = parse("[Paths]\nSource_Path: /x\n").unwrap();
-        assert_eq!((e[0].section.as_str(), e[0].key.as_str(), e[0].value.as_str()), ("paths", "source_path", "/x"));
+        assert_eq!(
+            (
+                e[0].section.as_str(),
+                e[0].key.as_str(),
+                e[0].value.as_str()
+            ),
+            ("paths", "source_path", "/x")
+        );
     }
 
     #[test]

@@ -31,54 +31,235 @@ macro_rules! key {
 /// Every key, in the order `shuttle --help` lists them.
 pub const KEYS: &[Key] = &[
     key!("source_path", P, "Drop directory files are taken from"),
-    key!("destination_path", P, "Protected directory clean files are delivered to"),
-    key!("quarantine_path", P, "Working directory where copies are scanned"),
-    key!("hazard_archive_path", P, "Directory for encrypted suspect files"),
-    key!("hazard_encryption_key_path", P, "OpenPGP public key for the hazard archive"),
-    key!("ledger_file_path", P, ["ledger_path"], "YAML ledger of tested Defender versions"),
-    key!("log_path", &["paths", "logging"], "Directory for per-run log files"),
-    key!("lock_path", P, ["lock_file"], "Single-instance lock file [default: /tmp/shuttle.lock]"),
-    key!("tracking_data_path", P, ["daily_processing_tracker_logs_path"], "Directory of the journal database [default: log_path, else ~/.local/state/shuttle]"),
-    key!("metrics_path", P, "Prometheus text file written after each run"),
-    key!("delete_source_files_after_copying", S, ["delete_source_files"], "Remove a source once its copy is durable and verified [default: false]"),
-    key!("max_scan_threads", S, "Files in flight at once [default: 2]"),
-    key!("on_demand_clam_av", S, "Scan with ClamAV (clamd) [default: true]"),
-    key!("on_demand_defender", S, "Scan with Microsoft Defender (mdatp) [default: false]"),
-    key!("defender_handles_suspect_files", S, "Defender removes suspect files itself [default: false]"),
-    key!("throttle", S, "Check free space and limits before admitting a file [default: false]"),
-    key!("throttle_free_space_mb", S, ["throttle_free_space"], "MiB that must stay free on every target [default: 10000]"),
-    key!("quarantine_free_space_mb", S, "MiB that must stay free for the quarantine [default: throttle_free_space_mb]"),
-    key!("destination_free_space_mb", S, "MiB that must stay free for the destination [default: throttle_free_space_mb]"),
-    key!("hazard_free_space_mb", S, "MiB that must stay free for the hazard archive [default: throttle_free_space_mb]"),
-    key!("throttle_max_file_count_per_day", S, "Files per local day, 0 = no limit [default: 0]"),
-    key!("throttle_max_file_volume_per_day_mb", S, "MiB per local day, 0 = no limit [default: 0]"),
-    key!("throttle_max_file_count_per_run", S, "Files per run, 0 = no limit [default: 1000]"),
-    key!("throttle_max_file_volume_per_run_mb", S, "MiB per run, 0 = no limit [default: 1024]"),
-    key!("skip_stability_check", S, "Do not wait for files to be stability_seconds old [default: false]"),
-    key!("stability_seconds", S, "A file modified more recently is left for a later run [default: 5]"),
-    key!("priority", S, "Admission order: oldest|newest|smallest|largest [default: oldest]"),
-    key!("priority_paths", S, "Comma-separated source subdirectories admitted first"),
-    key!("on_conflict", S, "Destination name taken by other bytes: rename|skip|overwrite [default: rename]"),
-    key!("rescan_interval_seconds", S, "shuttle watch: full rescan period [default: 60]"),
-    key!("malware_scan_timeout_seconds", SC, "Base scan timeout, 0 = none [default: 300]"),
-    key!("malware_scan_timeout_ms_per_byte", SC, "Extra timeout per byte of file [default: 0]"),
-    key!("malware_scan_retry_wait_seconds", SC, "Wait before retrying a timed-out scan [default: 30]"),
-    key!("malware_scan_retry_count", SC, "Timeouts per run before the run stops [default: 3]"),
-    key!("clamd_socket", SC, "clamd unix socket [default: LocalSocket of /etc/clamav/clamd.conf]"),
-    key!("clamd_address", SC, "clamd TCP address host:port (uses INSTREAM)"),
-    key!("mdatp_command", SC, "Microsoft Defender command [default: mdatp]"),
-    key!("canary", SC, "Scan an EICAR test file with every engine before each run [default: true]"),
-    key!("max_file_size_mb", SC, "Larger files fail before scanning, 0 = no limit [default: 0]"),
-    key!("log_level", &["logging"], "error|warn|info|debug|trace [default: info]"),
+    key!(
+        "destination_path",
+        P,
+        "Protected directory clean files are delivered to"
+    ),
+    key!(
+        "quarantine_path",
+        P,
+        "Working directory where copies are scanned"
+    ),
+    key!(
+        "hazard_archive_path",
+        P,
+        "Directory for encrypted suspect files"
+    ),
+    key!(
+        "hazard_encryption_key_path",
+        P,
+        "OpenPGP public key for the hazard archive"
+    ),
+    key!(
+        "ledger_file_path",
+        P,
+        ["ledger_path"],
+        "YAML ledger of tested Defender versions"
+    ),
+    key!(
+        "log_path",
+        &["paths", "logging"],
+        "Directory for per-run log files"
+    ),
+    key!(
+        "lock_path",
+        P,
+        ["lock_file"],
+        "Single-instance lock file [default: /tmp/shuttle.lock]"
+    ),
+    key!(
+        "tracking_data_path",
+        P,
+        ["daily_processing_tracker_logs_path"],
+        "Directory of the journal database [default: log_path, else ~/.local/state/shuttle]"
+    ),
+    key!(
+        "metrics_path",
+        P,
+        "Prometheus text file written after each run"
+    ),
+    key!(
+        "delete_source_files_after_copying",
+        S,
+        ["delete_source_files"],
+        "Remove a source once its copy is durable and verified [default: false]"
+    ),
+    key!(
+        "max_scan_threads",
+        S,
+        "Files in flight at once [default: 2]"
+    ),
+    key!(
+        "on_demand_clam_av",
+        S,
+        "Scan with ClamAV (clamd) [default: true]"
+    ),
+    key!(
+        "on_demand_defender",
+        S,
+        "Scan with Microsoft Defender (mdatp) [default: false]"
+    ),
+    key!(
+        "defender_handles_suspect_files",
+        S,
+        "Defender removes suspect files itself [default: false]"
+    ),
+    key!(
+        "throttle",
+        S,
+        "Check free space and limits before admitting a file [default: false]"
+    ),
+    key!(
+        "throttle_free_space_mb",
+        S,
+        ["throttle_free_space"],
+        "MiB that must stay free on every target [default: 10000]"
+    ),
+    key!(
+        "quarantine_free_space_mb",
+        S,
+        "MiB that must stay free for the quarantine [default: throttle_free_space_mb]"
+    ),
+    key!(
+        "destination_free_space_mb",
+        S,
+        "MiB that must stay free for the destination [default: throttle_free_space_mb]"
+    ),
+    key!(
+        "hazard_free_space_mb",
+        S,
+        "MiB that must stay free for the hazard archive [default: throttle_free_space_mb]"
+    ),
+    key!(
+        "throttle_max_file_count_per_day",
+        S,
+        "Files per local day, 0 = no limit [default: 0]"
+    ),
+    key!(
+        "throttle_max_file_volume_per_day_mb",
+        S,
+        "MiB per local day, 0 = no limit [default: 0]"
+    ),
+    key!(
+        "throttle_max_file_count_per_run",
+        S,
+        "Files per run, 0 = no limit [default: 1000]"
+    ),
+    key!(
+        "throttle_max_file_volume_per_run_mb",
+        S,
+        "MiB per run, 0 = no limit [default: 1024]"
+    ),
+    key!(
+        "skip_stability_check",
+        S,
+        "Do not wait for files to be stability_seconds old [default: false]"
+    ),
+    key!(
+        "stability_seconds",
+        S,
+        "A file modified more recently is left for a later run [default: 5]"
+    ),
+    key!(
+        "priority",
+        S,
+        "Admission order: oldest|newest|smallest|largest [default: oldest]"
+    ),
+    key!(
+        "priority_paths",
+        S,
+        "Comma-separated source subdirectories admitted first"
+    ),
+    key!(
+        "on_conflict",
+        S,
+        "Destination name taken by other bytes: rename|skip|overwrite [default: rename]"
+    ),
+    key!(
+        "rescan_interval_seconds",
+        S,
+        "shuttle watch: full rescan period [default: 60]"
+    ),
+    key!(
+        "malware_scan_timeout_seconds",
+        SC,
+        "Base scan timeout, 0 = none [default: 300]"
+    ),
+    key!(
+        "malware_scan_timeout_ms_per_byte",
+        SC,
+        "Extra timeout per byte of file [default: 0]"
+    ),
+    key!(
+        "malware_scan_retry_wait_seconds",
+        SC,
+        "Wait before retrying a timed-out scan [default: 30]"
+    ),
+    key!(
+        "malware_scan_retry_count",
+        SC,
+        "Timeouts per run before the run stops [default: 3]"
+    ),
+    key!(
+        "clamd_socket",
+        SC,
+        "clamd unix socket [default: LocalSocket of /etc/clamav/clamd.conf]"
+    ),
+    key!(
+        "clamd_address",
+        SC,
+        "clamd TCP address host:port (uses INSTREAM)"
+    ),
+    key!(
+        "mdatp_command",
+        SC,
+        "Microsoft Defender command [default: mdatp]"
+    ),
+    key!(
+        "canary",
+        SC,
+        "Scan an EICAR test file with every engine before each run [default: true]"
+    ),
+    key!(
+        "max_file_size_mb",
+        SC,
+        "Larger files fail before scanning, 0 = no limit [default: 0]"
+    ),
+    key!(
+        "log_level",
+        &["logging"],
+        "error|warn|info|debug|trace [default: info]"
+    ),
     key!("notify", N, "Send email notifications [default: false]"),
-    key!("notify_summary", N, "Send a summary after every run [default: false]"),
-    key!("recipient_email", N, "Default recipient of every notification"),
-    key!("recipient_email_error", N, "Recipient of error notifications"),
+    key!(
+        "notify_summary",
+        N,
+        "Send a summary after every run [default: false]"
+    ),
+    key!(
+        "recipient_email",
+        N,
+        "Default recipient of every notification"
+    ),
+    key!(
+        "recipient_email_error",
+        N,
+        "Recipient of error notifications"
+    ),
     key!("recipient_email_summary", N, "Recipient of run summaries"),
-    key!("recipient_email_hazard", N, "Recipient of hazard notifications"),
+    key!(
+        "recipient_email_hazard",
+        N,
+        "Recipient of hazard notifications"
+    ),
     key!("sender_email", N, "From address"),
     key!("smtp_server", N, "SMTP server host"),
-    key!("smtp_port", N, "SMTP server port [default: 25, or 587 with use_tls]"),
+    key!(
+        "smtp_port",
+        N,
+        "SMTP server port [default: 25, or 587 with use_tls]"
+    ),
     key!("username", N, "SMTP user (AUTH when set)"),
     key!("password", N, "SMTP password"),
     key!("use_tls", N, "STARTTLS [default: false]"),
@@ -121,7 +302,10 @@ mod tests {
 
     #[test]
     fn alias_finds_canonical_key() {
-        assert_eq!(lookup("throttle_free_space").map(|k| k.name), Some("throttle_free_space_mb"));
+        assert_eq!(
+            lookup("throttle_free_space").map(|k| k.name),
+            Some("throttle_free_space_mb")
+        );
         assert_eq!(lookup("lock_file").map(|k| k.name), Some("lock_path"));
         assert!(lookup("no_such_key").is_none());
     }

@@ -34,11 +34,23 @@ impl fmt::Display for Origin {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("invalid value {value:?} for {key} (from {origin}): expected {expected}")]
-    Invalid { key: &'static str, value: String, origin: Origin, expected: String },
+    Invalid {
+        key: &'static str,
+        value: String,
+        origin: Origin,
+        expected: String,
+    },
     #[error("cannot read config file {path} (named by {named_by}): {source}")]
-    Read { path: PathBuf, named_by: &'static str, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        named_by: &'static str,
+        source: std::io::Error,
+    },
     #[error("config file {path}: {source}")]
-    Syntax { path: PathBuf, source: ini::SyntaxError },
+    Syntax {
+        path: PathBuf,
+        source: ini::SyntaxError,
+    },
     #[error("{0}")]
     Problem(String),
 }
@@ -200,7 +212,9 @@ fn default_locations() -> Vec<PathBuf> {
 }
 
 fn home_dir() -> Option<PathBuf> {
-    std::env::var_os("HOME").filter(|h| !h.is_empty()).map(PathBuf::from)
+    std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(PathBuf::from)
 }
 
 /// Expands a leading `~` to `$HOME`.
@@ -245,7 +259,10 @@ impl Reader<'_> {
 
     /// A text value; empty counts as unset.
     fn text(&mut self, key: &'static str) -> Option<String> {
-        self.raw.get(key).map(|(v, _)| v.to_string()).filter(|v| !v.is_empty())
+        self.raw
+            .get(key)
+            .map(|(v, _)| v.to_string())
+            .filter(|v| !v.is_empty())
     }
 
     fn path(&mut self, key: &'static str) -> Option<PathBuf> {
@@ -253,7 +270,9 @@ impl Reader<'_> {
     }
 
     fn bool(&mut self, key: &'static str, default: bool) -> bool {
-        let Some((v, origin)) = self.raw.get(key) else { return default };
+        let Some((v, origin)) = self.raw.get(key) else {
+            return default;
+        };
         match parse_bool(v) {
             Some(b) => b,
             None => {
@@ -265,7 +284,9 @@ impl Reader<'_> {
     }
 
     fn number(&mut self, key: &'static str, default: u64, min: u64) -> u64 {
-        let Some((v, origin)) = self.raw.get(key) else { return default };
+        let Some((v, origin)) = self.raw.get(key) else {
+            return default;
+        };
         match v.parse::<u64>() {
             Ok(n) if n >= min => n,
             _ => {
@@ -278,7 +299,9 @@ impl Reader<'_> {
     }
 
     fn float(&mut self, key: &'static str, default: f64) -> f64 {
-        let Some((v, origin)) = self.raw.get(key) else { return default };
+        let Some((v, origin)) = self.raw.get(key) else {
+            return default;
+        };
         match v.parse::<f64>() {
             Ok(n) if n.is_finite() && n >= 0.0 => n,
             _ => {
@@ -290,7 +313,9 @@ impl Reader<'_> {
     }
 
     fn choice<T: Copy>(&mut self, key: &'static str, default: T, options: &[(&str, T)]) -> T {
-        let Some((v, origin)) = self.raw.get(key) else { return default };
+        let Some((v, origin)) = self.raw.get(key) else {
+            return default;
+        };
         let lower = v.to_ascii_lowercase();
         if let Some((_, t)) = options.iter().find(|(name, _)| *name == lower) {
             return *t;
@@ -315,17 +340,25 @@ pub fn parse_bool(value: &str) -> Option<bool> {
 /// Nothing on disk is touched except reading the config file(s).
 pub fn load(cli: &CommandLine) -> Result<Loaded, ConfigErrors> {
     let mut warnings = Vec::new();
-    let mut raw = Raw { values: HashMap::new() };
+    let mut raw = Raw {
+        values: HashMap::new(),
+    };
 
     let file = locate_file(cli).map_err(|e| ConfigErrors(vec![e]))?;
     if let Some(path) = &file {
         read_file(path, &mut raw, &mut warnings).map_err(|e| ConfigErrors(vec![e]))?;
     }
     for (key, value) in &cli.flags {
-        raw.values.insert(key, (value.trim().to_string(), Origin::Flag(keys::flag_name(key))));
+        raw.values.insert(
+            key,
+            (value.trim().to_string(), Origin::Flag(keys::flag_name(key))),
+        );
     }
 
-    let mut r = Reader { raw: &raw, errors: Vec::new() };
+    let mut r = Reader {
+        raw: &raw,
+        errors: Vec::new(),
+    };
     let config = build(&mut r, file.clone(), &mut warnings);
     if !r.errors.is_empty() {
         return Err(ConfigErrors(r.errors));
@@ -335,10 +368,16 @@ pub fn load(cli: &CommandLine) -> Result<Loaded, ConfigErrors> {
 
 fn locate_file(cli: &CommandLine) -> Result<Option<PathBuf>, ConfigError> {
     if let Some(p) = &cli.config_file {
-        return Ok(Some(must_exist(expand_tilde(&p.to_string_lossy()), "--config")?));
+        return Ok(Some(must_exist(
+            expand_tilde(&p.to_string_lossy()),
+            "--config",
+        )?));
     }
     if let Some(p) = std::env::var_os("SHUTTLE_CONFIG_PATH").filter(|p| !p.is_empty()) {
-        return Ok(Some(must_exist(expand_tilde(&p.to_string_lossy()), "$SHUTTLE_CONFIG_PATH")?));
+        return Ok(Some(must_exist(
+            expand_tilde(&p.to_string_lossy()),
+            "$SHUTTLE_CONFIG_PATH",
+        )?));
     }
     Ok(default_locations().into_iter().find(|p| p.is_file()))
 }
@@ -351,7 +390,11 @@ fn must_exist(path: PathBuf, named_by: &'static str) -> Result<PathBuf, ConfigEr
             named_by,
             source: std::io::Error::other("not a regular file"),
         }),
-        Err(source) => Err(ConfigError::Read { path, named_by, source }),
+        Err(source) => Err(ConfigError::Read {
+            path,
+            named_by,
+            source,
+        }),
     }
 }
 
@@ -361,11 +404,20 @@ fn read_file(path: &Path, raw: &mut Raw, warnings: &mut Vec<String>) -> Result<(
         named_by: "config file",
         source,
     })?;
-    let entries = ini::parse(&text).map_err(|source| ConfigError::Syntax { path: path.to_path_buf(), source })?;
+    let entries = ini::parse(&text).map_err(|source| ConfigError::Syntax {
+        path: path.to_path_buf(),
+        source,
+    })?;
     for e in entries {
-        let origin = Origin::File { path: path.to_path_buf(), line: e.line };
+        let origin = Origin::File {
+            path: path.to_path_buf(),
+            line: e.line,
+        };
         let Some(key) = keys::lookup(&e.key) else {
-            warnings.push(format!("unknown key {:?} in [{}] ({origin}): ignored", e.key, e.section));
+            warnings.push(format!(
+                "unknown key {:?} in [{}] ({origin}): ignored",
+                e.key, e.section
+            ));
             continue;
         };
         let section = keys::canonical_section(&e.section);
@@ -449,7 +501,14 @@ fn build(r: &mut Reader, file: Option<PathBuf>, warnings: &mut Vec<String>) -> C
     let log_level = r.choice(
         "log_level",
         "info",
-        &[("error", "error"), ("warn", "warn"), ("warning", "warn"), ("info", "info"), ("debug", "debug"), ("trace", "trace")],
+        &[
+            ("error", "error"),
+            ("warn", "warn"),
+            ("warning", "warn"),
+            ("info", "info"),
+            ("debug", "debug"),
+            ("trace", "trace"),
+        ],
     );
     let notifications = notify_config(r);
 
@@ -463,7 +522,9 @@ fn build(r: &mut Reader, file: Option<PathBuf>, warnings: &mut Vec<String>) -> C
         hazard_encryption_key_path: r.path("hazard_encryption_key_path"),
         ledger_file_path: r.path("ledger_file_path"),
         log_path,
-        lock_path: r.path("lock_path").unwrap_or_else(|| PathBuf::from("/tmp/shuttle.lock")),
+        lock_path: r
+            .path("lock_path")
+            .unwrap_or_else(|| PathBuf::from("/tmp/shuttle.lock")),
         tracking_data_path,
         metrics_path: r.path("metrics_path"),
         delete_source_files: r.bool("delete_source_files_after_copying", false),
@@ -485,7 +546,11 @@ fn build(r: &mut Reader, file: Option<PathBuf>, warnings: &mut Vec<String>) -> C
         on_conflict: r.choice(
             "on_conflict",
             OnConflict::Rename,
-            &[("rename", OnConflict::Rename), ("skip", OnConflict::Skip), ("overwrite", OnConflict::Overwrite)],
+            &[
+                ("rename", OnConflict::Rename),
+                ("skip", OnConflict::Skip),
+                ("overwrite", OnConflict::Overwrite),
+            ],
         ),
         rescan_interval_seconds: r.number("rescan_interval_seconds", 60, 1),
         scanning,
@@ -494,20 +559,29 @@ fn build(r: &mut Reader, file: Option<PathBuf>, warnings: &mut Vec<String>) -> C
     }
 }
 
-fn clamd_endpoint(r: &mut Reader, clam_av: bool, warnings: &mut Vec<String>) -> Option<ClamdEndpoint> {
+fn clamd_endpoint(
+    r: &mut Reader,
+    clam_av: bool,
+    warnings: &mut Vec<String>,
+) -> Option<ClamdEndpoint> {
     let socket = r.path("clamd_socket");
     let address = r.text("clamd_address");
     match (socket, address) {
         (Some(_), Some(_)) => {
             r.errors.push(ConfigError::Problem(
-                "clamd_socket and clamd_address are both set: set one (unix socket preferred)".into(),
+                "clamd_socket and clamd_address are both set: set one (unix socket preferred)"
+                    .into(),
             ));
             None
         }
         (Some(s), None) => Some(ClamdEndpoint::Unix(s)),
         (None, Some(a)) => {
             if !a.contains(':') {
-                let origin = r.raw.get("clamd_address").map(|(_, o)| o.clone()).unwrap_or(Origin::Default);
+                let origin = r
+                    .raw
+                    .get("clamd_address")
+                    .map(|(_, o)| o.clone())
+                    .unwrap_or(Origin::Default);
                 r.invalid("clamd_address", &a, &origin, "host:port");
                 return None;
             }
@@ -516,7 +590,9 @@ fn clamd_endpoint(r: &mut Reader, clam_av: bool, warnings: &mut Vec<String>) -> 
         (None, None) if clam_av => match local_socket_from(Path::new("/etc/clamav/clamd.conf")) {
             Some(p) => Some(ClamdEndpoint::Unix(p)),
             None => {
-                warnings.push("no clamd_socket set and no LocalSocket in /etc/clamav/clamd.conf".into());
+                warnings.push(
+                    "no clamd_socket set and no LocalSocket in /etc/clamav/clamd.conf".into(),
+                );
                 r.errors.push(ConfigError::Problem(
                     "ClamAV is on but no clamd socket is known: set clamd_socket (or clamd_address), or LocalSocket in /etc/clamav/clamd.conf".into(),
                 ));
@@ -537,7 +613,9 @@ pub fn local_socket_from(clamd_conf: &Path) -> Option<PathBuf> {
 }
 
 fn priority_paths(r: &mut Reader, source: Option<&Path>) -> Vec<PathBuf> {
-    let Some((value, origin)) = r.raw.get("priority_paths") else { return Vec::new() };
+    let Some((value, origin)) = r.raw.get("priority_paths") else {
+        return Vec::new();
+    };
     let (value, origin) = (value.to_string(), origin.clone());
     let mut out = Vec::new();
     for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -546,7 +624,12 @@ fn priority_paths(r: &mut Reader, source: Option<&Path>) -> Vec<PathBuf> {
             (true, Some(src)) => match p.strip_prefix(src) {
                 Ok(rel) => rel.to_path_buf(),
                 Err(_) => {
-                    r.invalid("priority_paths", item, &origin, "subdirectories of source_path");
+                    r.invalid(
+                        "priority_paths",
+                        item,
+                        &origin,
+                        "subdirectories of source_path",
+                    );
                     continue;
                 }
             },
@@ -554,7 +637,12 @@ fn priority_paths(r: &mut Reader, source: Option<&Path>) -> Vec<PathBuf> {
             (false, _) => p,
         };
         if rel.components().any(|c| !matches!(c, Component::Normal(_))) {
-            r.invalid("priority_paths", item, &origin, "subdirectories of source_path (no `..`)");
+            r.invalid(
+                "priority_paths",
+                item,
+                &origin,
+                "subdirectories of source_path (no `..`)",
+            );
             continue;
         }
         out.push(rel);
@@ -563,7 +651,10 @@ fn priority_paths(r: &mut Reader, source: Option<&Path>) -> Vec<PathBuf> {
 }
 
 fn notify_config(r: &mut Reader) -> NotifyConfig {
-    let port = r.raw.get("smtp_port").map(|(v, o)| (v.to_string(), o.clone()));
+    let port = r
+        .raw
+        .get("smtp_port")
+        .map(|(v, o)| (v.to_string(), o.clone()));
     let smtp_port = match port {
         None => None,
         Some((v, origin)) => match v.parse::<u16>() {
@@ -597,7 +688,9 @@ fn notify_config(r: &mut Reader) -> NotifyConfig {
             missing.push("sender_email");
         }
         if n.recipient_email.is_none()
-            && (n.recipient_email_error.is_none() || n.recipient_email_hazard.is_none() || n.recipient_email_summary.is_none())
+            && (n.recipient_email_error.is_none()
+                || n.recipient_email_hazard.is_none()
+                || n.recipient_email_summary.is_none())
         {
             missing.push("recipient_email");
         }
@@ -639,11 +732,22 @@ impl Config {
         for (i, (ka, a)) in dirs.iter().enumerate() {
             for (kb, b) in dirs.iter().skip(i + 1) {
                 if a == b {
-                    problems.push(format!("{ka} and {kb} are the same directory {}", a.display()));
+                    problems.push(format!(
+                        "{ka} and {kb} are the same directory {}",
+                        a.display()
+                    ));
                 } else if a.starts_with(b) {
-                    problems.push(format!("{ka} {} is inside {kb} {}", a.display(), b.display()));
+                    problems.push(format!(
+                        "{ka} {} is inside {kb} {}",
+                        a.display(),
+                        b.display()
+                    ));
                 } else if b.starts_with(a) {
-                    problems.push(format!("{kb} {} is inside {ka} {}", b.display(), a.display()));
+                    problems.push(format!(
+                        "{kb} {} is inside {ka} {}",
+                        b.display(),
+                        a.display()
+                    ));
                 }
             }
         }
@@ -669,14 +773,21 @@ mod tests {
     fn load_text(text: &str, flags: Vec<(&'static str, String)>) -> Result<Loaded, ConfigErrors> {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(text.as_bytes()).unwrap();
-        load(&CommandLine { config_file: Some(f.path().to_path_buf()), flags })
+        load(&CommandLine {
+            config_file: Some(f.path().to_path_buf()),
+            flags,
+        })
     }
 
     const BASE: &str = "[paths]\nsource_path=/s\ndestination_path=/d\nquarantine_path=/q\n[scanning]\nclamd_socket=/c.sock\n";
 
     #[test]
     fn bad_value_names_key_value_and_line() {
-        let err = load_text(&format!("{BASE}[settings]\nmax_scan_threads = banana # x\n"), vec![]).unwrap_err();
+        let err = load_text(
+            &format!("{BASE}[settings]\nmax_scan_threads = banana # x\n"),
+            vec![],
+        )
+        .unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("max_scan_threads"), "{msg}");
         assert!(msg.contains("\"banana\""), "{msg}");
@@ -685,9 +796,15 @@ mod tests {
 
     #[test]
     fn flag_beats_file_and_is_named_on_error() {
-        let ok = load_text(&format!("{BASE}[settings]\nmax_scan_threads = 3\n"), vec![("max_scan_threads", "5".into())]).unwrap();
+        let ok = load_text(
+            &format!("{BASE}[settings]\nmax_scan_threads = 3\n"),
+            vec![("max_scan_threads", "5".into())],
+        )
+        .unwrap();
         assert_eq!(ok.config.max_scan_threads, 5);
-        let err = load_text(BASE, vec![("throttle", "maybe".into())]).unwrap_err().to_string();
+        let err = load_text(BASE, vec![("throttle", "maybe".into())])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("flag --throttle"), "{err}");
     }
 
@@ -700,12 +817,20 @@ mod tests {
         .unwrap();
         assert!(l.config.delete_source_files);
         assert_eq!(l.config.throttle.destination_free_mb, 42);
-        assert!(l.warnings.iter().any(|w| w.contains("unknown key \"foo\"")), "{:?}", l.warnings);
+        assert!(
+            l.warnings.iter().any(|w| w.contains("unknown key \"foo\"")),
+            "{:?}",
+            l.warnings
+        );
     }
 
     #[test]
     fn negative_size_is_an_error() {
-        let err = load_text(&format!("{BASE}[settings]\nthrottle_free_space_mb = -5\n"), vec![]).unwrap_err();
+        let err = load_text(
+            &format!("{BASE}[settings]\nthrottle_free_space_mb = -5\n"),
+            vec![],
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("throttle_free_space_mb"));
     }
 

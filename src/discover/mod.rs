@@ -101,7 +101,9 @@ impl Discovery {
 
 /// Why a name is unsafe, if it is.
 pub fn unsafe_name(name: &std::ffi::OsStr) -> Option<&'static str> {
-    let Some(s) = name.to_str() else { return Some("not valid UTF-8") };
+    let Some(s) = name.to_str() else {
+        return Some("not valid UTF-8");
+    };
     if s.starts_with('-') {
         return Some("starts with '-'");
     }
@@ -112,7 +114,9 @@ pub fn unsafe_name(name: &std::ffi::OsStr) -> Option<&'static str> {
 }
 
 fn mtime_ns(m: &std::fs::Metadata) -> i64 {
-    m.mtime().saturating_mul(1_000_000_000).saturating_add(m.mtime_nsec())
+    m.mtime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(m.mtime_nsec())
 }
 
 /// Walks `source` (never following symlinks) and returns the candidates in admission order.
@@ -191,7 +195,11 @@ pub fn discover(source: &Path, rules: &Rules, open: &OpenFiles) -> Discovery {
                 out.skip(&rel, SkipReason::OpenByProcess);
                 continue;
             }
-            out.candidates.push(Candidate { rel, size: meta.len(), mtime_ns: mtime });
+            out.candidates.push(Candidate {
+                rel,
+                size: meta.len(),
+                mtime_ns: mtime,
+            });
         }
     }
     order(&mut out.candidates, rules);
@@ -204,7 +212,10 @@ pub fn discover(source: &Path, rules: &Rules, open: &OpenFiles) -> Discovery {
 /// only this host's kernel sets, so it is not held back forever.
 fn is_stable(meta: &std::fs::Metadata, mtime_ns: i64, now_ns: i64, window: i64) -> bool {
     if mtime_ns > now_ns {
-        let ctime = meta.ctime().saturating_mul(1_000_000_000).saturating_add(meta.ctime_nsec());
+        let ctime = meta
+            .ctime()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(meta.ctime_nsec());
         return now_ns.saturating_sub(ctime) >= window;
     }
     now_ns.saturating_sub(mtime_ns) >= window
@@ -226,7 +237,10 @@ pub fn order(candidates: &mut [Candidate], rules: &Rules) {
             Priority::Smallest => a.size.cmp(&b.size),
             Priority::Largest => b.size.cmp(&a.size),
         };
-        group(a).cmp(&group(b)).then(by_priority).then_with(|| a.rel.cmp(&b.rel))
+        group(a)
+            .cmp(&group(b))
+            .then(by_priority)
+            .then_with(|| a.rel.cmp(&b.rel))
     });
 }
 
@@ -235,13 +249,26 @@ mod tests {
     use super::*;
 
     fn c(rel: &str, size: u64, mtime_ns: i64) -> Candidate {
-        Candidate { rel: rel.into(), size, mtime_ns }
+        Candidate {
+            rel: rel.into(),
+            size,
+            mtime_ns,
+        }
     }
 
     #[test]
     fn priority_paths_come_first_then_the_priority_order() {
-        let mut v = vec![c("a", 5, 1), c("urgent/b", 1, 9), c("c", 9, 2), c("urgent/d", 7, 3)];
-        let rules = Rules { stability: None, priority: Priority::Largest, priority_paths: vec!["urgent".into()] };
+        let mut v = vec![
+            c("a", 5, 1),
+            c("urgent/b", 1, 9),
+            c("c", 9, 2),
+            c("urgent/d", 7, 3),
+        ];
+        let rules = Rules {
+            stability: None,
+            priority: Priority::Largest,
+            priority_paths: vec!["urgent".into()],
+        };
         order(&mut v, &rules);
         let names: Vec<_> = v.iter().map(|c| c.rel.to_str().unwrap()).collect();
         assert_eq!(names, ["urgent/d", "urgent/b", "c", "a"]);

@@ -22,7 +22,9 @@ impl OpenFiles {
     fn scan_in(proc_root: &Path) -> OpenFiles {
         let mut out = OpenFiles::default();
         let me = std::process::id().to_string();
-        let Ok(entries) = std::fs::read_dir(proc_root) else { return out };
+        let Ok(entries) = std::fs::read_dir(proc_root) else {
+            return out;
+        };
         for entry in entries.flatten() {
             let name = entry.file_name();
             let Some(pid) = name.to_str() else { continue };

@@ -11,12 +11,12 @@ use super::pipeline::{Job, Run, lock};
 use crate::cleanup::{self, SourceKept};
 use crate::deliver::{self, DeliverError, Target};
 use crate::fsx;
+use crate::hazard;
 use crate::journal::{Journal, Outcome};
 use crate::notify;
 use crate::quarantine::{self, QuarantineError, Quarantined, Stamp};
 use crate::report::KeptSource;
 use crate::scan::FileVerdict;
-use crate::hazard;
 
 /// The outcome of one file, sent back to the admission thread.
 #[derive(Debug)]
@@ -55,18 +55,31 @@ impl FileResult {
 
 /// Runs `f` on the journal; a failed write stops the run (the file stays safe: the
 /// journal only ever lags the disk).
-fn journal(run: &Run, r: &mut FileResult, f: impl FnOnce(&Journal) -> Result<(), crate::journal::JournalError>) {
+fn journal(
+    run: &Run,
+    r: &mut FileResult,
+    f: impl FnOnce(&Journal) -> Result<(), crate::journal::JournalError>,
+) {
     if let Err(e) = f(&lock(run.journal)) {
         tracing::error!("journal write failed for {}: {e}", r.rel);
-        r.fatal.get_or_insert_with(|| format!("journal write failed: {e}"));
+        r.fatal
+            .get_or_insert_with(|| format!("journal write failed: {e}"));
     }
 }
 
-fn finish(run: &Run, mut r: FileResult, outcome: Outcome, disposition: &str, error: Option<String>) -> FileResult {
+fn finish(
+    run: &Run,
+    mut r: FileResult,
+    outcome: Outcome,
+    disposition: &str,
+    error: Option<String>,
+) -> FileResult {
     r.outcome = outcome;
     r.error = error;
     let (id, dest, err) = (r.id, r.destination.clone(), r.error.clone());
-    journal(run, &mut r, |j| j.file_finished(id, outcome, disposition, dest.as_deref(), err.as_deref()));
+    journal(run, &mut r, |j| {
+        j.file_finished(id, outcome, disposition, dest.as_deref(), err.as_deref())
+    });
     r
 }
 
@@ -78,18 +91,41 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
 
     // 7. Quarantine.
     let expected = (job.candidate.size, job.candidate.mtime_ns);
-    let q = match quarantine::copy_in(&cfg.source_path, &cfg.quarantine_path, rel, job.id, expected, buf) {
+    let q = match quarantine::copy_in(
+        &cfg.source_path,
+        &cfg.quarantine_path,
+        rel,
+        job.id,
+        expected,
+        buf,
+    ) {
         Ok(q) => q,
-        Err(e @ (QuarantineError::Changed(_) | QuarantineError::Vanished | QuarantineError::NotRegular)) => {
+        Err(
+            e @ (QuarantineError::Changed(_)
+            | QuarantineError::Vanished
+            | QuarantineError::NotRegular),
+        ) => {
             tracing::info!("skipped {:?}: {e}", rel);
-            return finish(run, r, Outcome::Skipped, "left_in_source", Some(e.to_string()));
+            return finish(
+                run,
+                r,
+                Outcome::Skipped,
+                "left_in_source",
+                Some(e.to_string()),
+            );
         }
         Err(e) => {
             tracing::error!("FAILED {:?}: {e}; source left in place", rel);
             if matches!(e, QuarantineError::DiskFull { .. }) {
                 r.fatal = Some(e.to_string());
             }
-            return finish(run, r, Outcome::Failed, "quarantine_failed", Some(e.to_string()));
+            return finish(
+                run,
+                r,
+                Outcome::Failed,
+                "quarantine_failed",
+                Some(e.to_string()),
+            );
         }
     };
     r.sha256 = Some(q.sha256.clone());
@@ -127,8 +163,8 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
         }
     };
     let mut r = match disposed {
-        Ok(r) => r,
-        Err(done) => return done,
+        Disposed::SourceMayGo(r) => r,
+        Disposed::Finished(r) => return r,
     };
 
     // 10. Source removal.
@@ -141,7 +177,10 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
             Err(SourceKept::Gone) => {}
             Err(kept) => {
                 tracing::warn!("source {:?} kept: {kept}", rel);
-                r.kept = Some(KeptSource { path: r.rel.clone(), reason: kept.to_string() });
+                r.kept = Some(KeptSource {
+                    path: r.rel.clone(),
+                    reason: kept.to_string(),
+                });
             }
         }
     }
@@ -152,8 +191,12 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
 fn open_copy(q: &Quarantined) -> std::io::Result<File> {
     let f = fsx::open_read_nofollow(&q.path)?;
     let now = Stamp::of(&f.metadata()?);
-    if (now.dev, now.ino, now.size, now.mtime_ns) != (q.copy.dev, q.copy.ino, q.copy.size, q.copy.mtime_ns) {
-        return Err(std::io::Error::other("quarantine copy was replaced or modified"));
+    if (now.dev, now.ino, now.size, now.mtime_ns)
+        != (q.copy.dev, q.copy.ino, q.copy.size, q.copy.mtime_ns)
+    {
+        return Err(std::io::Error::other(
+            "quarantine copy was replaced or modified",
+        ));
     }
     Ok(f)
 }
@@ -172,21 +215,55 @@ fn verdict_label(v: &FileVerdict) -> &'static str {
     }
 }
 
-/// Clean branch. `Ok` once the copy is durable and verified in the destination (the
-/// source may go); `Err` with the file's final result otherwise.
-fn deliver_clean(run: &Run, mut r: FileResult, q: &Quarantined, rel: &Path, id: i64, buf: &mut [u8]) -> Result<FileResult, FileResult> {
+/// After disposal: may the source be removed (DESIGN §1.10)?
+enum Disposed {
+    /// The copy is durable in the destination or hazard archive, or deliberately
+    /// deleted as suspect.
+    SourceMayGo(FileResult),
+    /// The file's handling ended here; the source stays.
+    Finished(FileResult),
+}
+
+/// Clean branch: deliver, verified and durable.
+fn deliver_clean(
+    run: &Run,
+    mut r: FileResult,
+    q: &Quarantined,
+    rel: &Path,
+    id: i64,
+    buf: &mut [u8],
+) -> Disposed {
     let cfg = run.cfg;
-    let target = Target { root: &cfg.destination_path, on_conflict: cfg.on_conflict, same_fs: same_fs(cfg) };
+    let target = Target {
+        root: &cfg.destination_path,
+        on_conflict: cfg.on_conflict,
+        same_fs: same_fs(cfg),
+    };
     match deliver::deliver(q, rel, id, &target, buf) {
         Ok(d) => {
             r.destination = Some(d.path.display().to_string());
-            tracing::info!("clean: {:?} -> {} ({})", rel, d.path.display(), d.how.as_str());
-            Ok(finish(run, r, Outcome::Clean, d.how.as_str(), None))
+            tracing::info!(
+                "clean: {:?} -> {} ({})",
+                rel,
+                d.path.display(),
+                d.how.as_str()
+            );
+            Disposed::SourceMayGo(finish(run, r, Outcome::Clean, d.how.as_str(), None))
         }
         Err(DeliverError::ConflictSkipped(p)) => {
             remove_copy(q);
-            tracing::warn!("not delivered: {} holds different bytes (on_conflict = skip); source {:?} kept", p.display(), rel);
-            Err(finish(run, r, Outcome::Skipped, "conflict_skipped", Some(format!("{} exists", p.display()))))
+            tracing::warn!(
+                "not delivered: {} holds different bytes (on_conflict = skip); source {:?} kept",
+                p.display(),
+                rel
+            );
+            Disposed::Finished(finish(
+                run,
+                r,
+                Outcome::Skipped,
+                "conflict_skipped",
+                Some(format!("{} exists", p.display())),
+            ))
         }
         Err(e) => {
             remove_copy(q);
@@ -194,14 +271,25 @@ fn deliver_clean(run: &Run, mut r: FileResult, q: &Quarantined, rel: &Path, id: 
             if matches!(e, DeliverError::DiskFull { .. }) {
                 r.fatal = Some(e.to_string());
             }
-            Err(finish(run, r, Outcome::Failed, "delivery_failed", Some(e.to_string())))
+            Disposed::Finished(finish(
+                run,
+                r,
+                Outcome::Failed,
+                "delivery_failed",
+                Some(e.to_string()),
+            ))
         }
     }
 }
 
-/// Suspect branch. `Ok` once the suspect copy is durably archived or deliberately
-/// deleted (the source may go); `Err` with the file's final result otherwise.
-fn dispose_suspect(run: &Run, mut r: FileResult, q: &Quarantined, rel: &Path, detections: Vec<String>) -> Result<FileResult, FileResult> {
+/// Suspect branch: archive or delete the quarantine copy.
+fn dispose_suspect(
+    run: &Run,
+    mut r: FileResult,
+    q: &Quarantined,
+    rel: &Path,
+    detections: Vec<String>,
+) -> Disposed {
     let found = detections.join(", ");
     r.detections = detections;
     match hazard::dispose(q, rel, &r.detections) {
@@ -211,23 +299,41 @@ fn dispose_suspect(run: &Run, mut r: FileResult, q: &Quarantined, rel: &Path, de
                     r.destination = Some(p.display().to_string());
                     ("archived", format!("archived as {}", p.display()))
                 }
-                hazard::Disposal::Deleted => ("deleted", "deleted (no hazard archive configured)".to_string()),
+                hazard::Disposal::Deleted => (
+                    "deleted",
+                    "deleted (no hazard archive configured)".to_string(),
+                ),
             };
             tracing::warn!("SUSPECT {:?}: {found}; quarantine copy {place}", rel);
             run.notifier.send(
                 notify::Kind::Hazard,
                 &format!("Shuttle: suspect file {}", r.rel),
-                &format!("File: {}\nSHA-256: {}\nDetections: {found}\nDisposal: {place}\n", r.rel, q.sha256),
+                &format!(
+                    "File: {}\nSHA-256: {}\nDetections: {found}\nDisposal: {place}\n",
+                    r.rel, q.sha256
+                ),
             );
             if !run.cfg.delete_source_files {
-                tracing::warn!("suspect source {:?} stays in the drop directory (delete_source_files_after_copying is off)", rel);
+                tracing::warn!(
+                    "suspect source {:?} stays in the drop directory (delete_source_files_after_copying is off)",
+                    rel
+                );
             }
-            Ok(finish(run, r, Outcome::Suspect, how, None))
+            Disposed::SourceMayGo(finish(run, r, Outcome::Suspect, how, None))
         }
         Err(e) => {
             remove_copy(q);
-            tracing::error!("FAILED {:?} (suspect: {found}): {e}; source left in place", rel);
-            Err(finish(run, r, Outcome::Failed, "hazard_failed", Some(e.to_string())))
+            tracing::error!(
+                "FAILED {:?} (suspect: {found}): {e}; source left in place",
+                rel
+            );
+            Disposed::Finished(finish(
+                run,
+                r,
+                Outcome::Failed,
+                "hazard_failed",
+                Some(e.to_string()),
+            ))
         }
     }
 }
@@ -235,7 +341,10 @@ fn dispose_suspect(run: &Run, mut r: FileResult, q: &Quarantined, rel: &Path, de
 /// Are quarantine and destination on one filesystem (delivery by rename)?
 fn same_fs(cfg: &crate::config::Config) -> bool {
     use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(&cfg.quarantine_path), std::fs::metadata(&cfg.destination_path)) {
+    match (
+        std::fs::metadata(&cfg.quarantine_path),
+        std::fs::metadata(&cfg.destination_path),
+    ) {
         (Ok(a), Ok(b)) => a.dev() == b.dev(),
         _ => false,
     }

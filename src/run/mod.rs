@@ -58,7 +58,10 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Report, RunError> {
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o007));
 
     let notifier = Notifier::new(&cfg.notifications);
-    let mut report = Report { started: now_string(), ..Default::default() };
+    let mut report = Report {
+        started: now_string(),
+        ..Default::default()
+    };
     if let Err(e) = run_locked(cfg, engines, &notifier, &mut report) {
         let msg = format!("{e:#}");
         tracing::error!("run stopped: {msg}");
@@ -77,7 +80,11 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Report, RunError> {
         tracing::error!("cannot write report {}: {e}", path.display());
     }
     if cfg.notifications.notify_summary || report.files.failed > 0 || report.throttle.stopped {
-        notifier.send(notify::Kind::Summary, "Shuttle run summary", &report.summary_line());
+        notifier.send(
+            notify::Kind::Summary,
+            "Shuttle run summary",
+            &report.summary_line(),
+        );
     }
     Ok(report)
 }
@@ -85,7 +92,11 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Report, RunError> {
 /// 0 = finished (files may be suspect, admission may be throttled); 1 = a file failed
 /// or the run hit a runtime error (DESIGN §1).
 fn exit_code(r: &Report) -> i32 {
-    if r.files.failed > 0 || !r.errors.is_empty() { 1 } else { 0 }
+    if r.files.failed > 0 || !r.errors.is_empty() {
+        1
+    } else {
+        0
+    }
 }
 
 /// Records the run's end and totals in the journal.
@@ -99,7 +110,12 @@ fn record_end(cfg: &Config, report: &Report) {
     }
 }
 
-fn run_locked(cfg: &Config, engines: Vec<Box<dyn Scanner>>, notifier: &Notifier, report: &mut Report) -> anyhow::Result<()> {
+fn run_locked(
+    cfg: &Config,
+    engines: Vec<Box<dyn Scanner>>,
+    notifier: &Notifier,
+    report: &mut Report,
+) -> anyhow::Result<()> {
     // 3. Recovery: reconcile what an interrupted run left (journal first).
     let journal = Journal::open(&cfg.tracking_data_path).context("cannot open the journal")?;
     let run_id = journal.begin_run(&report.started)?;
@@ -114,14 +130,25 @@ fn run_locked(cfg: &Config, engines: Vec<Box<dyn Scanner>>, notifier: &Notifier,
 
     // 8 (first part). Every scanner must answer, and detect the canary, before any
     // file is touched.
-    let scanners = Scanners::start(engines, scan::Policy::from_config(&cfg.scanning), cfg.scanning.canary)
-        .map_err(|e| anyhow::anyhow!("scanner not usable, no file was touched: {e}"))?;
-    report.scanners = scanners.versions().into_iter().map(|(scanner, version)| EngineVersion { scanner, version }).collect();
+    let scanners = Scanners::start(
+        engines,
+        scan::Policy::from_config(&cfg.scanning),
+        cfg.scanning.canary,
+    )
+    .map_err(|e| anyhow::anyhow!("scanner not usable, no file was touched: {e}"))?;
+    report.scanners = scanners
+        .versions()
+        .into_iter()
+        .map(|(scanner, version)| EngineVersion { scanner, version })
+        .collect();
 
     // 5. Discover.
     let open = OpenFiles::scan();
     if open.unreadable_processes > 0 {
-        tracing::debug!("{} processes' open files could not be read", open.unreadable_processes);
+        tracing::debug!(
+            "{} processes' open files could not be read",
+            open.unreadable_processes
+        );
     }
     let rules = Rules {
         stability: (!cfg.skip_stability_check).then(|| Duration::from_secs(cfg.stability_seconds)),
@@ -148,7 +175,13 @@ fn run_locked(cfg: &Config, engines: Vec<Box<dyn Scanner>>, notifier: &Notifier,
     }
     let dirs = discovery.dirs;
     let journal = std::sync::Mutex::new(journal);
-    let run = pipeline::Run { cfg, journal: &journal, run_id, scanners: &scanners, notifier };
+    let run = pipeline::Run {
+        cfg,
+        journal: &journal,
+        run_id,
+        scanners: &scanners,
+        notifier,
+    };
     pipeline::process(&run, admission, discovery.candidates, report)?;
     let journal = journal.into_inner().unwrap_or_else(|p| p.into_inner());
     for (sample, total) in crate::throttle::targets_space(cfg) {

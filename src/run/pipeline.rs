@@ -39,7 +39,12 @@ const REPORT_FILE_LIMIT: usize = 10_000;
 /// Copy buffer per worker.
 const BUFFER: usize = 1 << 20;
 
-pub fn process(run: &Run, mut admission: Admission, candidates: Vec<Candidate>, report: &mut Report) -> anyhow::Result<()> {
+pub fn process(
+    run: &Run,
+    mut admission: Admission,
+    candidates: Vec<Candidate>,
+    report: &mut Report,
+) -> anyhow::Result<()> {
     let threads = run.cfg.max_scan_threads.max(1);
     let total = candidates.len() as u64;
     let mut tickets = HashMap::new();
@@ -79,7 +84,9 @@ pub fn process(run: &Run, mut admission: Admission, candidates: Vec<Candidate>, 
                 settle(r, &mut tickets, &mut admission, &mut stop, report);
             }
             if run.scanners.tripped() {
-                stop.get_or_insert_with(|| "circuit breaker: too many scan timeouts this run".into());
+                stop.get_or_insert_with(|| {
+                    "circuit breaker: too many scan timeouts this run".into()
+                });
             }
             if stop.is_some() {
                 break;
@@ -93,7 +100,12 @@ pub fn process(run: &Run, mut admission: Admission, candidates: Vec<Candidate>, 
                 }
             };
             let rel = candidate.rel.to_string_lossy().into_owned();
-            let id = match lock(run.journal).file_admitted(run.run_id, &rel, candidate.size, candidate.mtime_ns) {
+            let id = match lock(run.journal).file_admitted(
+                run.run_id,
+                &rel,
+                candidate.size,
+                candidate.mtime_ns,
+            ) {
                 Ok(id) => id,
                 Err(e) => {
                     admission.finish(ticket, false);
@@ -122,7 +134,10 @@ pub fn process(run: &Run, mut admission: Admission, candidates: Vec<Candidate>, 
         stop.get_or_insert_with(|| "circuit breaker: too many scan timeouts this run".into());
     }
     if let Some(reason) = stop {
-        anyhow::bail!("{reason}; {} file(s) left in the source for the next run", report.files.deferred);
+        anyhow::bail!(
+            "{reason}; {} file(s) left in the source for the next run",
+            report.files.deferred
+        );
     }
     Ok(())
 }
@@ -164,7 +179,10 @@ fn tally(report: &mut Report, r: FileResult) {
         Outcome::Failed | Outcome::Interrupted => f.failed += 1,
         Outcome::Skipped => {
             f.skipped += 1;
-            *report.skipped_by_reason.entry("changed_or_conflict").or_default() += 1;
+            *report
+                .skipped_by_reason
+                .entry("changed_or_conflict")
+                .or_default() += 1;
         }
     }
     if let Some(k) = r.kept {
@@ -189,23 +207,33 @@ fn throttle_stop(run: &Run, denial: &Denial, report: &mut Report) {
     let mut recommendations = Vec::new();
     if let Denial::DiskSpace { path, .. } = denial {
         let week_ago = chrono::Utc::now().timestamp() - 7 * 86_400;
-        let delivered = lock(run.journal).delivered_bytes_since(week_ago).unwrap_or(0);
+        let delivered = lock(run.journal)
+            .delivered_bytes_since(week_ago)
+            .unwrap_or(0);
         recommendations = throttle::recommendations(run.cfg, path, delivered);
         for r in &recommendations {
             tracing::warn!("cleanup recommendation: {r}");
         }
     }
-    if let Err(e) = lock(run.journal).record_throttle(run.run_id, denial.reason(), denial.message()) {
+    if let Err(e) = lock(run.journal).record_throttle(run.run_id, denial.reason(), denial.message())
+    {
         tracing::error!("cannot record the throttle decision in the journal: {e}");
     }
-    let mut body = format!("{}\n\nFiles not admitted stay untouched in the source for the next run.\n", denial.log_line());
+    let mut body = format!(
+        "{}\n\nFiles not admitted stay untouched in the source for the next run.\n",
+        denial.log_line()
+    );
     if !recommendations.is_empty() {
         body.push_str("\nWhat Shuttle keeps on the full filesystem, largest first:\n");
         for r in &recommendations {
             body.push_str(&format!("- {r}\n"));
         }
     }
-    run.notifier.send(notify::Kind::Error, &format!("Shuttle throttled: {}", denial.title()), &body);
+    run.notifier.send(
+        notify::Kind::Error,
+        &format!("Shuttle throttled: {}", denial.title()),
+        &body,
+    );
     report.throttle.stopped = true;
     report.throttle.reason = Some(denial.reason());
     report.throttle.message = Some(denial.message().to_string());

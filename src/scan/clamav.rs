@@ -60,7 +60,10 @@ trait ReadWrite: Read + Write {}
 impl<T: Read + Write> ReadWrite for T {}
 
 fn is_timeout(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 impl ClamAv {
@@ -69,7 +72,8 @@ impl ClamAv {
     }
 
     fn connect(&self) -> Result<Conn, ScanError> {
-        let unreachable = |e: io::Error| ScanError::Unreachable(format!("clamd at {}: {e}", self.endpoint));
+        let unreachable =
+            |e: io::Error| ScanError::Unreachable(format!("clamd at {}: {e}", self.endpoint));
         let conn = match &self.endpoint {
             ClamdEndpoint::Unix(p) => Conn::Unix(UnixStream::connect(p).map_err(unreachable)?),
             ClamdEndpoint::Tcp(addr) => {
@@ -78,11 +82,14 @@ impl ClamAv {
                     .to_socket_addrs()
                     .map_err(unreachable)?
                     .next()
-                    .ok_or_else(|| ScanError::Unreachable(format!("clamd address {addr} resolves to nothing")))?;
+                    .ok_or_else(|| {
+                        ScanError::Unreachable(format!("clamd address {addr} resolves to nothing"))
+                    })?;
                 Conn::Tcp(TcpStream::connect_timeout(&sa, COMMAND_TIMEOUT).map_err(unreachable)?)
             }
         };
-        conn.set_timeout(Some(COMMAND_TIMEOUT)).map_err(unreachable)?;
+        conn.set_timeout(Some(COMMAND_TIMEOUT))
+            .map_err(unreachable)?;
         Ok(conn)
     }
 
@@ -90,13 +97,17 @@ impl ClamAv {
     pub fn command(&self, cmd: &str) -> Result<String, ScanError> {
         let mut conn = self.connect()?;
         let io_err = |e: io::Error| ScanError::Failed(format!("clamd {cmd}: {e}"));
-        conn.stream().write_all(format!("z{cmd}\0").as_bytes()).map_err(io_err)?;
+        conn.stream()
+            .write_all(format!("z{cmd}\0").as_bytes())
+            .map_err(io_err)?;
         let reply = read_reply(conn.stream(), COMMAND_TIMEOUT)?;
         Ok(reply.trim_end_matches(['\0', '\n']).to_string())
     }
 
     fn scan_fildes(&self, conn: &mut Conn, file: &File) -> io::Result<()> {
-        let Conn::Unix(sock) = conn else { unreachable!("FILDES is only used over a unix socket") };
+        let Conn::Unix(sock) = conn else {
+            unreachable!("FILDES is only used over a unix socket")
+        };
         sock.write_all(b"zFILDES\0")?;
         let fds = [file.as_fd()];
         let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
@@ -104,7 +115,12 @@ impl ClamAv {
         if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
             return Err(io::Error::other("cannot build SCM_RIGHTS message"));
         }
-        rustix::net::sendmsg(&*sock, &[IoSlice::new(b"\0")], &mut control, SendFlags::NOSIGNAL)?;
+        rustix::net::sendmsg(
+            &*sock,
+            &[IoSlice::new(b"\0")],
+            &mut control,
+            SendFlags::NOSIGNAL,
+        )?;
         Ok(())
     }
 
@@ -137,11 +153,19 @@ impl Scanner for ClamAv {
         if v.starts_with("ClamAV ") {
             Ok(v)
         } else {
-            Err(ScanError::Failed(format!("unexpected VERSION reply from clamd: {v:?}")))
+            Err(ScanError::Failed(format!(
+                "unexpected VERSION reply from clamd: {v:?}"
+            )))
         }
     }
 
-    fn scan(&self, file: &File, _path: &Path, _size: u64, timeout: Option<Duration>) -> Result<Verdict, ScanError> {
+    fn scan(
+        &self,
+        file: &File,
+        _path: &Path,
+        _size: u64,
+        timeout: Option<Duration>,
+    ) -> Result<Verdict, ScanError> {
         let mut conn = self.connect()?;
         let sent = match self.endpoint {
             ClamdEndpoint::Unix(_) => self.scan_fildes(&mut conn, file),
@@ -149,7 +173,9 @@ impl Scanner for ClamAv {
         };
         // The scan itself may take long: wait for the reply up to the scan timeout.
         if let Err(e) = conn.set_timeout(timeout) {
-            return Err(ScanError::Failed(format!("cannot set clamd socket timeout: {e}")));
+            return Err(ScanError::Failed(format!(
+                "cannot set clamd socket timeout: {e}"
+            )));
         }
         // clamd may refuse a stream midway (size limit) and close: its reply says why.
         let reply = read_reply_opt(conn.stream(), timeout);
@@ -157,7 +183,9 @@ impl Scanner for ClamAv {
             (_, Ok(r)) if !r.is_empty() => parse_reply(&r),
             (_, Err(ScanError::Timeout(t))) => Err(ScanError::Timeout(t)),
             (Err(e), _) => Err(ScanError::Failed(format!("sending to clamd failed: {e}"))),
-            (Ok(()), Ok(_)) => Err(ScanError::Failed("clamd closed the connection without a reply".into())),
+            (Ok(()), Ok(_)) => Err(ScanError::Failed(
+                "clamd closed the connection without a reply".into(),
+            )),
             (Ok(()), Err(e)) => Err(e),
         }
     }
@@ -193,7 +221,9 @@ fn read_reply_opt(s: &mut dyn ReadWrite, timeout: Option<Duration>) -> Result<St
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) if is_timeout(&e) => return Err(ScanError::Timeout(timeout.unwrap_or(COMMAND_TIMEOUT))),
+            Err(e) if is_timeout(&e) => {
+                return Err(ScanError::Timeout(timeout.unwrap_or(COMMAND_TIMEOUT)));
+            }
             Err(e) if !out.is_empty() => {
                 tracing::debug!("clamd connection error after partial reply: {e}");
                 break;
@@ -209,7 +239,11 @@ fn read_reply_opt(s: &mut dyn ReadWrite, timeout: Option<Duration>) -> Result<St
 pub fn parse_reply(reply: &str) -> Result<Verdict, ScanError> {
     let mut detections = Vec::new();
     let mut clean = false;
-    let lines: Vec<&str> = reply.split(['\0', '\n']).map(str::trim).filter(|l| !l.is_empty()).collect();
+    let lines: Vec<&str> = reply
+        .split(['\0', '\n'])
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
     if lines.is_empty() {
         return Err(ScanError::Failed("empty reply from clamd".into()));
     }
@@ -217,7 +251,9 @@ pub fn parse_reply(reply: &str) -> Result<Verdict, ScanError> {
         if let Some(body) = line.strip_suffix(" FOUND") {
             let name = body.split_once(": ").map(|(_, n)| n).unwrap_or(body).trim();
             if name.is_empty() {
-                return Err(ScanError::Failed(format!("clamd reported a detection without a name: {line:?}")));
+                return Err(ScanError::Failed(format!(
+                    "clamd reported a detection without a name: {line:?}"
+                )));
             }
             detections.push(name.to_string());
         } else if line.ends_with(" ERROR") {
@@ -225,7 +261,9 @@ pub fn parse_reply(reply: &str) -> Result<Verdict, ScanError> {
         } else if line.ends_with(": OK") {
             clean = true;
         } else {
-            return Err(ScanError::Failed(format!("unrecognised clamd reply: {line:?}")));
+            return Err(ScanError::Failed(format!(
+                "unrecognised clamd reply: {line:?}"
+            )));
         }
     }
     if !detections.is_empty() {
@@ -233,7 +271,9 @@ pub fn parse_reply(reply: &str) -> Result<Verdict, ScanError> {
     } else if clean {
         Ok(Verdict::Clean)
     } else {
-        Err(ScanError::Failed(format!("unrecognised clamd reply: {reply:?}")))
+        Err(ScanError::Failed(format!(
+            "unrecognised clamd reply: {reply:?}"
+        )))
     }
 }
 
@@ -253,6 +293,9 @@ mod tests {
         assert!(parse_reply("fd[5]: lstat() failed: No such file. ERROR").is_err());
         assert!(parse_reply("").is_err());
         assert!(parse_reply("fd[5]: MAYBE").is_err());
-        assert!(parse_reply("fd[5]: OK\0fd[5]: Heuristics.Limits.Exceeded FOUND\0").is_ok_and(|v| v != Verdict::Clean));
+        assert!(
+            parse_reply("fd[5]: OK\0fd[5]: Heuristics.Limits.Exceeded FOUND\0")
+                .is_ok_and(|v| v != Verdict::Clean)
+        );
     }
 }

@@ -18,10 +18,17 @@ use crate::config::ScanConfig;
 pub fn enabled(cfg: &crate::config::Config) -> Result<Vec<Box<dyn Scanner>>, String> {
     let mut v: Vec<Box<dyn Scanner>> = Vec::new();
     if cfg.scanning.defender {
-        return Err("on_demand_defender: Microsoft Defender scanning is not available in this build yet".into());
+        return Err(
+            "on_demand_defender: Microsoft Defender scanning is not available in this build yet"
+                .into(),
+        );
     }
     if cfg.scanning.clam_av {
-        let endpoint = cfg.scanning.clamd.clone().ok_or("on_demand_clam_av: no clamd socket or address known")?;
+        let endpoint = cfg
+            .scanning
+            .clamd
+            .clone()
+            .ok_or("on_demand_clam_av: no clamd socket or address known")?;
         v.push(Box::new(clamav::ClamAv::new(endpoint)));
     }
     Ok(v)
@@ -55,7 +62,13 @@ pub trait Scanner: Send + Sync {
 
     /// Scans one quarantine copy. `file` is an open read-only descriptor of `path`,
     /// already checked to be the copy Shuttle wrote.
-    fn scan(&self, file: &File, path: &Path, size: u64, timeout: Option<Duration>) -> Result<Verdict, ScanError>;
+    fn scan(
+        &self,
+        file: &File,
+        path: &Path,
+        size: u64,
+        timeout: Option<Duration>,
+    ) -> Result<Verdict, ScanError>;
 }
 
 /// One engine's part in a file's verdict, as the journal and report record it.
@@ -133,22 +146,37 @@ pub struct EngineProblem {
 impl Scanners {
     /// Asks every engine for its version (proving it answers) and, with `canary`,
     /// checks that it detects the EICAR test file.
-    pub fn start(engines: Vec<Box<dyn Scanner>>, policy: Policy, canary: bool) -> Result<Scanners, EngineProblem> {
+    pub fn start(
+        engines: Vec<Box<dyn Scanner>>,
+        policy: Policy,
+        canary: bool,
+    ) -> Result<Scanners, EngineProblem> {
         let mut ready = Vec::new();
         for engine in engines {
-            let version = engine.version().map_err(|e| EngineProblem { engine: engine.name(), problem: e.to_string() })?;
+            let version = engine.version().map_err(|e| EngineProblem {
+                engine: engine.name(),
+                problem: e.to_string(),
+            })?;
             if canary {
                 check_canary(engine.as_ref(), &policy)?;
             }
             tracing::info!("scanner {} ready: {version}", engine.name());
             ready.push((engine, version));
         }
-        Ok(Scanners { engines: ready, policy, timeouts: AtomicU32::new(0), tripped: AtomicBool::new(false) })
+        Ok(Scanners {
+            engines: ready,
+            policy,
+            timeouts: AtomicU32::new(0),
+            tripped: AtomicBool::new(false),
+        })
     }
 
     /// Engine names and versions, for the report and metrics.
     pub fn versions(&self) -> Vec<(&'static str, String)> {
-        self.engines.iter().map(|(e, v)| (e.name(), v.clone())).collect()
+        self.engines
+            .iter()
+            .map(|(e, v)| (e.name(), v.clone()))
+            .collect()
     }
 
     /// Has the circuit breaker stopped the run?
@@ -158,7 +186,12 @@ impl Scanners {
 
     /// Scans the quarantine copy at `path` with every engine. `open` reopens it for
     /// each attempt (a fresh descriptor, checked by the caller to be the same file).
-    pub fn scan(&self, path: &Path, size: u64, open: &dyn Fn() -> std::io::Result<File>) -> FileScan {
+    pub fn scan(
+        &self,
+        path: &Path,
+        size: u64,
+        open: &dyn Fn() -> std::io::Result<File>,
+    ) -> FileScan {
         let mut results = Vec::new();
         let mut detections = Vec::new();
         let mut failure: Option<String> = None;
@@ -176,7 +209,13 @@ impl Scanners {
                     ("failed", Vec::new(), Some(msg))
                 }
             };
-            results.push(EngineResult { scanner: engine.name(), version: version.clone(), result, detections: dets, error });
+            results.push(EngineResult {
+                scanner: engine.name(),
+                version: version.clone(),
+                result,
+                detections: dets,
+                error,
+            });
         }
         // A detection by any engine outweighs another engine's failure.
         let verdict = if !detections.is_empty() {
@@ -199,9 +238,12 @@ impl Scanners {
         let timeout = self.policy.timeout_for(size);
         loop {
             if self.tripped() {
-                return Err(ScanError::Failed("circuit breaker open after repeated timeouts".into()));
+                return Err(ScanError::Failed(
+                    "circuit breaker open after repeated timeouts".into(),
+                ));
             }
-            let file = open().map_err(|e| ScanError::Failed(format!("cannot open quarantine copy: {e}")))?;
+            let file = open()
+                .map_err(|e| ScanError::Failed(format!("cannot open quarantine copy: {e}")))?;
             match engine.scan(&file, path, size, timeout) {
                 Err(ScanError::Timeout(t)) => {
                     let n = self.timeouts.fetch_add(1, Ordering::SeqCst) + 1;
@@ -229,7 +271,8 @@ impl Scanners {
 
 /// The EICAR test string, stored reversed so that Shuttle's own binary is not flagged
 /// by the scanners it drives.
-const EICAR_REVERSED: &str = r"*H+H$!ELIF-TSET-SURIVITNA-DRADNATS-RACIE$}7)CC7)^P(45XZP\4[PA@%P!O5X";
+const EICAR_REVERSED: &str =
+    r"*H+H$!ELIF-TSET-SURIVITNA-DRADNATS-RACIE$}7)CC7)^P(45XZP\4[PA@%P!O5X";
 
 /// The 68-byte EICAR test file.
 pub fn eicar() -> Vec<u8> {
@@ -237,13 +280,17 @@ pub fn eicar() -> Vec<u8> {
 }
 
 fn check_canary(engine: &dyn Scanner, policy: &Policy) -> Result<(), EngineProblem> {
-    let problem = |p: String| EngineProblem { engine: engine.name(), problem: p };
+    let problem = |p: String| EngineProblem {
+        engine: engine.name(),
+        problem: p,
+    };
     let dir = tempfile::Builder::new()
         .prefix("shuttle-canary.")
         .tempdir()
         .map_err(|e| problem(format!("cannot create canary directory: {e}")))?;
     let path = dir.path().join("eicar.com");
-    std::fs::write(&path, eicar()).map_err(|e| problem(format!("cannot write canary file: {e}")))?;
+    std::fs::write(&path, eicar())
+        .map_err(|e| problem(format!("cannot write canary file: {e}")))?;
     let file = File::open(&path).map_err(|e| problem(format!("cannot open canary file: {e}")))?;
     match engine.scan(&file, &path, eicar().len() as u64, policy.timeout_for(68)) {
         Ok(Verdict::Suspect(_)) => Ok(()),
@@ -267,9 +314,18 @@ mod tests {
 
     #[test]
     fn timeout_grows_with_size_and_zero_means_none() {
-        let p = Policy { base: Duration::from_secs(2), ms_per_byte: 0.5, retry_wait: Duration::ZERO, retry_count: 3 };
+        let p = Policy {
+            base: Duration::from_secs(2),
+            ms_per_byte: 0.5,
+            retry_wait: Duration::ZERO,
+            retry_count: 3,
+        };
         assert_eq!(p.timeout_for(2000), Some(Duration::from_secs(3)));
-        let none = Policy { base: Duration::ZERO, ms_per_byte: 0.0, ..p };
+        let none = Policy {
+            base: Duration::ZERO,
+            ms_per_byte: 0.0,
+            ..p
+        };
         assert_eq!(none.timeout_for(10), None);
     }
 }

@@ -1,0 +1,353 @@
+//! Shared fixtures for the integration tests: a real private clamd with the test
+//! signature database, a scratch installation (drop, quarantine, destination, logs,
+//! journal, config file) per test, and the built `shuttle` binary.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime};
+
+pub const EICAR: &[u8] = concat!(
+    "X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD",
+    "-ANTIVIRUS-TEST-FILE!$H+H*"
+)
+.as_bytes();
+pub const MARKER: &[u8] = b"... SHUTTLE-TEST-MARKER ...";
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn shuttle_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_shuttle"))
+}
+
+/// A private clamd for this test binary: unix socket and a TCP port on 127.0.0.1,
+/// StreamMaxLength 1 MiB (so INSTREAM limits can be tested with small files).
+pub struct Clamd {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub tcp: String,
+}
+
+pub const STREAM_MAX: u64 = 1 << 20;
+
+/// Starts clamd once per test binary. It is started from a thread that lives as long
+/// as the process and gets SIGKILL when the process exits (PR_SET_PDEATHSIG), so no
+/// clamd outlives the tests.
+pub fn clamd() -> &'static Clamd {
+    static CLAMD: OnceLock<Clamd> = OnceLock::new();
+    CLAMD.get_or_init(|| {
+        let dir = tempfile::Builder::new().prefix("shuttle-clamd.").tempdir().unwrap().keep();
+        let status = Command::new(repo().join("scripts/make-test-signatures")).arg(dir.join("db")).status().unwrap();
+        assert!(status.success(), "make-test-signatures failed");
+        let port = free_port();
+        let socket = dir.join("clamd.sock");
+        let mut conf = format!(
+            "LocalSocket {}\nTCPSocket {port}\nTCPAddr 127.0.0.1\nDatabaseDirectory {}\nForeground yes\nLogFile {}\nStreamMaxLength 1M\nMaxThreads 8\n",
+            socket.display(),
+            dir.join("db").display(),
+            dir.join("clamd.log").display()
+        );
+        if rustix::process::getuid().is_root() {
+            conf.push_str("User root\n");
+        }
+        std::fs::write(dir.join("clamd.conf"), conf).unwrap();
+        let conf_path = dir.join("clamd.conf");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::os::unix::process::CommandExt;
+            let mut cmd = Command::new("clamd");
+            cmd.arg("-c").arg(&conf_path).stdout(Stdio::null()).stderr(Stdio::null());
+            unsafe {
+                cmd.pre_exec(|| {
+                    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+                        .map_err(std::io::Error::from)
+                });
+            }
+            let child = cmd.spawn();
+            let ok = child.is_ok();
+            tx.send(child.map(|_| ()).map_err(|e| e.to_string())).unwrap();
+            if ok {
+                loop {
+                    std::thread::park();
+                }
+            }
+        });
+        rx.recv().unwrap().expect("cannot start clamd (is clamav-daemon installed? run scripts/install-deps)");
+        let started = std::time::Instant::now();
+        while !socket.exists() || std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(60), "clamd did not come up; see {}", dir.display());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Clamd { dir, socket, tcp: format!("127.0.0.1:{port}") }
+    })
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One scratch installation.
+pub struct Env {
+    pub tmp: tempfile::TempDir,
+    pub src: PathBuf,
+    pub dst: PathBuf,
+    pub quarantine: PathBuf,
+    pub logs: PathBuf,
+    pub state: PathBuf,
+    pub config: PathBuf,
+    pub report: PathBuf,
+    /// Extra `[settings]`/`[scanning]` lines, as `key = value`.
+    settings: BTreeMap<String, String>,
+}
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn from(o: Output) -> Run {
+        Run {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let tmp = tempfile::Builder::new()
+            .prefix("shuttle-test.")
+            .tempdir()
+            .unwrap();
+        let root = tmp.path().to_path_buf();
+        let env = Env {
+            src: root.join("src"),
+            dst: root.join("dst"),
+            quarantine: root.join("quarantine"),
+            logs: root.join("logs"),
+            state: root.join("state"),
+            config: root.join("shuttle.conf"),
+            report: root.join("report.json"),
+            settings: BTreeMap::new(),
+            tmp,
+        };
+        for d in [&env.src, &env.dst, &env.quarantine] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let mut env = env;
+        env.set("clamd_socket", &clamd().socket.display().to_string());
+        env.set("max_scan_threads", "2");
+        env.set("delete_source_files_after_copying", "true");
+        env.write_config();
+        env
+    }
+
+    pub fn root(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// Sets a key (any section: Shuttle accepts a known key anywhere, with a warning
+    /// when misplaced; the config writer puts each key in its documented section).
+    pub fn set(&mut self, key: &str, value: &str) -> &mut Env {
+        self.settings.insert(key.to_string(), value.to_string());
+        self.write_config();
+        self
+    }
+
+    pub fn unset(&mut self, key: &str) -> &mut Env {
+        self.settings.remove(key);
+        self.write_config();
+        self
+    }
+
+    pub fn write_config(&self) {
+        let mut paths = format!(
+            "[paths]\nsource_path = {}\ndestination_path = {}\nquarantine_path = {}\nlog_path = {}\ntracking_data_path = {}\nlock_path = {}\n",
+            self.src.display(),
+            self.dst.display(),
+            self.quarantine.display(),
+            self.logs.display(),
+            self.state.display(),
+            self.root().join("shuttle.lock").display()
+        );
+        let mut sections: BTreeMap<&str, String> = BTreeMap::new();
+        for (k, v) in &self.settings {
+            let section = shuttle::config::keys::lookup(k)
+                .map(|k| k.sections[0])
+                .unwrap_or("settings");
+            if section == "paths" {
+                paths.push_str(&format!("{k} = {v}\n"));
+            } else {
+                sections
+                    .entry(section)
+                    .or_default()
+                    .push_str(&format!("{k} = {v}\n"));
+            }
+        }
+        let mut text = paths;
+        for (s, body) in sections {
+            text.push_str(&format!("[{s}]\n{body}"));
+        }
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    /// Writes a source file aged past the stability window.
+    pub fn drop_file(&self, rel: &str, content: &[u8]) -> PathBuf {
+        let p = self.src.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, content).unwrap();
+        age(&p, 60);
+        p
+    }
+
+    pub fn shuttle(&self, args: &[&str]) -> Run {
+        Run::from(self.command(args).output().unwrap())
+    }
+
+    /// `shuttle run --config … --report-json …` plus `extra`.
+    pub fn run(&self, extra: &[&str]) -> Run {
+        let mut args = vec![
+            "run",
+            "--config",
+            self.config.to_str().unwrap(),
+            "--report-json",
+            self.report.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        self.shuttle(&args)
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(shuttle_bin());
+        c.args(args)
+            .env_remove("SHUTTLE_CONFIG_PATH")
+            .env("HOME", self.root())
+            .stdin(Stdio::null());
+        c
+    }
+
+    pub fn report(&self) -> serde_json::Value {
+        let text = std::fs::read_to_string(&self.report).expect("report written");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    /// Every regular file below `dir`, relative, with its bytes.
+    pub fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+        let mut out = BTreeMap::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let t = e.file_type().unwrap();
+                if t.is_dir() {
+                    stack.push(e.path());
+                } else if t.is_file() {
+                    let rel = e
+                        .path()
+                        .strip_prefix(dir)
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned();
+                    out.insert(rel, std::fs::read(e.path()).unwrap());
+                }
+            }
+        }
+        out
+    }
+
+    pub fn log_text(&self) -> String {
+        let mut all = String::new();
+        if let Ok(entries) = std::fs::read_dir(&self.logs) {
+            let mut names: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+            names.sort();
+            for p in names {
+                all.push_str(&std::fs::read_to_string(p).unwrap_or_default());
+            }
+        }
+        all
+    }
+}
+
+/// Sets a file's mtime `secs` into the past.
+pub fn age(p: &Path, secs: u64) {
+    let t = SystemTime::now() - Duration::from_secs(secs);
+    let f = std::fs::File::options()
+        .write(true)
+        .open(p)
+        .or_else(|_| std::fs::File::open(p))
+        .unwrap();
+    f.set_modified(t).unwrap();
+}
+
+pub fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+/// Random bytes (deterministic per seed) without pulling in a RNG crate.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// A tmpfs of `mib` MiB mounted at `dir` (the test machines run as root); unmounted
+/// when dropped.
+pub struct Tmpfs {
+    pub dir: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(dir: &Path, mib: u64) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let st = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mib}m,mode=0755"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(
+            st.success(),
+            "mounting a tmpfs at {} failed: these tests need root",
+            dir.display()
+        );
+        Tmpfs {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    pub fn free_mib(&self) -> f64 {
+        let s = rustix::fs::statvfs(&self.dir).unwrap();
+        (s.f_bavail * s.f_frsize) as f64 / 1_048_576.0
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
