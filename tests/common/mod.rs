@@ -351,3 +351,40 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
     }
 }
+
+/// Makes an OpenPGP key pair with stock gpg in a throwaway GNUPGHOME under `dir`;
+/// returns (GNUPGHOME, armored public key file). `algo` as gpg's quick-gen-key takes
+/// it ("default", "rsa3072", …).
+pub fn gpg_key(dir: &Path, algo: &str) -> (PathBuf, PathBuf) {
+    let home = dir.join(format!("gnupg-{algo}"));
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let uid = format!("Shuttle Test {algo} <test-{algo}@example.invalid>");
+    let ok = Command::new("gpg")
+        .env("GNUPGHOME", &home)
+        .args([
+            "--batch",
+            "--quiet",
+            "--passphrase",
+            "",
+            "--quick-gen-key",
+            &uid,
+            algo,
+            "default",
+            "never",
+        ])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "gpg --quick-gen-key {algo} failed");
+    let out = Command::new("gpg")
+        .env("GNUPGHOME", &home)
+        .args(["--batch", "--armor", "--export", &uid])
+        .output()
+        .unwrap();
+    assert!(out.status.success() && !out.stdout.is_empty());
+    let key = dir.join(format!("hazard-{algo}.asc"));
+    std::fs::write(&key, out.stdout).unwrap();
+    (home, key)
+}
