@@ -505,3 +505,31 @@ fn a_run_killed_mid_copy_leaves_nothing_blocking_and_the_rerun_delivers_once() {
     assert!(Env::tree(&env.quarantine).is_empty());
     assert!(Env::tree(&env.src).is_empty());
 }
+
+#[test]
+fn a_source_appended_to_during_its_copy_is_not_delivered_and_stays_whole() {
+    let mut env = Env::new();
+    env.set("skip_stability_check", "true");
+    let path = env.drop_file("growing.log", &noise(48 << 20, 11));
+    // Appends a line every few milliseconds, opening and closing the file each time
+    // (so the open-file check cannot see it between appends).
+    let mut writer = Command::new("sh")
+        .arg("-c")
+        .arg("while :; do echo more >> \"$0\"; sleep 0.002; done")
+        .arg(&path)
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let r = env.run(&[]);
+    writer.kill().unwrap();
+    writer.wait().unwrap();
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!env.dst.join("growing.log").exists(), "a changing file is never delivered");
+    assert!(Env::tree(&env.quarantine).is_empty(), "its copy was dropped");
+    let rep = env.report();
+    let skipped = rep["skipped_by_reason"]["changed_or_conflict"].as_u64().unwrap_or(0)
+        + rep["skipped_by_reason"]["open_by_process"].as_u64().unwrap_or(0);
+    assert_eq!(skipped, 1, "{rep}");
+    let data = std::fs::read(&path).unwrap();
+    assert!(data.len() > 48 << 20 && data.ends_with(b"more\n"), "source intact and still growing");
+}
