@@ -5,6 +5,7 @@ mod file;
 mod pipeline;
 
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -62,7 +63,8 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Report, RunError> {
         started: now_string(),
         ..Default::default()
     };
-    if let Err(e) = run_locked(cfg, engines, &notifier, &mut report) {
+    let mut journal = None;
+    if let Err(e) = run_locked(cfg, engines, &notifier, &mut report, &mut journal) {
         let msg = format!("{e:#}");
         tracing::error!("run stopped: {msg}");
         notifier.send(notify::Kind::Error, "Shuttle run stopped", &msg);
@@ -70,7 +72,9 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Report, RunError> {
     }
     report.exit_code = exit_code(&report);
     report.finished = now_string();
-    record_end(cfg, &report);
+    if let Some(j) = &journal {
+        record_end(&pipeline::lock(j), &report);
+    }
 
     // 12. Report.
     tracing::info!("{}", report.summary_line());
@@ -100,12 +104,10 @@ fn exit_code(r: &Report) -> i32 {
 }
 
 /// Records the run's end and totals in the journal.
-fn record_end(cfg: &Config, report: &Report) {
+fn record_end(journal: &Journal, report: &Report) {
     let Some(run_id) = report.run_id else { return };
     let summary = serde_json::json!({ "files": report.files, "bytes": report.bytes, "throttle": report.throttle });
-    let done = Journal::open(&cfg.tracking_data_path)
-        .and_then(|j| j.finish_run(run_id, &report.finished, report.exit_code, &summary));
-    if let Err(e) = done {
+    if let Err(e) = journal.finish_run(run_id, &report.finished, report.exit_code, &summary) {
         tracing::error!("cannot record the end of run {run_id} in the journal: {e}");
     }
 }
@@ -115,12 +117,17 @@ fn run_locked(
     engines: Vec<Box<dyn Scanner>>,
     notifier: &Notifier,
     report: &mut Report,
+    journal_slot: &mut Option<Mutex<Journal>>,
 ) -> anyhow::Result<()> {
     // 3. Recovery: reconcile what an interrupted run left (journal first).
-    let journal = Journal::open(&cfg.tracking_data_path).context("cannot open the journal")?;
-    let run_id = journal.begin_run(&report.started)?;
+    let journal = journal_slot.insert(Mutex::new(
+        Journal::open(&cfg.tracking_data_path).context("cannot open the journal")?,
+    ));
+    let journal = &*journal;
+    let j = pipeline::lock(journal);
+    let run_id = j.begin_run(&report.started)?;
     report.run_id = Some(run_id);
-    let recovered = recover::reconcile(&journal, cfg, run_id)?;
+    let recovered = recover::reconcile(&j, cfg, run_id)?;
     if recovered.interrupted_files > 0 {
         tracing::warn!(
             "recovered {} file(s) of an interrupted run; their sources are handled again",
@@ -169,23 +176,23 @@ fn run_locked(
 
     // 6–10. Admit, quarantine, scan, dispose, remove sources.
     let today = journal::local_day(chrono::Local::now());
-    let admission = Admission::new(cfg, journal.day_totals(&today)?);
+    let admission = Admission::new(cfg, j.day_totals(&today)?);
     for (sample, total) in admission.samples() {
-        journal.record_space(run_id, &sample, total)?;
+        j.record_space(run_id, &sample, total)?;
     }
+    drop(j);
     let dirs = discovery.dirs;
-    let journal = std::sync::Mutex::new(journal);
     let run = pipeline::Run {
         cfg,
-        journal: &journal,
+        journal,
         run_id,
         scanners: &scanners,
         notifier,
     };
     pipeline::process(&run, admission, discovery.candidates, report)?;
-    let journal = journal.into_inner().unwrap_or_else(|p| p.into_inner());
+    let j = pipeline::lock(journal);
     for (sample, total) in crate::throttle::targets_space(cfg) {
-        journal.record_space(run_id, &sample, total)?;
+        j.record_space(run_id, &sample, total)?;
     }
 
     // 11. Clean up.
