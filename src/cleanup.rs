@@ -60,7 +60,10 @@ pub fn remove_source(
         Ok(m) if Stamp::of(&m) == after => {}
         _ => return Err(SourceKept::Replaced),
     }
-    std::fs::remove_file(&path).map_err(io)
+    crate::crashpoint::here("source: verified, before unlink");
+    std::fs::remove_file(&path).map_err(io)?;
+    crate::crashpoint::here("source: unlinked");
+    Ok(())
 }
 
 /// Removes the empty subdirectories among `dirs` (relative to `root`, never `root`

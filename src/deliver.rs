@@ -135,7 +135,9 @@ pub fn deliver(
         (temp, How::Copied)
     };
 
+    crate::crashpoint::here("deliver: staged, before rename");
     let placed = place(&staged, &final_path, q, target.on_conflict, buf);
+    crate::crashpoint::here("deliver: placed, before directory fsync");
     let result = match placed {
         Ok((path, placed_how)) => {
             fsx::fsync_dir(path.parent().unwrap_or(target.root))
@@ -178,6 +180,7 @@ fn copy_verified(
         };
         hasher.update(&buf[..n]);
         out.write_all(&buf[..n]).map_err(io_err("write", temp))?;
+        crate::crashpoint::here("deliver: mid-copy across filesystems");
     }
     let got = hex::encode(hasher.finalize());
     if got != q.sha256 {

@@ -203,6 +203,7 @@ impl Journal {
         size: u64,
         mtime_ns: i64,
     ) -> Result<i64, JournalError> {
+        crate::crashpoint::here("journal: before file_admitted");
         let mut st = self.wrap(self.conn.prepare_cached(
             "INSERT INTO files (run_id, rel_path, size, mtime_ns, state, admitted_at) VALUES (?1, ?2, ?3, ?4, 'admitted', ?5)",
         ))?;
@@ -211,6 +212,7 @@ impl Journal {
     }
 
     pub fn file_quarantined(&self, id: i64, sha256: &str) -> Result<(), JournalError> {
+        crate::crashpoint::here("journal: before file_quarantined");
         let mut st =
             self.wrap(self.conn.prepare_cached(
                 "UPDATE files SET state = 'quarantined', sha256 = ?2 WHERE id = ?1",
@@ -224,6 +226,7 @@ impl Journal {
         verdict: &str,
         results: &serde_json::Value,
     ) -> Result<(), JournalError> {
+        crate::crashpoint::here("journal: before file_scanned");
         let mut st = self.wrap(self.conn.prepare_cached(
             "UPDATE files SET state = 'scanned', verdict = ?2, scan_results = ?3 WHERE id = ?1",
         ))?;
@@ -240,6 +243,7 @@ impl Journal {
         final_path: Option<&str>,
         error: Option<&str>,
     ) -> Result<(), JournalError> {
+        crate::crashpoint::here("journal: before file_finished");
         let mut st = self.wrap(self.conn.prepare_cached(
             "UPDATE files SET state = 'finished', outcome = ?2, disposition = ?3, final_path = ?4, error = ?5,
              finished_at = ?6, finished_day = ?7 WHERE id = ?1",
@@ -258,6 +262,7 @@ impl Journal {
     }
 
     pub fn source_removed(&self, id: i64) -> Result<(), JournalError> {
+        crate::crashpoint::here("journal: before source_removed");
         let mut st = self.wrap(
             self.conn
                 .prepare_cached("UPDATE files SET source_removed = 1 WHERE id = ?1"),

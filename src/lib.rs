@@ -9,6 +9,7 @@ pub mod check;
 pub mod cleanup;
 pub mod cli;
 pub mod config;
+pub mod crashpoint;
 pub mod deliver;
 pub mod discover;
 pub mod fsx;

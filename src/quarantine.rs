@@ -147,6 +147,7 @@ pub fn copy_in(
     let temp = fsx::temp_path_for(&final_path, id);
     let _ = fsx::remove_if_exists(&temp);
     let mut out = fsx::create_new(&temp).map_err(QuarantineError::io("create", &temp))?;
+    crate::crashpoint::here("quarantine: temp created");
 
     let copied = copy_hashing(&mut src, &mut out, buf, &src_path, &temp);
     let result = copied.and_then(|(sha256, n)| {
@@ -169,6 +170,7 @@ pub fn copy_in(
         rustix::fs::futimens(&out, &times)
             .map_err(|e| QuarantineError::io("set mtime of", &temp)(e.into()))?;
         let copy = Stamp::of(&out.metadata().map_err(QuarantineError::io("stat", &temp))?);
+        crate::crashpoint::here("quarantine: copied, before rename");
         std::fs::rename(&temp, &final_path)
             .map_err(QuarantineError::io("rename into", &final_path))?;
         Ok(Quarantined {
@@ -208,6 +210,9 @@ fn copy_hashing(
         out.write_all(&buf[..got])
             .map_err(QuarantineError::io("write", out_path))?;
         n += got as u64;
+        if n == got as u64 {
+            crate::crashpoint::here("quarantine: mid-copy");
+        }
     }
     Ok((hex::encode(hasher.finalize()), n))
 }

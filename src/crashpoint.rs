@@ -1,0 +1,45 @@
+//! Kill points for the crash-safety tests (issue 8).
+//!
+//! With `SHUTTLE_CRASH_AT=N` in the environment the process kills itself with SIGKILL
+//! at the N-th kill point it reaches, exactly as a power cut or `kill -9` would stop
+//! it between two steps. `SHUTTLE_CRASH_TRACE=1` prints every kill point reached, so
+//! a test can count them. Without those variables each point costs one relaxed atomic
+//! load. Anyone who can set Shuttle's environment can kill it anyway: this adds no
+//! power.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+static REACHED: AtomicU64 = AtomicU64::new(0);
+
+struct Settings {
+    kill_at: Option<u64>,
+    trace: bool,
+}
+
+fn settings() -> &'static Settings {
+    static S: OnceLock<Settings> = OnceLock::new();
+    S.get_or_init(|| Settings {
+        kill_at: std::env::var("SHUTTLE_CRASH_AT")
+            .ok()
+            .and_then(|v| v.parse().ok()),
+        trace: std::env::var_os("SHUTTLE_CRASH_TRACE").is_some(),
+    })
+}
+
+/// A point between two steps where a crash must leave every file safe.
+pub fn here(name: &str) {
+    let s = settings();
+    if s.kill_at.is_none() && !s.trace {
+        return;
+    }
+    let n = REACHED.fetch_add(1, Ordering::SeqCst) + 1;
+    if s.trace {
+        eprintln!("crashpoint {n}: {name}");
+    }
+    if s.kill_at == Some(n) {
+        eprintln!("crashpoint {n}: {name}: killing myself (SHUTTLE_CRASH_AT)");
+        let _ =
+            rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
+    }
+}
