@@ -10,8 +10,6 @@ use std::time::Duration;
 use common::*;
 
 struct Corpus {
-    /// Relative source path → bytes, for every file dropped.
-    files: BTreeMap<String, Vec<u8>>,
     /// What the destination must hold after the rerun (relative path → bytes).
     expected_dst: BTreeMap<String, Vec<u8>>,
 }
@@ -35,10 +33,7 @@ fn drop_corpus(env: &Env, dst: &std::path::Path, big: usize) -> Corpus {
     }
     expected_dst.insert("report.csv".into(), b"older report".to_vec());
     expected_dst.insert("report_1.csv".into(), b"new report".to_vec());
-    Corpus {
-        files,
-        expected_dst,
-    }
+    Corpus { expected_dst }
 }
 
 /// After a completed rerun: every clean file exactly once in the destination under
