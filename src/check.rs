@@ -68,6 +68,11 @@ pub fn check(cli: &CommandLine) -> i32 {
             Err(e) => problems.push(format!("scanner {e}")),
         },
     }
+    if cfg.scanning.clam_av {
+        for w in clamd_limit_warnings(cfg) {
+            println!("warning: {w}");
+        }
+    }
     for p in &problems {
         println!("problem: {p}");
     }
@@ -78,4 +83,45 @@ pub fn check(cli: &CommandLine) -> i32 {
         println!("shuttle check: {} problem(s) found", problems.len());
         2
     }
+}
+
+/// Warns when clamd, as its configuration reads, would report a file larger than its
+/// scan limits as clean (issue: `AlertExceedsMax`).
+fn clamd_limit_warnings(cfg: &config::Config) -> Vec<String> {
+    use crate::config::ClamdEndpoint;
+    use crate::scan::clamav::ClamdLimits;
+    let conf = &cfg.scanning.clamd_config;
+    let limits = match ClamdLimits::read(conf) {
+        Ok(l) => l,
+        Err(e) => {
+            return vec![format!(
+                "cannot read clamd's configuration {} ({e}): cannot tell whether clamd reports files above its scan limits as clean; set clamd_config, or max_file_size_mb below clamd's MaxFileSize",
+                conf.display()
+            )];
+        }
+    };
+    if let (Some(ClamdEndpoint::Unix(sock)), Some(local)) =
+        (&cfg.scanning.clamd, &limits.local_socket)
+        && sock != local
+    {
+        return vec![format!(
+            "{} describes the clamd at {}, not {}: point clamd_config at the right file to check its scan limits",
+            conf.display(),
+            local.display(),
+            sock.display()
+        )];
+    }
+    let Some(largest) = limits.largest_scanned() else {
+        return Vec::new();
+    };
+    let cap = cfg.scanning.max_file_size_mb.saturating_mul(1 << 20);
+    if limits.alert_exceeds_max || (cap > 0 && cap <= largest) {
+        return Vec::new();
+    }
+    vec![format!(
+        "clamd ({}) has AlertExceedsMax off: a file larger than {:.0} MB (MaxFileSize/MaxScanSize) is scanned only in part and reported clean. Set `AlertExceedsMax yes` in clamd.conf (Shuttle then fails such files), or max_file_size_mb to {:.0} or less",
+        conf.display(),
+        crate::fsx::mib(largest),
+        crate::fsx::mib(largest)
+    )]
 }

@@ -207,6 +207,11 @@ pub const KEYS: &[Key] = &[
         "clamd unix socket [default: LocalSocket of /etc/clamav/clamd.conf]"
     ),
     key!(
+        "clamd_config",
+        SC,
+        "clamd's own config, read for its LocalSocket and scan limits [default: /etc/clamav/clamd.conf]"
+    ),
+    key!(
         "clamd_address",
         SC,
         "clamd TCP address host:port (uses INSTREAM)"

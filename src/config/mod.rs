@@ -131,6 +131,8 @@ pub struct ScanConfig {
     pub retry_count: u32,
     /// `None` when ClamAV is off or no socket could be determined (a validation error).
     pub clamd: Option<ClamdEndpoint>,
+    /// clamd's configuration file (default socket, scan limits for `check`).
+    pub clamd_config: PathBuf,
     pub mdatp_command: String,
     pub canary: bool,
     pub max_file_size_mb: u64,
@@ -476,7 +478,10 @@ fn build(r: &mut Reader, file: Option<PathBuf>, warnings: &mut Vec<String>) -> C
     };
 
     let clam_av = r.bool("on_demand_clam_av", true);
-    let clamd = clamd_endpoint(r, clam_av, warnings);
+    let clamd_config = r
+        .path("clamd_config")
+        .unwrap_or_else(|| PathBuf::from("/etc/clamav/clamd.conf"));
+    let clamd = clamd_endpoint(r, clam_av, &clamd_config, warnings);
     let retry_count = r.number("malware_scan_retry_count", 3, 1);
     let scanning = ScanConfig {
         clam_av,
@@ -487,6 +492,7 @@ fn build(r: &mut Reader, file: Option<PathBuf>, warnings: &mut Vec<String>) -> C
         retry_wait_seconds: r.number("malware_scan_retry_wait_seconds", 30, 0),
         retry_count: u32::try_from(retry_count).unwrap_or(u32::MAX),
         clamd,
+        clamd_config,
         mdatp_command: r.text("mdatp_command").unwrap_or_else(|| "mdatp".into()),
         canary: r.bool("canary", true),
         max_file_size_mb: r.number("max_file_size_mb", 0, 0),
@@ -562,6 +568,7 @@ fn build(r: &mut Reader, file: Option<PathBuf>, warnings: &mut Vec<String>) -> C
 fn clamd_endpoint(
     r: &mut Reader,
     clam_av: bool,
+    clamd_conf: &Path,
     warnings: &mut Vec<String>,
 ) -> Option<ClamdEndpoint> {
     let socket = r.path("clamd_socket");
@@ -587,14 +594,15 @@ fn clamd_endpoint(
             }
             Some(ClamdEndpoint::Tcp(a))
         }
-        (None, None) if clam_av => match local_socket_from(Path::new("/etc/clamav/clamd.conf")) {
+        (None, None) if clam_av => match local_socket_from(clamd_conf) {
             Some(p) => Some(ClamdEndpoint::Unix(p)),
             None => {
-                warnings.push(
-                    "no clamd_socket set and no LocalSocket in /etc/clamav/clamd.conf".into(),
-                );
+                warnings.push(format!(
+                    "no clamd_socket set and no LocalSocket in {}",
+                    clamd_conf.display()
+                ));
                 r.errors.push(ConfigError::Problem(
-                    "ClamAV is on but no clamd socket is known: set clamd_socket (or clamd_address), or LocalSocket in /etc/clamav/clamd.conf".into(),
+                    format!("ClamAV is on but no clamd socket is known: set clamd_socket (or clamd_address), or LocalSocket in {}", clamd_conf.display()),
                 ));
                 None
             }

@@ -89,6 +89,18 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
     let rel = job.candidate.rel.as_path();
     let mut r = FileResult::new(job);
 
+    // A file larger than max_file_size_mb is failed before it is even copied.
+    let max = cfg.scanning.max_file_size_mb.saturating_mul(1_048_576);
+    if max > 0 && job.candidate.size > max {
+        let why = format!(
+            "{:.1} MB is larger than max_file_size_mb ({} MB): not copied, not scanned",
+            crate::fsx::mib(job.candidate.size),
+            cfg.scanning.max_file_size_mb
+        );
+        tracing::error!("FAILED {:?}: {why}; source left in place", rel);
+        return finish(run, r, Outcome::Failed, "too_large", Some(why));
+    }
+
     // 7. Quarantine.
     let expected = (job.candidate.size, job.candidate.mtime_ns);
     let q = match quarantine::copy_in(
@@ -133,22 +145,9 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
     journal(run, &mut r, |j| j.file_quarantined(job.id, &sha));
 
     // 8. Scan.
-    let max = cfg.scanning.max_file_size_mb.saturating_mul(1_048_576);
-    let scan = if max > 0 && q.size > max {
-        None
-    } else {
-        Some(run.scanners.scan(&q.path, q.size, &|| open_copy(&q)))
-    };
-    let verdict = match &scan {
-        None => FileVerdict::Failed(format!(
-            "larger than max_file_size_mb ({} MB): not scanned",
-            cfg.scanning.max_file_size_mb
-        )),
-        Some(s) => s.verdict.clone(),
-    };
-    if let Some(s) = &scan {
-        r.scanners = serde_json::to_value(&s.results).unwrap_or_default();
-    }
+    let scan = run.scanners.scan(&q.path, q.size, &|| open_copy(&q));
+    let verdict = scan.verdict.clone();
+    r.scanners = serde_json::to_value(&scan.results).unwrap_or_default();
     let (label, results) = (verdict_label(&verdict), r.scanners.clone());
     journal(run, &mut r, |j| j.file_scanned(job.id, label, &results));
 

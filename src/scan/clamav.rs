@@ -234,10 +234,72 @@ fn read_reply_opt(s: &mut dyn ReadWrite, timeout: Option<Duration>) -> Result<St
     Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
+/// The parts of a clamd.conf that decide whether an oversized file can pass as clean.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClamdLimits {
+    pub local_socket: Option<std::path::PathBuf>,
+    pub alert_exceeds_max: bool,
+    pub max_file_size: u64,
+    pub max_scan_size: u64,
+}
+
+impl ClamdLimits {
+    /// Reads a clamd.conf; clamd's defaults for what it does not set.
+    pub fn read(conf: &Path) -> io::Result<ClamdLimits> {
+        let text = std::fs::read_to_string(conf)?;
+        let mut l = ClamdLimits {
+            local_socket: None,
+            alert_exceeds_max: false,
+            max_file_size: 100 << 20,
+            max_scan_size: 400 << 20,
+        };
+        for line in text.lines() {
+            let mut parts = line.split_whitespace();
+            let (Some(key), Some(value)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            match key {
+                "LocalSocket" => l.local_socket = Some(value.into()),
+                "AlertExceedsMax" => {
+                    l.alert_exceeds_max =
+                        matches!(value.to_ascii_lowercase().as_str(), "yes" | "true")
+                }
+                "MaxFileSize" => l.max_file_size = parse_size(value).unwrap_or(l.max_file_size),
+                "MaxScanSize" => l.max_scan_size = parse_size(value).unwrap_or(l.max_scan_size),
+                _ => {}
+            }
+        }
+        Ok(l)
+    }
+
+    /// The largest file clamd scans whole (0 in clamd.conf means no limit).
+    pub fn largest_scanned(&self) -> Option<u64> {
+        [self.max_file_size, self.max_scan_size]
+            .into_iter()
+            .filter(|&v| v > 0)
+            .min()
+    }
+}
+
+/// clamd.conf sizes: `100M`, `1G`, `512k`, or bytes.
+fn parse_size(v: &str) -> Option<u64> {
+    let (num, mult) = match v.chars().last()? {
+        'k' | 'K' => (&v[..v.len() - 1], 1 << 10),
+        'm' | 'M' => (&v[..v.len() - 1], 1 << 20),
+        'g' | 'G' => (&v[..v.len() - 1], 1 << 30),
+        _ => (v, 1),
+    };
+    num.parse::<u64>().ok().map(|n| n.saturating_mul(mult))
+}
+
+/// What clamd reports (with `AlertExceedsMax yes`) for a file it could not scan whole.
+const LIMITS_EXCEEDED: &str = "Heuristics.Limits.Exceeded";
+
 /// Parses a scan reply: `fd[7]: OK`, `stream: Eicar-Signature FOUND`, `... ERROR`.
 /// Anything that is not clearly clean or clearly a detection is an error.
 pub fn parse_reply(reply: &str) -> Result<Verdict, ScanError> {
     let mut detections = Vec::new();
+    let mut limits = Vec::new();
     let mut clean = false;
     let lines: Vec<&str> = reply
         .split(['\0', '\n'])
@@ -255,7 +317,11 @@ pub fn parse_reply(reply: &str) -> Result<Verdict, ScanError> {
                     "clamd reported a detection without a name: {line:?}"
                 )));
             }
-            detections.push(name.to_string());
+            if name.starts_with(LIMITS_EXCEEDED) {
+                limits.push(name.to_string());
+            } else {
+                detections.push(name.to_string());
+            }
         } else if line.ends_with(" ERROR") {
             return Err(ScanError::Failed(format!("clamd: {line}")));
         } else if line.ends_with(": OK") {
@@ -268,6 +334,11 @@ pub fn parse_reply(reply: &str) -> Result<Verdict, ScanError> {
     }
     if !detections.is_empty() {
         Ok(Verdict::Suspect(detections))
+    } else if !limits.is_empty() {
+        Err(ScanError::Failed(format!(
+            "clamd could not scan the whole file ({}): a clamd scan limit (MaxFileSize, MaxScanSize, ...) was exceeded; not clean",
+            limits.join(", ")
+        )))
     } else if clean {
         Ok(Verdict::Clean)
     } else {
@@ -293,6 +364,8 @@ mod tests {
         assert!(parse_reply("fd[5]: lstat() failed: No such file. ERROR").is_err());
         assert!(parse_reply("").is_err());
         assert!(parse_reply("fd[5]: MAYBE").is_err());
+        // A file too large for clamd's limits is failed, never clean nor suspect.
+        assert!(parse_reply("fd[5]: Heuristics.Limits.Exceeded.MaxFileSize FOUND\0").is_err());
         assert!(
             parse_reply("fd[5]: OK\0fd[5]: Heuristics.Limits.Exceeded FOUND\0")
                 .is_ok_and(|v| v != Verdict::Clean)

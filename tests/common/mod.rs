@@ -41,13 +41,37 @@ pub const STREAM_MAX: u64 = 1 << 20;
 pub fn clamd() -> &'static Clamd {
     static CLAMD: OnceLock<Clamd> = OnceLock::new();
     CLAMD.get_or_init(|| {
-        let dir = tempfile::Builder::new().prefix("shuttle-clamd.").tempdir().unwrap().keep();
-        let status = Command::new(repo().join("scripts/make-test-signatures")).arg(dir.join("db")).status().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let started = Clamd::start();
+            tx.send(started).unwrap();
+            loop {
+                std::thread::park();
+            }
+        });
+        let (clamd, _child) = rx.recv().unwrap();
+        clamd
+    })
+}
+
+impl Clamd {
+    /// Starts a new private clamd and waits until it answers. The returned child dies
+    /// with the thread that started it (PR_SET_PDEATHSIG) or when killed.
+    pub fn start() -> (Clamd, std::process::Child) {
+        let dir = tempfile::Builder::new()
+            .prefix("shuttle-clamd.")
+            .tempdir()
+            .unwrap()
+            .keep();
+        let status = Command::new(repo().join("scripts/make-test-signatures"))
+            .arg(dir.join("db"))
+            .status()
+            .unwrap();
         assert!(status.success(), "make-test-signatures failed");
         let port = free_port();
         let socket = dir.join("clamd.sock");
         let mut conf = format!(
-            "LocalSocket {}\nTCPSocket {port}\nTCPAddr 127.0.0.1\nDatabaseDirectory {}\nForeground yes\nLogFile {}\nStreamMaxLength 1M\nMaxThreads 8\n",
+            "LocalSocket {}\nLocalSocketMode 666\nTCPSocket {port}\nTCPAddr 127.0.0.1\nDatabaseDirectory {}\nForeground yes\nLogFile {}\nStreamMaxLength 1M\nMaxFileSize 100M\nMaxScanSize 400M\nAlertExceedsMax yes\nMaxThreads 8\n",
             socket.display(),
             dir.join("db").display(),
             dir.join("clamd.log").display()
@@ -55,36 +79,47 @@ pub fn clamd() -> &'static Clamd {
         if rustix::process::getuid().is_root() {
             conf.push_str("User root\n");
         }
-        std::fs::write(dir.join("clamd.conf"), conf).unwrap();
         let conf_path = dir.join("clamd.conf");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::os::unix::process::CommandExt;
-            let mut cmd = Command::new("clamd");
-            cmd.arg("-c").arg(&conf_path).stdout(Stdio::null()).stderr(Stdio::null());
-            unsafe {
-                cmd.pre_exec(|| {
-                    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
-                        .map_err(std::io::Error::from)
-                });
-            }
-            let child = cmd.spawn();
-            let ok = child.is_ok();
-            tx.send(child.map(|_| ()).map_err(|e| e.to_string())).unwrap();
-            if ok {
-                loop {
-                    std::thread::park();
-                }
-            }
-        });
-        rx.recv().unwrap().expect("cannot start clamd (is clamav-daemon installed? run scripts/install-deps)");
+        std::fs::write(&conf_path, conf).unwrap();
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new("clamd");
+        cmd.arg("-c")
+            .arg(&conf_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        unsafe {
+            cmd.pre_exec(|| {
+                rustix::process::set_parent_process_death_signal(Some(
+                    rustix::process::Signal::KILL,
+                ))
+                .map_err(std::io::Error::from)
+            });
+        }
+        let child = cmd
+            .spawn()
+            .expect("cannot start clamd (is clamav-daemon installed? run scripts/install-deps)");
         let started = std::time::Instant::now();
         while !socket.exists() || std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            assert!(started.elapsed() < Duration::from_secs(60), "clamd did not come up; see {}", dir.display());
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "clamd did not come up; see {}",
+                dir.display()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
-        Clamd { dir, socket, tcp: format!("127.0.0.1:{port}") }
-    })
+        (
+            Clamd {
+                dir,
+                socket,
+                tcp: format!("127.0.0.1:{port}"),
+            },
+            child,
+        )
+    }
+
+    pub fn conf(&self) -> PathBuf {
+        self.dir.join("clamd.conf")
+    }
 }
 
 pub fn free_port() -> u16 {
@@ -148,6 +183,7 @@ impl Env {
         }
         let mut env = env;
         env.set("clamd_socket", &clamd().socket.display().to_string());
+        env.set("clamd_config", &clamd().conf().display().to_string());
         env.set("max_scan_threads", "2");
         env.set("delete_source_files_after_copying", "true");
         env.write_config();
