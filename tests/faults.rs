@@ -156,7 +156,7 @@ fn clamd_killed_mid_run_leaves_every_file_delivered_or_in_the_source() {
         env.drop_file(&format!("d{}/f{i:03}.bin", i % 4), &data);
         files.push((format!("d{}/f{i:03}.bin", i % 4), data));
     }
-    let mut child = env
+    let child = env
         .command(&[
             "run",
             "--config",
