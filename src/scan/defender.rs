@@ -19,7 +19,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use rustix::process::{Pid, Signal, WaitId, WaitIdOptions};
+use rustix::process::{Pid, Signal, WaitId, WaitIdOptions, WaitOptions};
 
 use super::{ScanError, Scanner, Verdict};
 
@@ -27,6 +27,8 @@ use super::{ScanError, Scanner, Verdict};
 const VERSION_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often a running mdatp is checked for exit.
 const POLL: Duration = Duration::from_millis(10);
+/// How long to wait for the processes of a killed group to die and be reaped.
+const REAP_LIMIT: Duration = Duration::from_secs(5);
 /// Output beyond this is not kept (mdatp prints a few lines per file).
 const MAX_OUTPUT: usize = 1 << 20;
 /// Detection name when mdatp says a threat was found but names none we can read.
@@ -224,11 +226,21 @@ pub struct Output {
 }
 
 /// Runs `command args…` in a new process group, its output read on two threads.
-/// With a timeout, on expiry the whole group gets SIGKILL, the child is reaped and
-/// the result is [`ScanError::Timeout`]. After a normal exit any process the child
-/// left in its group is killed too, before the child is reaped (so the group id
-/// cannot have been reused).
+/// With a timeout, on expiry the whole group gets SIGKILL, is reaped and the result
+/// is [`ScanError::Timeout`]. After a normal exit any process the child left in its
+/// group is killed too, before the child is reaped (so the group id cannot have been
+/// reused).
+///
+/// Shuttle makes itself a child subreaper (Linux `PR_SET_CHILD_SUBREAPER`) first:
+/// the killed child's own children are then reparented to Shuttle instead of init
+/// and reaped here, so not even a zombie of a scan outlives it.
 pub fn run(command: &str, args: &[&str], timeout: Option<Duration>) -> Result<Output, ScanError> {
+    static SUBREAPER: std::sync::Once = std::sync::Once::new();
+    SUBREAPER.call_once(|| {
+        if let Err(e) = rustix::process::set_child_subreaper(Some(rustix::process::getpid())) {
+            tracing::debug!("cannot become a child subreaper: {e}");
+        }
+    });
     let started = Instant::now();
     let mut child = Command::new(command)
         .args(args)
@@ -274,6 +286,7 @@ pub fn run(command: &str, args: &[&str], timeout: Option<Duration>) -> Result<Ou
     let on_timeout = |child: &mut Child| {
         kill_group(pid);
         let _ = child.wait();
+        reap_group(pid);
         ScanError::Timeout(timeout.unwrap_or_default())
     };
 
@@ -289,6 +302,7 @@ pub fn run(command: &str, args: &[&str], timeout: Option<Duration>) -> Result<Ou
             Err(e) => {
                 kill_group(pid);
                 let _ = child.wait();
+                reap_group(pid);
                 return Err(ScanError::Failed(format!("waiting for {command}: {e}")));
             }
         }
@@ -301,7 +315,9 @@ pub fn run(command: &str, args: &[&str], timeout: Option<Duration>) -> Result<Ou
     kill_group(pid);
     let status = child
         .wait()
-        .map_err(|e| ScanError::Failed(format!("reaping {command}: {e}")))?;
+        .map_err(|e| ScanError::Failed(format!("reaping {command}: {e}")));
+    reap_group(pid);
+    let status = status?;
 
     // 3. Collect the output; the pipes close now that the group is gone.
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
@@ -331,6 +347,30 @@ fn kill_group(pid: Pid) {
     match rustix::process::kill_process_group(pid, Signal::KILL) {
         Ok(()) | Err(rustix::io::Errno::SRCH) => {}
         Err(e) => tracing::error!("cannot kill process group {}: {e}", pid.as_raw_nonzero()),
+    }
+}
+
+/// Reaps what is left of the killed group `pgid` (its members that became Shuttle's
+/// children as orphans), until none is left or [`REAP_LIMIT`] passes. The leader
+/// is reaped by then, so the group id stays unique only while members remain: a
+/// stale id finds no children and ends the loop.
+fn reap_group(pgid: Pid) {
+    let until = Instant::now() + REAP_LIMIT;
+    loop {
+        match rustix::process::waitpgid(pgid, WaitOptions::NOHANG) {
+            Ok(Some(_)) => continue,
+            Ok(None) if Instant::now() < until => std::thread::sleep(POLL),
+            Ok(None) => {
+                tracing::warn!(
+                    "processes of killed process group {} have not ended after {REAP_LIMIT:?}",
+                    pgid.as_raw_nonzero()
+                );
+                return;
+            }
+            Err(rustix::io::Errno::INTR) => {}
+            // ECHILD: none of the group is (or will become) Shuttle's child.
+            Err(_) => return,
+        }
     }
 }
 
