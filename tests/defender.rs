@@ -101,16 +101,21 @@ fn defender_alone_delivers_clean_files_and_stops_threats() {
     env.drop_file("ok.txt", b"fine");
     env.drop_file("in/eicar.com", EICAR);
     env.drop_file("marker.txt", MARKER);
-    let r = run_with(&env, &[]);
+    env.drop_file("slow.txt", b"SIM:DELAY\n");
+    let r = run_with(&env, &[("MDATP_SIM_DELAY", "0.5")]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert_eq!(names(&env.dst), ["ok.txt"]);
+    assert_eq!(
+        names(&env.dst),
+        ["ok.txt", "slow.txt"],
+        "a slow scan within the timeout is fine"
+    );
     assert!(
         Env::tree(&env.src).is_empty(),
         "sources handled and removed"
     );
     assert!(Env::tree(&env.quarantine).is_empty());
     let rep = env.report();
-    assert_eq!(rep["files"]["clean"], 1);
+    assert_eq!(rep["files"]["clean"], 2);
     assert_eq!(rep["files"]["suspect"], 2);
     assert_eq!(said(&rep, "ok.txt"), [pair("defender", "clean")]);
     assert_eq!(said(&rep, "in/eicar.com"), [pair("defender", "suspect")]);
@@ -517,4 +522,53 @@ fn check_reports_defender_and_its_canary() {
     let r = check_with(&env, &[("MDATP_SIM_MODE", "noversion")]);
     assert_eq!(r.code, 2, "{}", r.stdout);
     assert!(r.stdout.contains("defender"), "{}", r.stdout);
+}
+
+/// A stand-in clamd on 127.0.0.1 that answers VERSION and calls every INSTREAM
+/// clean: an engine without signatures.
+fn blind_clamd() -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { continue };
+            let mut cmd = Vec::new();
+            let mut b = [0u8; 1];
+            while c.read_exact(&mut b).is_ok() && b[0] != 0 {
+                cmd.push(b[0]);
+            }
+            if cmd == b"zINSTREAM" {
+                let mut len = [0u8; 4];
+                while c.read_exact(&mut len).is_ok() {
+                    let n = u32::from_be_bytes(len) as usize;
+                    if n == 0 {
+                        break;
+                    }
+                    let mut chunk = vec![0u8; n];
+                    if c.read_exact(&mut chunk).is_err() {
+                        break;
+                    }
+                }
+                let _ = c.write_all(b"stream: OK\0");
+            } else {
+                let _ = c.write_all(b"ClamAV 1.0.0/1/Thu Jan  1 00:00:00 2026\0");
+            }
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_clamav_that_misses_the_canary_stops_the_run_too() {
+    let mut env = env(true);
+    env.unset("clamd_socket")
+        .set("clamd_address", &blind_clamd());
+    env.drop_file("ok.txt", b"fine");
+    let src = Env::tree(&env.src);
+    let r = run_with(&env, &[]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("clamav: canary failed"), "{}", r.stderr);
+    assert_eq!(Env::tree(&env.src), src, "nothing touched");
+    assert!(Env::tree(&env.dst).is_empty());
 }
