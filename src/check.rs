@@ -48,6 +48,16 @@ pub fn check(cli: &CommandLine) -> i32 {
     {
         problems.push(format!("hazard_encryption_key_path {}: {e}", key.display()));
     }
+    if let Err(e) = crate::ledger::gate(cfg) {
+        problems.push(e);
+    } else if cfg.scanning.defender
+        && let Some(l) = &cfg.ledger_file_path
+    {
+        println!(
+            "ok: installed Microsoft Defender is recorded as tested in {}",
+            l.display()
+        );
+    }
     match scan::enabled(cfg) {
         Err(e) => problems.push(e),
         Ok(engines) => match Scanners::start(

@@ -57,6 +57,9 @@ pub fn command() -> Command {
         .arg(report_json.clone())
         .subcommand(Command::new("run").about("One pass over the drop directory (the default)").arg(report_json))
         .subcommand(Command::new("check").about("Validate configuration, directories and scanners; exit 0 or 2"))
+        .subcommand(Command::new("defender-test").about(
+            "Scan a fresh EICAR file and a clean file with Microsoft Defender; record pass/fail for its version in the ledger; exit 0 pass, 1 fail",
+        ))
         .subcommand(
             Command::new("status")
                 .about("Today's counts against the limits, free space per target and its trend, last runs")
@@ -109,6 +112,7 @@ pub fn main() -> u8 {
     match name {
         "check" => u8::try_from(check::check(&cli)).unwrap_or(EXIT_USAGE),
         "status" => crate::status::main(&cli, sub.get_flag("json")),
+        "defender-test" => crate::defender_test::main(&cli),
         _ => run_command(
             &cli,
             sub.get_one::<PathBuf>("report-json")

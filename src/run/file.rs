@@ -154,7 +154,10 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
     // 9. Dispose.
     let disposed = match verdict {
         FileVerdict::Clean => deliver_clean(run, r, &q, rel, job.id, buf),
-        FileVerdict::Suspect(detections) => dispose_suspect(run, r, &q, rel, detections),
+        FileVerdict::Suspect(detections) => match scan.as_ref().and_then(|s| s.removed_by) {
+            None => dispose_suspect(run, r, &q, rel, detections, None),
+            Some(engine) => removed_by_engine(run, r, &q, rel, detections, engine, buf),
+        },
         FileVerdict::Failed(why) => {
             remove_copy(&q);
             tracing::error!("FAILED {:?}: {why}; source left for the next run", rel);
@@ -281,24 +284,33 @@ fn deliver_clean(
     }
 }
 
-/// Suspect branch: archive or delete the quarantine copy.
+/// Suspect branch: archive or delete the quarantine copy. `removed_by`: the engine
+/// that already removed the quarantine copy itself, the source having been verified
+/// to hold the same bytes (see [`removed_by_engine`]).
 fn dispose_suspect(
     run: &Run,
     mut r: FileResult,
     q: &Quarantined,
     rel: &Path,
     detections: Vec<String>,
+    removed_by: Option<&'static str>,
 ) -> Disposed {
     let found = detections.join(", ");
     r.detections = detections;
     match hazard::dispose(q, rel, &r.detections) {
         Ok(disposal) => {
-            let (how, place) = match &disposal {
-                hazard::Disposal::Archived(p) => {
+            let (how, place) = match (&disposal, removed_by) {
+                (hazard::Disposal::Archived(p), _) => {
                     r.destination = Some(p.display().to_string());
                     ("archived", format!("archived as {}", p.display()))
                 }
-                hazard::Disposal::Deleted => (
+                (hazard::Disposal::Deleted, Some(engine)) => (
+                    "removed_by_scanner",
+                    format!(
+                        "removed by {engine} itself (defender_handles_suspect_files); the source holds the same bytes"
+                    ),
+                ),
+                (hazard::Disposal::Deleted, None) => (
                     "deleted",
                     "deleted (no hazard archive configured)".to_string(),
                 ),
@@ -335,6 +347,114 @@ fn dispose_suspect(
             ))
         }
     }
+}
+
+/// Suspect branch when the quarantine copy vanished after `engine`'s detection.
+///
+/// With `defender_handles_suspect_files` and Defender the remover, that is expected:
+/// once the copy is confirmed gone, the source is the suspect copy, provided it is
+/// still the file that was copied and hashes to what was scanned; it is then
+/// disposed of like a suspect copy and removed per DESIGN §1.10. In every other case
+/// (flag off, another engine, source changed) nothing is delivered and the source
+/// stays where it is, for the administrator.
+fn removed_by_engine(
+    run: &Run,
+    mut r: FileResult,
+    q: &Quarantined,
+    rel: &Path,
+    detections: Vec<String>,
+    engine: &'static str,
+    buf: &mut [u8],
+) -> Disposed {
+    let cfg = run.cfg;
+    let found = detections.join(", ");
+    match std::fs::symlink_metadata(&q.path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        other => {
+            // Gone during the scan, present again now: not ours to trust.
+            remove_copy(q);
+            let why = format!(
+                "quarantine copy vanished after {engine}'s detection ({found}) and then reappeared ({other:?}); source left in place"
+            );
+            tracing::error!("FAILED {:?}: {why}", rel);
+            r.detections = detections;
+            return Disposed::Finished(finish(run, r, Outcome::Failed, "scan_failed", Some(why)));
+        }
+    }
+    let handled = engine == "defender" && cfg.scanning.defender_handles_suspect_files;
+    let source_check = if handled {
+        source_holds_scanned_bytes(&cfg.source_path, rel, q, buf)
+    } else {
+        Err(format!(
+            "{engine} removed the quarantine copy after detecting {found}, but defender_handles_suspect_files is off: Shuttle could not archive it"
+        ))
+    };
+    match source_check {
+        Ok(_source) => {
+            // TODO(hazard): with a hazard archive, archive the *source* here, from
+            // `_source` (open, identity- and SHA-256-verified against q.sha256), instead
+            // of the quarantine copy Defender removed; `hazard::dispose` today only
+            // deletes the (already gone) quarantine copy. The source itself is removed
+            // in step 10 only per DESIGN §1.10 (delete_source_files_after_copying,
+            // hash re-checked).
+            dispose_suspect(run, r, q, rel, detections, Some(engine))
+        }
+        Err(why) => {
+            r.detections = detections;
+            tracing::error!("SUSPECT {:?}: {found}; {why}; source kept", rel);
+            run.notifier.send(
+                notify::Kind::Hazard,
+                &format!("Shuttle: suspect file {}", r.rel),
+                &format!(
+                    "File: {}\nSHA-256: {}\nDetections: {found}\nDisposal: {why}; the source stays in the drop directory\n",
+                    r.rel, q.sha256
+                ),
+            );
+            r.kept = Some(KeptSource {
+                path: r.rel.clone(),
+                reason: why.clone(),
+            });
+            Disposed::Finished(finish(
+                run,
+                r,
+                Outcome::Suspect,
+                "removed_by_scanner",
+                Some(why),
+            ))
+        }
+    }
+}
+
+/// Opens the source and checks it is the file that was quarantined (same inode) and
+/// still hashes to the quarantine copy's SHA-256. Returns it open, for archiving.
+fn source_holds_scanned_bytes(
+    root: &Path,
+    rel: &Path,
+    q: &Quarantined,
+    buf: &mut [u8],
+) -> Result<File, String> {
+    let path = root.join(rel);
+    let mut f = fsx::open_read_nofollow(&path)
+        .map_err(|e| format!("source {} cannot be opened: {e}", path.display()))?;
+    let before = f
+        .metadata()
+        .map(|m| Stamp::of(&m))
+        .map_err(|e| format!("source {}: {e}", path.display()))?;
+    if (before.dev, before.ino) != (q.source.dev, q.source.ino) {
+        return Err("the source was replaced after it was quarantined".into());
+    }
+    let (sha, _) = quarantine::hash_file(&mut f, buf)
+        .map_err(|e| format!("source {} cannot be read: {e}", path.display()))?;
+    if sha != q.sha256 {
+        return Err(format!(
+            "the source changed after it was quarantined (sha256 {sha}, scanned {})",
+            q.sha256
+        ));
+    }
+    use std::io::Seek;
+    f.rewind()
+        .map_err(|e| format!("source {}: {e}", path.display()))?;
+    Ok(f)
 }
 
 /// Are quarantine and destination on one filesystem (delivery by rename)?

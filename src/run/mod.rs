@@ -51,6 +51,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Report, RunError> {
         return Err(RunError::Config(problems.join("\n")));
     }
     let engines = scan::enabled(cfg).map_err(RunError::Config)?;
+    crate::ledger::gate(cfg).map_err(RunError::Config)?;
 
     // 2. Single instance.
     let _lock = lock::acquire(&cfg.lock_path)?;

@@ -6,6 +6,7 @@
 //! breaker that stops the run after `malware_scan_retry_count` timeouts.
 
 pub mod clamav;
+pub mod defender;
 
 use std::fs::File;
 use std::path::Path;
@@ -14,15 +15,10 @@ use std::time::Duration;
 
 use crate::config::ScanConfig;
 
-/// The engines `cfg` enables (not yet contacted).
+/// The engines `cfg` enables (not yet contacted), ClamAV first: it reads through
+/// its own descriptor, while Defender may remove a file it detects.
 pub fn enabled(cfg: &crate::config::Config) -> Result<Vec<Box<dyn Scanner>>, String> {
     let mut v: Vec<Box<dyn Scanner>> = Vec::new();
-    if cfg.scanning.defender {
-        return Err(
-            "on_demand_defender: Microsoft Defender scanning is not available in this build yet"
-                .into(),
-        );
-    }
     if cfg.scanning.clam_av {
         let endpoint = cfg
             .scanning
@@ -30,6 +26,11 @@ pub fn enabled(cfg: &crate::config::Config) -> Result<Vec<Box<dyn Scanner>>, Str
             .clone()
             .ok_or("on_demand_clam_av: no clamd socket or address known")?;
         v.push(Box::new(clamav::ClamAv::new(endpoint)));
+    }
+    if cfg.scanning.defender {
+        v.push(Box::new(defender::Defender::new(
+            &cfg.scanning.mdatp_command,
+        )));
     }
     Ok(v)
 }
@@ -82,6 +83,10 @@ pub struct EngineResult {
     pub detections: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The quarantine copy was gone after this engine's detection: the engine
+    /// removed it (Defender does, when it remediates threats itself).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub removed_file: bool,
 }
 
 /// The combined verdict on one file.
@@ -97,6 +102,8 @@ pub enum FileVerdict {
 pub struct FileScan {
     pub verdict: FileVerdict,
     pub results: Vec<EngineResult>,
+    /// The engine after whose detection the quarantine copy had vanished, if any.
+    pub removed_by: Option<&'static str>,
 }
 
 /// Timeouts and retries (DESIGN §1.8).
@@ -195,8 +202,20 @@ impl Scanners {
         let mut results = Vec::new();
         let mut detections = Vec::new();
         let mut failure: Option<String> = None;
+        let mut removed_by = None;
         for (engine, version) in &self.engines {
             let outcome = self.scan_one(engine.as_ref(), path, size, open);
+            let removed_file = removed_by.is_none()
+                && matches!(outcome, Ok(Verdict::Suspect(_)))
+                && matches!(std::fs::symlink_metadata(path), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+            if removed_file {
+                tracing::warn!(
+                    "{} removed the quarantine copy {} after its detection",
+                    engine.name(),
+                    path.display()
+                );
+                removed_by = Some(engine.name());
+            }
             let (result, dets, error) = match outcome {
                 Ok(Verdict::Clean) => ("clean", Vec::new(), None),
                 Ok(Verdict::Suspect(names)) => {
@@ -215,6 +234,7 @@ impl Scanners {
                 result,
                 detections: dets,
                 error,
+                removed_file,
             });
         }
         // A detection by any engine outweighs another engine's failure.
@@ -225,7 +245,11 @@ impl Scanners {
         } else {
             FileVerdict::Clean
         };
-        FileScan { verdict, results }
+        FileScan {
+            verdict,
+            results,
+            removed_by,
+        }
     }
 
     fn scan_one(
