@@ -154,7 +154,7 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
     // 9. Dispose.
     let disposed = match verdict {
         FileVerdict::Clean => deliver_clean(run, r, &q, rel, job.id, buf),
-        FileVerdict::Suspect(detections) => match scan.as_ref().and_then(|s| s.removed_by) {
+        FileVerdict::Suspect(detections) => match scan.removed_by {
             None => dispose_suspect(run, r, &q, rel, detections, None),
             Some(engine) => removed_by_engine(run, r, &q, rel, detections, engine, buf),
         },
