@@ -366,9 +366,11 @@ mod tests {
         assert!(parse_reply("fd[5]: MAYBE").is_err());
         // A file too large for clamd's limits is failed, never clean nor suspect.
         assert!(parse_reply("fd[5]: Heuristics.Limits.Exceeded.MaxFileSize FOUND\0").is_err());
-        assert!(
-            parse_reply("fd[5]: OK\0fd[5]: Heuristics.Limits.Exceeded FOUND\0")
-                .is_ok_and(|v| v != Verdict::Clean)
+        assert!(parse_reply("fd[5]: OK\0fd[5]: Heuristics.Limits.Exceeded FOUND\0").is_err());
+        // A real detection next to a limit is still a detection.
+        assert_eq!(
+            parse_reply("fd[5]: Heuristics.Limits.Exceeded FOUND\0fd[5]: Win.Trojan FOUND\0"),
+            Ok(Verdict::Suspect(vec!["Win.Trojan".into()]))
         );
     }
 }
