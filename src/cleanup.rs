@@ -24,7 +24,9 @@ pub enum SourceKept {
     Io { path: PathBuf, source: io::Error },
 }
 
-/// Removes `source_root/rel` if it still holds the quarantined bytes.
+/// Removes `source_root/rel` if it still holds the quarantined bytes. Everything goes
+/// through a directory handle beneath the source: a symlink planted meanwhile is
+/// never followed.
 pub fn remove_source(
     source_root: &Path,
     rel: &Path,
@@ -36,9 +38,19 @@ pub fn remove_source(
         path: path.clone(),
         source,
     };
-    let mut f = match fsx::open_read_nofollow(&path) {
+    let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else {
+        return Err(SourceKept::Replaced);
+    };
+    let dir = match fsx::Beneath::open(source_root).and_then(|b| b.open_dir(parent)) {
+        Ok(d) => d,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(SourceKept::Gone),
+        Err(e) if fsx::is_symlink_refusal(&e) => return Err(SourceKept::Replaced),
+        Err(e) => return Err(io(e)),
+    };
+    let mut f = match dir.open_read(name) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(SourceKept::Gone),
+        Err(e) if fsx::is_symlink_refusal(&e) => return Err(SourceKept::Replaced),
         Err(e) => return Err(io(e)),
     };
     let before = Stamp::of(&f.metadata().map_err(io)?);
@@ -56,12 +68,12 @@ pub fn remove_source(
         });
     }
     // The name must still lead to the inode just hashed.
-    match std::fs::symlink_metadata(&path) {
-        Ok(m) if Stamp::of(&m) == after => {}
+    match dir.stat(name) {
+        Ok(st) if (st.st_dev, st.st_ino) == (after.dev, after.ino) => {}
         _ => return Err(SourceKept::Replaced),
     }
     crate::crashpoint::here("source: verified, before unlink");
-    std::fs::remove_file(&path).map_err(io)?;
+    dir.remove(name).map_err(io)?;
     crate::crashpoint::here("source: unlinked");
     Ok(())
 }

@@ -7,6 +7,7 @@
 //! Final names are taken with `RENAME_NOREPLACE`, so an existing file is never
 //! overwritten by accident; `on_conflict` decides what happens then.
 
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -16,7 +17,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::OnConflict;
 use crate::fsx;
-use crate::quarantine::{Quarantined, Stamp, hash_file};
+use crate::quarantine::{Quarantined, hash_file};
 
 /// How a clean file reached the destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,69 +108,89 @@ pub fn deliver(
     buf: &mut [u8],
 ) -> Result<Delivered, DeliverError> {
     let final_path = target.root.join(rel);
-    let dir = final_path.parent().unwrap_or(target.root).to_path_buf();
-    create_dirs_durable(target.root, &dir)?;
+    let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else {
+        return Err(DeliverError::Io {
+            action: "deliver",
+            path: final_path,
+            source: io::Error::new(io::ErrorKind::InvalidInput, "not a file path"),
+        });
+    };
+    let dir_path = final_path.parent().unwrap_or(target.root).to_path_buf();
+    let ddir = fsx::Beneath::open(target.root)
+        .and_then(|d| d.create_dir_all(parent, true))
+        .map_err(io_err("create destination directory", &dir_path))?;
 
     // The copy must still be the inode that was written, hashed and scanned.
-    let mut copy =
-        fsx::open_read_nofollow(&q.path).map_err(io_err("open quarantine copy", &q.path))?;
-    let now = Stamp::of(&copy.metadata().map_err(io_err("stat", &q.path))?);
-    if (now.dev, now.ino, now.size, now.mtime_ns)
-        != (q.copy.dev, q.copy.ino, q.copy.size, q.copy.mtime_ns)
-    {
-        return Err(DeliverError::QuarantineChanged(q.path.clone()));
-    }
+    let qdir = fsx::Beneath::open(&q.root)
+        .and_then(|b| b.open_dir(parent))
+        .map_err(io_err("open quarantine directory", &q.path))?;
+    let mut copy = q.reopen().map_err(|e| {
+        if e.kind() == io::ErrorKind::Other {
+            DeliverError::QuarantineChanged(q.path.clone())
+        } else {
+            io_err("open quarantine copy", &q.path)(e)
+        }
+    })?;
 
-    let (staged, how) = if target.same_fs {
+    let temp_name: OsString = fsx::temp_name(id).into();
+    let (staged_dir, staged_name, how) = if target.same_fs {
         copy.set_permissions(std::fs::Permissions::from_mode(q.mode))
             .map_err(io_err("chmod", &q.path))?;
         copy.sync_all().map_err(io_err("fsync", &q.path))?;
-        (q.path.clone(), How::Renamed)
+        (&qdir, name.to_os_string(), How::Renamed)
     } else {
-        let temp = fsx::temp_path_for(&final_path, id);
-        let _ = fsx::remove_if_exists(&temp);
-        if let Err(e) = copy_verified(&mut copy, &temp, q, buf) {
-            let _ = fsx::remove_if_exists(&temp);
+        let _ = ddir.remove(&temp_name);
+        if let Err(e) = copy_verified(&mut copy, &ddir, &temp_name, q, buf) {
+            let _ = ddir.remove(&temp_name);
             return Err(e);
         }
-        (temp, How::Copied)
+        (&ddir, temp_name.clone(), How::Copied)
     };
 
     crate::crashpoint::here("deliver: staged, before rename");
-    let placed = place(&staged, &final_path, q, target.on_conflict, buf);
+    let placed = place(
+        staged_dir,
+        &staged_name,
+        &ddir,
+        name,
+        q,
+        target.on_conflict,
+        buf,
+    );
     crate::crashpoint::here("deliver: placed, before directory fsync");
-    let result = match placed {
-        Ok((path, placed_how)) => {
-            fsx::fsync_dir(path.parent().unwrap_or(target.root))
-                .map_err(io_err("fsync directory", &dir))?;
-            let how = if placed_how == How::Renamed {
-                how
-            } else {
-                placed_how
-            };
-            Ok(Delivered { path, how })
-        }
-        Err(e) => Err(e),
-    };
+    let result = placed.and_then(|(placed_name, placed_how)| {
+        ddir.fsync().map_err(io_err("fsync directory", &dir_path))?;
+        let how = if placed_how == How::Renamed {
+            how
+        } else {
+            placed_how
+        };
+        Ok(Delivered {
+            path: dir_path.join(placed_name),
+            how,
+        })
+    });
     // The staged temp must not linger; on success the quarantine copy is done with
     // (renamed away already, or a duplicate of what is delivered).
     if !target.same_fs {
-        let _ = fsx::remove_if_exists(&staged);
+        let _ = ddir.remove(&temp_name);
     }
     if result.is_ok() {
-        let _ = fsx::remove_if_exists(&q.path);
+        let _ = qdir.remove(name);
     }
     result
 }
 
-/// Copies the open quarantine copy to `temp`, hashing; refuses a mismatch.
+/// Copies the open quarantine copy to `temp` in `dir`, hashing; refuses a mismatch.
 fn copy_verified(
     src: &mut File,
-    temp: &Path,
+    dir: &fsx::Dir,
+    temp: &OsStr,
     q: &Quarantined,
     buf: &mut [u8],
 ) -> Result<(), DeliverError> {
-    let mut out = fsx::create_new(temp).map_err(io_err("create", temp))?;
+    let temp_path = dir.path().join(temp);
+    let mut out = dir.create_new(temp).map_err(io_err("create", &temp_path))?;
     let mut hasher = Sha256::new();
     loop {
         let n = match src.read(buf) {
@@ -179,19 +200,20 @@ fn copy_verified(
             Err(e) => return Err(io_err("read quarantine copy", &q.path)(e)),
         };
         hasher.update(&buf[..n]);
-        out.write_all(&buf[..n]).map_err(io_err("write", temp))?;
+        out.write_all(&buf[..n])
+            .map_err(io_err("write", &temp_path))?;
         crate::crashpoint::here("deliver: mid-copy across filesystems");
     }
     let got = hex::encode(hasher.finalize());
     if got != q.sha256 {
         return Err(DeliverError::HashMismatch {
-            path: temp.to_path_buf(),
+            path: temp_path,
             got,
             expected: q.sha256.clone(),
         });
     }
     out.set_permissions(std::fs::Permissions::from_mode(q.mode))
-        .map_err(io_err("chmod", temp))?;
+        .map_err(io_err("chmod", &temp_path))?;
     let t = rustix::fs::Timespec {
         tv_sec: q.source.mtime_ns.div_euclid(1_000_000_000),
         tv_nsec: q.source.mtime_ns.rem_euclid(1_000_000_000) as _,
@@ -203,49 +225,64 @@ fn copy_verified(
             last_modification: t,
         },
     )
-    .map_err(|e| io_err("set mtime of", temp)(e.into()))?;
-    out.sync_all().map_err(io_err("fsync", temp))
+    .map_err(|e| io_err("set mtime of", &temp_path)(e.into()))?;
+    out.sync_all().map_err(io_err("fsync", &temp_path))
 }
 
-/// Gives `staged` its final name under the conflict policy.
+/// Gives the staged file its final name in `ddir` under the conflict policy; returns
+/// the name it got.
 fn place(
-    staged: &Path,
-    final_path: &Path,
+    from_dir: &fsx::Dir,
+    from: &OsStr,
+    ddir: &fsx::Dir,
+    name: &OsStr,
     q: &Quarantined,
     policy: OnConflict,
     buf: &mut [u8],
-) -> Result<(PathBuf, How), DeliverError> {
-    match fsx::rename_noreplace(staged, final_path) {
-        Ok(()) => return Ok((final_path.to_path_buf(), How::Renamed)),
+) -> Result<(OsString, How), DeliverError> {
+    let final_path = ddir.path().join(name);
+    match from_dir.rename_to(from, ddir, name, true) {
+        Ok(()) => return Ok((name.to_os_string(), How::Renamed)),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(io_err("rename into", final_path)(e)),
+        Err(e) => return Err(io_err("rename into", &final_path)(e)),
     }
-    if holds_same_bytes(final_path, q, buf) {
-        return Ok((final_path.to_path_buf(), How::AlreadyPresent));
+    if holds_same_bytes(ddir, name, q, buf) {
+        return Ok((name.to_os_string(), How::AlreadyPresent));
     }
     match policy {
-        OnConflict::Skip => Err(DeliverError::ConflictSkipped(final_path.to_path_buf())),
+        OnConflict::Skip => Err(DeliverError::ConflictSkipped(final_path)),
         OnConflict::Overwrite => {
-            std::fs::rename(staged, final_path).map_err(io_err("overwrite", final_path))?;
-            Ok((final_path.to_path_buf(), How::Overwrote))
+            if ddir.stat(name).is_ok_and(|st| {
+                rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory
+            }) {
+                return Err(DeliverError::Io {
+                    action: "overwrite",
+                    path: final_path,
+                    source: io::Error::other("a directory has that name"),
+                });
+            }
+            from_dir
+                .rename_to(from, ddir, name, false)
+                .map_err(io_err("overwrite", &final_path))?;
+            Ok((name.to_os_string(), How::Overwrote))
         }
         OnConflict::Rename => {
             for n in 1..10_000u32 {
-                let candidate = suffixed(final_path, n);
-                match fsx::rename_noreplace(staged, &candidate) {
+                let candidate = suffixed(name, n);
+                match from_dir.rename_to(from, ddir, &candidate, true) {
                     Ok(()) => return Ok((candidate, How::Renamed)),
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                         // A re-run after a crash finds its own earlier delivery here.
-                        if holds_same_bytes(&candidate, q, buf) {
+                        if holds_same_bytes(ddir, &candidate, q, buf) {
                             return Ok((candidate, How::AlreadyPresent));
                         }
                     }
-                    Err(e) => return Err(io_err("rename into", &candidate)(e)),
+                    Err(e) => return Err(io_err("rename into", &ddir.path().join(&candidate))(e)),
                 }
             }
             Err(DeliverError::Io {
                 action: "find a free name for",
-                path: final_path.to_path_buf(),
+                path: final_path,
                 source: io::Error::other("10,000 suffixed names are taken"),
             })
         }
@@ -253,62 +290,29 @@ fn place(
 }
 
 /// `report.csv` → `report_1.csv`; `archive.tar.gz` → `archive_1.tar.gz`; `README` → `README_1`.
-pub fn suffixed(path: &Path, n: u32) -> PathBuf {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+pub fn suffixed(name: &OsStr, n: u32) -> OsString {
+    let name = name.to_str().unwrap_or("file");
     let (stem, ext) = match name.find('.') {
         Some(0) | None => (name, ""),
         Some(i) => (&name[..i], &name[i..]),
     };
-    path.with_file_name(format!("{stem}_{n}{ext}"))
+    format!("{stem}_{n}{ext}").into()
 }
 
-/// Is `path` a regular file (not a symlink) holding exactly the scanned bytes?
-fn holds_same_bytes(path: &Path, q: &Quarantined, buf: &mut [u8]) -> bool {
-    let Ok(mut f) = fsx::open_read_nofollow(path) else {
+/// Is `name` in `dir` a regular file (not a symlink) holding exactly the scanned bytes?
+fn holds_same_bytes(dir: &fsx::Dir, name: &OsStr, q: &Quarantined, buf: &mut [u8]) -> bool {
+    let Ok(mut f) = dir.open_read(name) else {
         return false;
     };
-    match f.metadata() {
-        Ok(m) if m.is_file() && m.len() == q.size => {}
-        _ => return false,
+    let Ok(m) = f.metadata() else { return false };
+    if !m.is_file() || m.len() != q.size {
+        return false;
     }
     // Renamed delivery: this may be the very inode we wrote.
-    if let Ok(m) = f.metadata()
-        && (m.dev(), m.ino()) == (q.copy.dev, q.copy.ino)
-    {
+    if (m.dev(), m.ino()) == (q.copy.dev, q.copy.ino) {
         return true;
     }
     matches!(hash_file(&mut f, buf), Ok((h, _)) if h == q.sha256)
-}
-
-/// Creates `dir` (inside `root`) component by component, refusing symlinks on the
-/// way, and fsyncs each new entry's parent so the path survives a power loss.
-fn create_dirs_durable(root: &Path, dir: &Path) -> Result<(), DeliverError> {
-    let rel = dir.strip_prefix(root).unwrap_or(Path::new(""));
-    let mut cur = root.to_path_buf();
-    for part in rel.components() {
-        let parent = cur.clone();
-        cur.push(part);
-        match std::fs::symlink_metadata(&cur) {
-            Ok(m) if m.is_dir() => continue,
-            Ok(_) => {
-                return Err(DeliverError::Io {
-                    action: "use directory",
-                    path: cur,
-                    source: io::Error::other(
-                        "exists but is not a directory (symlinks are never followed)",
-                    ),
-                });
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err("stat", &cur)(e)),
-        }
-        match std::fs::create_dir(&cur) {
-            Ok(()) => fsx::fsync_dir(&parent).map_err(io_err("fsync directory", &parent))?,
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(io_err("create directory", &cur)(e)),
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -317,21 +321,9 @@ mod tests {
 
     #[test]
     fn suffixes_keep_the_extension() {
-        assert_eq!(
-            suffixed(Path::new("/d/report.csv"), 1),
-            PathBuf::from("/d/report_1.csv")
-        );
-        assert_eq!(
-            suffixed(Path::new("/d/a.tar.gz"), 2),
-            PathBuf::from("/d/a_2.tar.gz")
-        );
-        assert_eq!(
-            suffixed(Path::new("/d/README"), 3),
-            PathBuf::from("/d/README_3")
-        );
-        assert_eq!(
-            suffixed(Path::new("/d/.hidden"), 1),
-            PathBuf::from("/d/.hidden_1")
-        );
+        assert_eq!(suffixed(OsStr::new("report.csv"), 1), "report_1.csv");
+        assert_eq!(suffixed(OsStr::new("a.tar.gz"), 2), "a_2.tar.gz");
+        assert_eq!(suffixed(OsStr::new("README"), 3), "README_3");
+        assert_eq!(suffixed(OsStr::new(".hidden"), 1), ".hidden_1");
     }
 }

@@ -51,7 +51,12 @@ impl Stamp {
 /// A finished quarantine copy.
 #[derive(Debug, Clone)]
 pub struct Quarantined {
+    /// Where the copy is (for messages and path-based scanners).
     pub path: PathBuf,
+    /// The quarantine root and the copy's path beneath it: every reopen goes through
+    /// a directory handle (`fsx::Beneath`), never through a symlink.
+    pub root: PathBuf,
+    pub rel: PathBuf,
     /// SHA-256 of the bytes read from the source and written here, lowercase hex.
     pub sha256: String,
     pub size: u64,
@@ -121,9 +126,14 @@ pub fn copy_in(
     buf: &mut [u8],
 ) -> Result<Quarantined, QuarantineError> {
     let src_path = source_root.join(rel);
-    let mut src = match fsx::open_read_nofollow(&src_path) {
+    let (parent, name) = split(rel)?;
+    let sources = fsx::Beneath::open(source_root)
+        .map_err(QuarantineError::io("open source directory", source_root))?;
+    let mut src = match sources.open_read(rel) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(QuarantineError::Vanished),
+        // A symlink swapped in for the file or one of its directories.
+        Err(e) if fsx::is_symlink_refusal(&e) => return Err(QuarantineError::NotRegular),
         Err(e) => return Err(QuarantineError::io("open source", &src_path)(e)),
     };
     let before = src
@@ -141,12 +151,18 @@ pub fn copy_in(
     }
 
     let final_path = quarantine_root.join(rel);
-    let dir = final_path.parent().unwrap_or(quarantine_root);
-    std::fs::create_dir_all(dir)
-        .map_err(QuarantineError::io("create quarantine directory", dir))?;
-    let temp = fsx::temp_path_for(&final_path, id);
-    let _ = fsx::remove_if_exists(&temp);
-    let mut out = fsx::create_new(&temp).map_err(QuarantineError::io("create", &temp))?;
+    let qdir = fsx::Beneath::open(quarantine_root)
+        .and_then(|q| q.create_dir_all(parent, false))
+        .map_err(QuarantineError::io(
+            "create quarantine directory",
+            final_path.parent().unwrap_or(quarantine_root),
+        ))?;
+    let temp_name = fsx::temp_name(id);
+    let temp = qdir.path().join(&temp_name);
+    let _ = qdir.remove(temp_name.as_ref());
+    let mut out = qdir
+        .create_new(temp_name.as_ref())
+        .map_err(QuarantineError::io("create", &temp))?;
     crate::crashpoint::here("quarantine: temp created");
 
     let copied = copy_hashing(&mut src, &mut out, buf, &src_path, &temp);
@@ -171,10 +187,12 @@ pub fn copy_in(
             .map_err(|e| QuarantineError::io("set mtime of", &temp)(e.into()))?;
         let copy = Stamp::of(&out.metadata().map_err(QuarantineError::io("stat", &temp))?);
         crate::crashpoint::here("quarantine: copied, before rename");
-        std::fs::rename(&temp, &final_path)
+        qdir.rename_to(temp_name.as_ref(), &qdir, name, false)
             .map_err(QuarantineError::io("rename into", &final_path))?;
         Ok(Quarantined {
             path: final_path.clone(),
+            root: quarantine_root.to_path_buf(),
+            rel: rel.to_path_buf(),
             sha256,
             size: n,
             copy,
@@ -184,9 +202,17 @@ pub fn copy_in(
     });
     if result.is_err() {
         drop(out);
-        let _ = fsx::remove_if_exists(&temp);
+        let _ = qdir.remove(temp_name.as_ref());
     }
     result
+}
+
+/// A relative file path's directory and name.
+fn split(rel: &Path) -> Result<(&Path, &std::ffi::OsStr), QuarantineError> {
+    match (rel.parent(), rel.file_name()) {
+        (Some(p), Some(n)) => Ok((p, n)),
+        _ => Err(QuarantineError::NotRegular),
+    }
 }
 
 /// Copies `src` to `out`, returning the hex SHA-256 and the byte count.
@@ -233,4 +259,38 @@ pub fn hash_file(f: &mut File, buf: &mut [u8]) -> io::Result<(String, u64)> {
         }
     }
     Ok((hex::encode(hasher.finalize()), n))
+}
+
+impl Quarantined {
+    /// Reopens the copy for reading and checks it is still the file written (same
+    /// inode, size and mtime): what is scanned and delivered is what was hashed.
+    pub fn reopen(&self) -> io::Result<File> {
+        let f = fsx::Beneath::open(&self.root)?.open_read(&self.rel)?;
+        let now = Stamp::of(&f.metadata()?);
+        if (now.dev, now.ino, now.size, now.mtime_ns)
+            != (
+                self.copy.dev,
+                self.copy.ino,
+                self.copy.size,
+                self.copy.mtime_ns,
+            )
+        {
+            return Err(io::Error::other("quarantine copy was replaced or modified"));
+        }
+        Ok(f)
+    }
+
+    /// Removes the copy, through a directory handle beneath the quarantine: a symlink
+    /// planted in its place or in a parent is never followed (returns whether the
+    /// copy existed).
+    pub fn remove(&self) -> io::Result<bool> {
+        let (Some(parent), Some(name)) = (self.rel.parent(), self.rel.file_name()) else {
+            return Ok(false);
+        };
+        match fsx::Beneath::open(&self.root).and_then(|b| b.open_dir(parent)) {
+            Ok(dir) => dir.remove(name),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
 }

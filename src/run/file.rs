@@ -145,7 +145,7 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
     journal(run, &mut r, |j| j.file_quarantined(job.id, &sha));
 
     // 8. Scan.
-    let scan = run.scanners.scan(&q.path, q.size, &|| open_copy(&q));
+    let scan = run.scanners.scan(&q.path, q.size, &|| q.reopen());
     let verdict = scan.verdict.clone();
     r.scanners = serde_json::to_value(&scan.results).unwrap_or_default();
     let (label, results) = (verdict_label(&verdict), r.scanners.clone());
@@ -189,22 +189,8 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
     r
 }
 
-/// Opens the quarantine copy for a scan, checking it is still the file written.
-fn open_copy(q: &Quarantined) -> std::io::Result<File> {
-    let f = fsx::open_read_nofollow(&q.path)?;
-    let now = Stamp::of(&f.metadata()?);
-    if (now.dev, now.ino, now.size, now.mtime_ns)
-        != (q.copy.dev, q.copy.ino, q.copy.size, q.copy.mtime_ns)
-    {
-        return Err(std::io::Error::other(
-            "quarantine copy was replaced or modified",
-        ));
-    }
-    Ok(f)
-}
-
 fn remove_copy(q: &Quarantined) {
-    if let Err(e) = fsx::remove_if_exists(&q.path) {
+    if let Err(e) = q.remove() {
         tracing::error!("cannot remove quarantine copy {}: {e}", q.path.display());
     }
 }

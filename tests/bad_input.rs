@@ -1,0 +1,234 @@
+//! Bad input: strange names, deep trees, empty and sparse files, hard links, symlinks
+//! (also planted between two steps of a run). No crash, no hang, a log line, nothing lost.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[test]
+fn strange_names_are_delivered_or_skipped_with_a_reason() {
+    let env = Env::new();
+    let long = "x".repeat(251) + ".bin"; // 255 bytes, the longest name Linux allows
+    env.drop_file("back\\slash.txt", b"backslash");
+    env.drop_file(&long, b"long name");
+    env.drop_file("sp ace & $(dollar).txt", b"shell chars");
+    env.drop_file("-leading-dash", b"dash");
+    env.drop_file("line\nbreak", b"newline");
+    env.drop_file("tab\there", b"tab");
+    let bad = env.src.join(OsStr::from_bytes(b"latin1-\xe9t\xe9.txt"));
+    std::fs::write(&bad, b"not utf-8").unwrap();
+    age(&bad, 60);
+    let r = env.run(&[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let dst = Env::tree(&env.dst);
+    assert_eq!(dst["back\\slash.txt"], b"backslash");
+    assert_eq!(dst[&long], b"long name");
+    assert_eq!(dst["sp ace & $(dollar).txt"], b"shell chars");
+    assert_eq!(dst.len(), 3, "{:?}", dst.keys());
+    for kept in ["-leading-dash", "line\nbreak", "tab\there"] {
+        assert!(env.src.join(kept).exists(), "{kept:?} left in the source");
+    }
+    assert!(bad.exists());
+    let log = env.log_text();
+    assert!(log.contains("unsafe name: starts with '-'"), "{log}");
+    assert!(
+        log.contains("unsafe name: contains control characters"),
+        "{log}"
+    );
+    assert!(log.contains("unsafe name: not valid UTF-8"), "{log}");
+    assert_eq!(env.report()["skipped_by_reason"]["unsafe_name"], 4);
+}
+
+#[test]
+fn a_tree_100_levels_deep_and_empty_files_arrive_whole() {
+    let env = Env::new();
+    let deep: PathBuf = (0..100).map(|i| format!("d{i}")).collect();
+    let rel = deep.join("bottom.txt");
+    env.drop_file(rel.to_str().unwrap(), b"deep down");
+    env.drop_file("empty.dat", b"");
+    env.drop_file("dir/also-empty", b"");
+    let r = env.run(&[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(std::fs::read(env.dst.join(&rel)).unwrap(), b"deep down");
+    assert_eq!(std::fs::read(env.dst.join("empty.dat")).unwrap(), b"");
+    assert_eq!(std::fs::read(env.dst.join("dir/also-empty")).unwrap(), b"");
+    assert!(Env::tree(&env.src).is_empty());
+}
+
+#[test]
+fn hard_links_are_two_files_and_both_arrive() {
+    let env = Env::new();
+    let a = env.drop_file("a/one.bin", &noise(10_000, 1));
+    std::fs::create_dir_all(env.src.join("b")).unwrap();
+    std::fs::hard_link(&a, env.src.join("b/two.bin")).unwrap();
+    let r = env.run(&[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    // Removing one name changes the shared inode's ctime; if the other name was being
+    // copied at that moment it counts as changed and waits for the next run.
+    if Env::tree(&env.dst).len() < 2 {
+        assert!(
+            env.log_text().contains("source changed while being copied"),
+            "{}",
+            env.log_text()
+        );
+        age(&env.src.join("b/two.bin"), 60);
+        let r = env.run(&[]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+    }
+    let dst = Env::tree(&env.dst);
+    assert_eq!(dst["a/one.bin"], noise(10_000, 1));
+    assert_eq!(dst["b/two.bin"], noise(10_000, 1));
+    let (x, y) = (
+        std::fs::metadata(env.dst.join("a/one.bin")).unwrap(),
+        std::fs::metadata(env.dst.join("b/two.bin")).unwrap(),
+    );
+    assert_ne!(x.ino(), y.ino(), "delivered as independent files");
+    assert!(Env::tree(&env.src).is_empty());
+}
+
+#[test]
+fn symlinks_inside_and_out_of_the_tree_are_never_followed() {
+    let env = Env::new();
+    let outside = env.root().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("secret.txt"), b"outside secret").unwrap();
+    env.drop_file("real/file.txt", b"real");
+    std::os::unix::fs::symlink(&outside, env.src.join("to-outside-dir")).unwrap();
+    std::os::unix::fs::symlink(outside.join("secret.txt"), env.src.join("to-outside-file"))
+        .unwrap();
+    std::os::unix::fs::symlink("real", env.src.join("to-inside-dir")).unwrap();
+    std::os::unix::fs::symlink("real/file.txt", env.src.join("to-inside-file")).unwrap();
+    std::os::unix::fs::symlink("nowhere", env.src.join("dangling")).unwrap();
+    let r = env.run(&[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        Env::tree(&env.dst).keys().collect::<Vec<_>>(),
+        ["real/file.txt"]
+    );
+    assert_eq!(
+        std::fs::read(outside.join("secret.txt")).unwrap(),
+        b"outside secret"
+    );
+    assert_eq!(env.report()["skipped_by_reason"]["symlink"], 5);
+}
+
+#[test]
+fn a_destination_subdirectory_that_is_a_symlink_is_never_written_through() {
+    let env = Env::new();
+    let outside = env.root().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, env.dst.join("sub")).unwrap();
+    env.drop_file("sub/file.txt", b"payload");
+    let r = env.run(&[]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("symlinks are never followed"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        Env::tree(&outside).is_empty(),
+        "nothing escaped the destination"
+    );
+    assert_eq!(
+        std::fs::read(env.src.join("sub/file.txt")).unwrap(),
+        b"payload"
+    );
+}
+
+/// Starts a run that pauses at kill point `at`; returns once it is paused there.
+fn run_paused_at(env: &Env, at: &str) -> (Child, PathBuf) {
+    let resume = env.root().join("resume");
+    let child = env
+        .command(&[
+            "run",
+            "--config",
+            env.config.to_str().unwrap(),
+            "--report-json",
+            env.report.to_str().unwrap(),
+        ])
+        .env("SHUTTLE_PAUSE_AT", at)
+        .env("SHUTTLE_PAUSE_FILE", &resume)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let reached = env.root().join("resume.reached");
+    let started = Instant::now();
+    while !reached.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "never paused at {at}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    (child, resume)
+}
+
+fn swap_for_symlink(dir: &Path, target: &Path) {
+    let aside = dir.with_extension("aside");
+    std::fs::rename(dir, &aside).unwrap();
+    std::os::unix::fs::symlink(target, dir).unwrap();
+}
+
+#[test]
+fn a_symlink_planted_in_the_quarantine_between_scan_and_delivery_cannot_redirect_the_read() {
+    let env = Env::new();
+    env.drop_file("sub/file.txt", b"the scanned bytes");
+    let evil = env.root().join("evil");
+    std::fs::create_dir_all(&evil).unwrap();
+    std::fs::write(evil.join("file.txt"), EICAR).unwrap();
+    let (child, resume) = run_paused_at(&env, "journal: before file_scanned");
+    swap_for_symlink(&env.quarantine.join("sub"), &evil);
+    std::fs::write(&resume, b"").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let delivered = Env::tree(&env.dst);
+    assert!(
+        delivered.values().all(|v| v.as_slice() != EICAR),
+        "the planted file was not delivered"
+    );
+    assert!(delivered.is_empty(), "{:?}", delivered.keys());
+    assert_eq!(
+        std::fs::read(env.src.join("sub/file.txt"))
+            .map_err(|e| format!("{e}: {stderr}"))
+            .unwrap(),
+        b"the scanned bytes"
+    );
+    assert_eq!(
+        std::fs::read(evil.join("file.txt")).unwrap(),
+        EICAR,
+        "the planted file is untouched"
+    );
+}
+
+#[test]
+fn a_symlink_planted_in_the_destination_before_delivery_cannot_redirect_the_write() {
+    let env = Env::new();
+    std::fs::create_dir_all(env.dst.join("sub")).unwrap();
+    env.drop_file("sub/file.txt", b"payload");
+    let outside = env.root().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let (child, resume) = run_paused_at(&env, "journal: before file_scanned");
+    swap_for_symlink(&env.dst.join("sub"), &outside);
+    std::fs::write(&resume, b"").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        Env::tree(&outside).is_empty(),
+        "nothing written outside the destination"
+    );
+    assert_eq!(
+        std::fs::read(env.src.join("sub/file.txt")).unwrap(),
+        b"payload"
+    );
+    assert!(Env::tree(&env.quarantine).is_empty());
+}
