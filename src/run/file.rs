@@ -16,7 +16,7 @@ use crate::journal::{Journal, Outcome};
 use crate::notify;
 use crate::quarantine::{self, QuarantineError, Quarantined, Stamp};
 use crate::report::KeptSource;
-use crate::scan::FileVerdict;
+use crate::scan::{EngineResult, FileVerdict};
 
 /// The outcome of one file, sent back to the admission thread.
 #[derive(Debug)]
@@ -155,7 +155,10 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
     // 9. Dispose.
     let disposed = match verdict {
         FileVerdict::Clean => deliver_clean(run, r, &q, rel, job.id, buf),
-        FileVerdict::Suspect(detections) => dispose_suspect(run, r, &q, rel, detections),
+        FileVerdict::Suspect(detections) => {
+            let engines = scan.as_ref().map(|s| &s.results[..]).unwrap_or(&[]);
+            dispose_suspect(run, r, &q, job.id, detections, engines)
+        }
         FileVerdict::Failed(why) => {
             remove_copy(&q);
             tracing::error!("FAILED {:?}: {why}; source left for the next run", rel);
@@ -282,22 +285,63 @@ fn deliver_clean(
     }
 }
 
-/// Suspect branch: archive or delete the quarantine copy.
+/// Suspect branch: archive (when configured) and delete the quarantine copy.
 fn dispose_suspect(
     run: &Run,
     mut r: FileResult,
     q: &Quarantined,
-    rel: &Path,
+    id: i64,
     detections: Vec<String>,
+    engines: &[EngineResult],
 ) -> Disposed {
     let found = detections.join(", ");
     r.detections = detections;
-    match hazard::dispose(q, rel, &r.detections) {
+    let rel = r.rel.clone();
+    let meta = hazard::EntryMeta {
+        file_id: id,
+        original_path: rel.clone(),
+        size: q.size,
+        sha256: q.sha256.clone(),
+        detections: r.detections.clone(),
+        scanners: engines
+            .iter()
+            .map(|e| hazard::ScannerInfo {
+                scanner: e.scanner.to_string(),
+                version: e.version.clone(),
+            })
+            .collect(),
+    };
+    let disposed = match run.hazard {
+        // The copy is re-opened through the identity check: only the bytes that
+        // were scanned are archived (store() verifies their SHA-256 as well).
+        Some(_) => open_copy(q)
+            .map(Some)
+            .map_err(|source| hazard::HazardError::Io {
+                action: "open the suspect quarantine copy",
+                path: q.path.clone(),
+                source,
+            }),
+        None => Ok(None),
+    }
+    .and_then(|mut copy| {
+        let mut none = std::io::empty();
+        let plaintext: &mut dyn std::io::Read = match copy.as_mut() {
+            Some(f) => f,
+            None => &mut none,
+        };
+        hazard::dispose(run.hazard, &q.path, plaintext, &meta)
+    });
+    match disposed {
         Ok(disposal) => {
             let (how, place) = match &disposal {
-                hazard::Disposal::Archived(p) => {
-                    r.destination = Some(p.display().to_string());
-                    ("archived", format!("archived as {}", p.display()))
+                hazard::Disposal::Archived(stored) => {
+                    let row = hazard_row(stored);
+                    journal(run, &mut r, |j| j.hazard_archived(&row));
+                    r.destination = Some(stored.archive.display().to_string());
+                    (
+                        "archived",
+                        format!("encrypted into {}", stored.archive.display()),
+                    )
                 }
                 hazard::Disposal::Deleted => (
                     "deleted",
@@ -327,6 +371,9 @@ fn dispose_suspect(
                 "FAILED {:?} (suspect: {found}): {e}; source left in place",
                 rel
             );
+            if e.is_disk_full() {
+                r.fatal = Some(e.to_string());
+            }
             Disposed::Finished(finish(
                 run,
                 r,
@@ -335,6 +382,21 @@ fn dispose_suspect(
                 Some(e.to_string()),
             ))
         }
+    }
+}
+
+fn hazard_row(s: &hazard::Stored) -> crate::journal::HazardRow {
+    crate::journal::HazardRow {
+        file_id: s.sidecar.file_id,
+        archive_path: s.archive.display().to_string(),
+        sidecar_path: s.sidecar_path.display().to_string(),
+        original_path: s.sidecar.original_path.clone(),
+        size: s.sidecar.size,
+        sha256: s.sidecar.sha256.clone(),
+        detections: serde_json::json!(s.sidecar.detections),
+        scanners: serde_json::to_value(&s.sidecar.scanners).unwrap_or_default(),
+        archived_at: s.sidecar.archived_at.clone(),
+        key_fingerprint: s.sidecar.key_fingerprint.clone(),
     }
 }
 

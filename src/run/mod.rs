@@ -11,6 +11,7 @@ use anyhow::Context;
 
 use crate::config::Config;
 use crate::discover::{self, OpenFiles, Rules};
+use crate::hazard::HazardArchive;
 use crate::journal::{self, Journal};
 use crate::lock::{self, LockError};
 use crate::notify::{self, Notifier};
@@ -50,6 +51,16 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Report, RunError> {
         return Err(RunError::Config(problems.join("\n")));
     }
     let engines = scan::enabled(cfg).map_err(RunError::Config)?;
+    // The hazard key is validated here too: a key that cannot be used would turn
+    // every suspect file into a failed one, so it is a configuration error.
+    let hazard = HazardArchive::open(cfg).map_err(|e| RunError::Config(e.to_string()))?;
+    if let Some(h) = &hazard {
+        tracing::info!(
+            "hazard archive {}: {}",
+            h.dir().display(),
+            h.recipient().describe()
+        );
+    }
 
     // 2. Single instance.
     let _lock = lock::acquire(&cfg.lock_path)?;
@@ -62,7 +73,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Report, RunError> {
         started: now_string(),
         ..Default::default()
     };
-    if let Err(e) = run_locked(cfg, engines, &notifier, &mut report) {
+    if let Err(e) = run_locked(cfg, engines, hazard.as_ref(), &notifier, &mut report) {
         let msg = format!("{e:#}");
         tracing::error!("run stopped: {msg}");
         notifier.send(notify::Kind::Error, "Shuttle run stopped", &msg);
@@ -113,6 +124,7 @@ fn record_end(cfg: &Config, report: &Report) {
 fn run_locked(
     cfg: &Config,
     engines: Vec<Box<dyn Scanner>>,
+    hazard: Option<&HazardArchive>,
     notifier: &Notifier,
     report: &mut Report,
 ) -> anyhow::Result<()> {
@@ -181,6 +193,7 @@ fn run_locked(
         run_id,
         scanners: &scanners,
         notifier,
+        hazard,
     };
     pipeline::process(&run, admission, discovery.candidates, report)?;
     let journal = journal.into_inner().unwrap_or_else(|p| p.into_inner());
