@@ -48,7 +48,7 @@ const MAX_COUNTER: u32 = 100_000;
 #[derive(Debug, Clone)]
 pub enum Disposal {
     /// Encrypted into the hazard archive (archive and sidecar durable).
-    Archived(Stored),
+    Archived(Box<Stored>),
     /// No archive configured: the quarantine copy was deleted.
     Deleted,
 }
@@ -381,7 +381,7 @@ pub fn dispose(
     meta: &EntryMeta,
 ) -> Result<Disposal, HazardError> {
     let disposal = match archive {
-        Some(a) => Disposal::Archived(a.store(plaintext, meta)?),
+        Some(a) => Disposal::Archived(Box::new(a.store(plaintext, meta)?)),
         None => Disposal::Deleted,
     };
     fsx::remove_if_exists(quarantine_copy).map_err(|source| HazardError::Delete {
@@ -488,7 +488,8 @@ pub struct Listed {
     pub time: i64,
 }
 
-/// Reads the archive directory: every entry with its metadata, newest first. Damaged
+/// Reads the archive directory: every entry with its metadata, newest first, the good
+/// ones before the others. Damaged
 /// entries (archive without sidecar, unreadable sidecar, sidecar without archive, not
 /// an OpenPGP message) and foreign files are listed as such; nothing here panics or
 /// stops at a bad file.
@@ -544,7 +545,14 @@ pub fn list(dir: &Path) -> io::Result<Vec<Listed>> {
             out.push(entry("foreign", "not a Shuttle hazard archive file".into()));
         }
     }
-    out.sort_by(|a, b| b.time.cmp(&a.time).then_with(|| b.file.cmp(&a.file)));
+    // Archived files first (what the operator hands on), then what needs a look;
+    // each group newest first.
+    out.sort_by(|a, b| {
+        (b.status == "ok")
+            .cmp(&(a.status == "ok"))
+            .then(b.time.cmp(&a.time))
+            .then_with(|| b.file.cmp(&a.file))
+    });
     Ok(out)
 }
 
