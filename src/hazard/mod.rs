@@ -180,11 +180,16 @@ impl HazardArchive {
             .hazard_encryption_key_path
             .as_deref()
             .ok_or(HazardError::NoKey)?;
+        HazardArchive::new(dir, key_path).map(Some)
+    }
+
+    /// An archive in `dir` encrypting to the key in `key_path` (validated now).
+    pub fn new(dir: &Path, key_path: &Path) -> Result<HazardArchive, HazardError> {
         let recipient = key::load(key_path, std::time::SystemTime::now())?;
-        Ok(Some(HazardArchive {
+        Ok(HazardArchive {
             dir: dir.to_path_buf(),
             recipient,
-        }))
+        })
     }
 
     pub fn dir(&self) -> &Path {
