@@ -137,6 +137,17 @@ fn keys() -> &'static Keys {
                 "never",
             ],
         );
+        // The gpg-agents these homes start, and the keys, go when this test process
+        // ends: a watcher shell (its parent is this process) cleans up after it.
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(r#"while kill -0 "$PPID" 2>/dev/null; do sleep 1; done; for h in "$1/h" "$1/o"; do gpgconf --homedir "$h" --kill gpg-agent; done; rm -rf "$1""#)
+            .arg("sh")
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
         let write = |name: &str, bytes: Vec<u8>| {
             let p = dir.join(name);
             std::fs::write(&p, bytes).unwrap();
