@@ -2,6 +2,7 @@
 //! keys without touching a file; print every problem; exit 0 or 2.
 
 use crate::config::{self, CommandLine};
+use crate::hazard::{self, HazardArchive, HazardError};
 use crate::scan::{self, Scanners};
 
 /// Runs the checks, printing to stdout. Returns the exit code.
@@ -43,10 +44,29 @@ pub fn check(cli: &CommandLine) -> i32 {
             parent.display()
         ));
     }
-    if let Some(key) = &cfg.hazard_encryption_key_path
-        && let Err(e) = std::fs::File::open(key)
-    {
-        problems.push(format!("hazard_encryption_key_path {}: {e}", key.display()));
+    match HazardArchive::open(cfg) {
+        Ok(Some(h)) => println!(
+            "ok: hazard archive {}: {}",
+            h.dir().display(),
+            h.recipient().describe()
+        ),
+        // check_paths already reported an archive without a key.
+        Err(HazardError::NoKey) => {}
+        Err(e) => problems.push(e.to_string()),
+        Ok(None) => {
+            // A key without an archive is unused, but a broken one is still worth
+            // knowing about before someone sets hazard_archive_path.
+            if let Some(key) = &cfg.hazard_encryption_key_path {
+                match hazard::key::load(key, std::time::SystemTime::now()) {
+                    Ok(r) => println!(
+                        "ok: hazard_encryption_key_path {} (unused: no hazard_archive_path): {}",
+                        key.display(),
+                        r.describe()
+                    ),
+                    Err(e) => problems.push(e.to_string()),
+                }
+            }
+        }
     }
     if let Err(e) = crate::ledger::gate(cfg) {
         problems.push(e);

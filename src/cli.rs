@@ -61,6 +61,16 @@ pub fn command() -> Command {
             "Scan a fresh EICAR file and a clean file with Microsoft Defender; record pass/fail for its version in the ledger; exit 0 pass, 1 fail",
         ))
         .subcommand(
+            Command::new("hazard")
+                .about("The hazard archive of encrypted suspect files")
+                .subcommand_required(true)
+                .subcommand(
+                    Command::new("list")
+                        .about("Archived suspect files with their metadata, newest first; damaged or foreign files flagged")
+                        .arg(Arg::new("json").long("json").action(ArgAction::SetTrue).help("Machine-readable output")),
+                ),
+        )
+        .subcommand(
             Command::new("status")
                 .about("Today's counts against the limits, free space per target and its trend, last runs")
                 .arg(Arg::new("json").long("json").action(ArgAction::SetTrue).help("Machine-readable output")),
@@ -113,6 +123,10 @@ pub fn main() -> u8 {
         "check" => u8::try_from(check::check(&cli)).unwrap_or(EXIT_USAGE),
         "status" => crate::status::main(&cli, sub.get_flag("json")),
         "defender-test" => crate::defender_test::main(&cli),
+        "hazard" => match sub.subcommand() {
+            Some(("list", list)) => hazard_list(&command_line(list), list.get_flag("json")),
+            _ => EXIT_USAGE,
+        },
         _ => run_command(
             &cli,
             sub.get_one::<PathBuf>("report-json")
@@ -166,4 +180,72 @@ fn run_command(cli: &CommandLine, report_json: Option<PathBuf>) -> u8 {
             EXIT_USAGE
         }
     }
+}
+
+/// `shuttle hazard list [--json]`: reads the sidecars; needs only `hazard_archive_path`
+/// (not the key), so it also works where the key file is being replaced.
+fn hazard_list(cli: &CommandLine, json: bool) -> u8 {
+    let cfg = match config::load(cli) {
+        Ok(l) => l.config,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return EXIT_USAGE;
+        }
+    };
+    let Some(dir) = cfg.hazard_archive() else {
+        eprintln!(
+            "configuration error: hazard_archive_path is not set: there is no hazard archive to list"
+        );
+        return EXIT_USAGE;
+    };
+    let entries = match crate::hazard::list(dir) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("cannot read hazard archive {}: {e}", dir.display());
+            return EXIT_FAILED;
+        }
+    };
+    if json {
+        let doc = serde_json::json!({ "archive": dir, "entries": entries });
+        match serde_json::to_string_pretty(&doc) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("cannot serialise the listing: {e}");
+                return EXIT_FAILED;
+            }
+        }
+        return EXIT_OK;
+    }
+    let ok = entries.iter().filter(|e| e.status == "ok").count();
+    println!(
+        "hazard archive {}: {ok} archived file(s), {} other entr(y/ies)",
+        dir.display(),
+        entries.len() - ok
+    );
+    for e in &entries {
+        match (&e.meta, e.status) {
+            (Some(m), "ok") => {
+                let engines: Vec<String> = m
+                    .scanners
+                    .iter()
+                    .map(|s| format!("{} {}", s.scanner, s.version))
+                    .collect();
+                println!("{}  {}", m.archived_at, e.file);
+                println!(
+                    "    original: {} ({} bytes, sha256 {})",
+                    m.original_path, m.size, m.sha256
+                );
+                println!("    detections: {}", m.detections.join(", "));
+                println!("    scanners: {}", engines.join("; "));
+                println!("    key: {}", m.key_fingerprint);
+            }
+            _ => println!(
+                "{}  {}: {}",
+                e.status.to_uppercase(),
+                e.file,
+                e.problem.as_deref().unwrap_or("")
+            ),
+        }
+    }
+    EXIT_OK
 }

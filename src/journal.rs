@@ -58,6 +58,23 @@ pub struct Unfinished {
     pub rel_path: String,
 }
 
+/// A suspect file durably encrypted into the hazard archive (DESIGN §1.9).
+#[derive(Debug, Clone)]
+pub struct HazardRow {
+    pub file_id: i64,
+    pub archive_path: String,
+    pub sidecar_path: String,
+    pub original_path: String,
+    pub size: u64,
+    pub sha256: String,
+    /// JSON array of detection names.
+    pub detections: serde_json::Value,
+    /// JSON array of `{scanner, version}`.
+    pub scanners: serde_json::Value,
+    pub archived_at: String,
+    pub key_fingerprint: String,
+}
+
 /// One earlier run, for `shuttle status`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RunRow {
@@ -123,6 +140,18 @@ CREATE TABLE IF NOT EXISTS space (
     total_bytes INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS space_time ON space(target, time);
+CREATE TABLE IF NOT EXISTS hazard (
+    file_id INTEGER PRIMARY KEY REFERENCES files(id),
+    archive_path TEXT NOT NULL,
+    sidecar_path TEXT NOT NULL,
+    original_path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    detections TEXT NOT NULL,
+    scanners TEXT NOT NULL,
+    archived_at TEXT NOT NULL,
+    key_fingerprint TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS throttle_events (
     run_id INTEGER NOT NULL,
     time INTEGER NOT NULL,
@@ -257,6 +286,27 @@ impl Journal {
             error,
             now_secs(),
             day
+        ]))
+        .map(drop)
+    }
+
+    /// Records a hazard archive entry; call only once archive and sidecar are durable.
+    pub fn hazard_archived(&self, h: &HazardRow) -> Result<(), JournalError> {
+        let mut st = self.wrap(self.conn.prepare_cached(
+            "INSERT OR REPLACE INTO hazard (file_id, archive_path, sidecar_path, original_path, size, sha256, detections, scanners, archived_at, key_fingerprint)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        ))?;
+        self.wrap(st.execute(params![
+            h.file_id,
+            h.archive_path,
+            h.sidecar_path,
+            h.original_path,
+            h.size as i64,
+            h.sha256,
+            h.detections.to_string(),
+            h.scanners.to_string(),
+            h.archived_at,
+            h.key_fingerprint
         ]))
         .map(drop)
     }

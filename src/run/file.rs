@@ -16,7 +16,7 @@ use crate::journal::{Journal, Outcome};
 use crate::notify;
 use crate::quarantine::{self, QuarantineError, Quarantined, Stamp};
 use crate::report::KeptSource;
-use crate::scan::FileVerdict;
+use crate::scan::{EngineResult, FileVerdict};
 
 /// The outcome of one file, sent back to the admission thread.
 #[derive(Debug)]
@@ -155,8 +155,10 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
     let disposed = match verdict {
         FileVerdict::Clean => deliver_clean(run, r, &q, rel, job.id, buf),
         FileVerdict::Suspect(detections) => match scan.removed_by {
-            None => dispose_suspect(run, r, &q, rel, detections, None),
-            Some(engine) => removed_by_engine(run, r, &q, rel, detections, engine, buf),
+            None => dispose_suspect(run, r, &q, job.id, detections, &scan.results, None),
+            Some(engine) => {
+                removed_by_engine(run, r, &q, job.id, detections, &scan.results, engine, buf)
+            }
         },
         FileVerdict::Failed(why) => {
             remove_copy(&q);
@@ -270,25 +272,79 @@ fn deliver_clean(
     }
 }
 
-/// Suspect branch: archive or delete the quarantine copy. `removed_by`: the engine
-/// that already removed the quarantine copy itself, the source having been verified
-/// to hold the same bytes (see [`removed_by_engine`]).
+/// Suspect branch: archive (when configured) and delete the quarantine copy.
+/// `removed_by`: the engine that already removed the quarantine copy itself, with the
+/// source, verified to hold the scanned bytes, open for archiving instead (see
+/// [`removed_by_engine`]).
 fn dispose_suspect(
     run: &Run,
     mut r: FileResult,
     q: &Quarantined,
-    rel: &Path,
+    id: i64,
     detections: Vec<String>,
-    removed_by: Option<&'static str>,
+    engines: &[EngineResult],
+    removed_by: Option<(&'static str, File)>,
 ) -> Disposed {
     let found = detections.join(", ");
     r.detections = detections;
-    match hazard::dispose(q, rel, &r.detections) {
+    let rel = r.rel.clone();
+    let meta = hazard::EntryMeta {
+        file_id: id,
+        original_path: rel.clone(),
+        size: q.size,
+        sha256: q.sha256.clone(),
+        detections: r.detections.clone(),
+        scanners: engines
+            .iter()
+            .map(|e| hazard::ScannerInfo {
+                scanner: e.scanner.to_string(),
+                version: e.version.clone(),
+            })
+            .collect(),
+    };
+    let engine = removed_by.as_ref().map(|(e, _)| *e);
+    // Only the bytes that were scanned are archived: the quarantine copy re-opened
+    // through its identity check, or the verified source when the engine removed the
+    // copy. store() checks their SHA-256 against the scan's as it encrypts.
+    let plaintext = match (run.hazard, removed_by) {
+        (None, _) => Ok(None),
+        (Some(_), Some((_, source))) => Ok(Some(source)),
+        (Some(_), None) => q
+            .reopen()
+            .map(Some)
+            .map_err(|source| hazard::HazardError::Io {
+                action: "open the suspect quarantine copy",
+                path: q.path.clone(),
+                source,
+            }),
+    };
+    let disposed = plaintext.and_then(|mut file| {
+        let mut none = std::io::empty();
+        let reader: &mut dyn std::io::Read = match file.as_mut() {
+            Some(f) => f,
+            None => &mut none,
+        };
+        hazard::dispose(run.hazard, reader, &meta)
+    });
+    // Archived or not, the suspect quarantine copy goes (through its directory handle).
+    remove_copy(q);
+    match disposed {
         Ok(disposal) => {
-            let (how, place) = match (&disposal, removed_by) {
-                (hazard::Disposal::Archived(p), _) => {
-                    r.destination = Some(p.display().to_string());
-                    ("archived", format!("archived as {}", p.display()))
+            let (how, place) = match (&disposal, engine) {
+                (hazard::Disposal::Archived(stored), _) => {
+                    let row = hazard_row(stored);
+                    journal(run, &mut r, |j| j.hazard_archived(&row));
+                    r.destination = Some(stored.archive.display().to_string());
+                    let from = match engine {
+                        Some(e) => {
+                            format!(" from the source ({e} removed the quarantine copy itself)")
+                        }
+                        None => String::new(),
+                    };
+                    (
+                        "archived",
+                        format!("encrypted into {}{from}", stored.archive.display()),
+                    )
                 }
                 (hazard::Disposal::Deleted, Some(engine)) => (
                     "removed_by_scanner",
@@ -324,6 +380,9 @@ fn dispose_suspect(
                 "FAILED {:?} (suspect: {found}): {e}; source left in place",
                 rel
             );
+            if e.is_disk_full() {
+                r.fatal = Some(e.to_string());
+            }
             Disposed::Finished(finish(
                 run,
                 r,
@@ -343,15 +402,18 @@ fn dispose_suspect(
 /// disposed of like a suspect copy and removed per DESIGN §1.10. In every other case
 /// (flag off, another engine, source changed) nothing is delivered and the source
 /// stays where it is, for the administrator.
+#[allow(clippy::too_many_arguments)]
 fn removed_by_engine(
     run: &Run,
     mut r: FileResult,
     q: &Quarantined,
-    rel: &Path,
+    id: i64,
     detections: Vec<String>,
+    engines: &[EngineResult],
     engine: &'static str,
     buf: &mut [u8],
 ) -> Disposed {
+    let rel = q.rel.as_path();
     let cfg = run.cfg;
     let found = detections.join(", ");
     match std::fs::symlink_metadata(&q.path) {
@@ -376,14 +438,11 @@ fn removed_by_engine(
         ))
     };
     match source_check {
-        Ok(_source) => {
-            // TODO(hazard): with a hazard archive, archive the *source* here, from
-            // `_source` (open, identity- and SHA-256-verified against q.sha256), instead
-            // of the quarantine copy Defender removed; `hazard::dispose` today only
-            // deletes the (already gone) quarantine copy. The source itself is removed
-            // in step 10 only per DESIGN §1.10 (delete_source_files_after_copying,
-            // hash re-checked).
-            dispose_suspect(run, r, q, rel, detections, Some(engine))
+        Ok(source) => {
+            // The source (open, identity- and SHA-256-verified against q.sha256) is
+            // the suspect copy now: it is what gets archived. The source itself is
+            // removed in step 10 only per DESIGN §1.10 (hash re-checked).
+            dispose_suspect(run, r, q, id, detections, engines, Some((engine, source)))
         }
         Err(why) => {
             r.detections = detections;
@@ -420,7 +479,8 @@ fn source_holds_scanned_bytes(
     buf: &mut [u8],
 ) -> Result<File, String> {
     let path = root.join(rel);
-    let mut f = fsx::open_read_nofollow(&path)
+    let mut f = fsx::Beneath::open(root)
+        .and_then(|b| b.open_read(rel))
         .map_err(|e| format!("source {} cannot be opened: {e}", path.display()))?;
     let before = f
         .metadata()
@@ -441,6 +501,21 @@ fn source_holds_scanned_bytes(
     f.rewind()
         .map_err(|e| format!("source {}: {e}", path.display()))?;
     Ok(f)
+}
+
+fn hazard_row(s: &hazard::Stored) -> crate::journal::HazardRow {
+    crate::journal::HazardRow {
+        file_id: s.sidecar.file_id,
+        archive_path: s.archive.display().to_string(),
+        sidecar_path: s.sidecar_path.display().to_string(),
+        original_path: s.sidecar.original_path.clone(),
+        size: s.sidecar.size,
+        sha256: s.sidecar.sha256.clone(),
+        detections: serde_json::json!(s.sidecar.detections),
+        scanners: serde_json::to_value(&s.sidecar.scanners).unwrap_or_default(),
+        archived_at: s.sidecar.archived_at.clone(),
+        key_fingerprint: s.sidecar.key_fingerprint.clone(),
+    }
 }
 
 /// Are quarantine and destination on one filesystem (delivery by rename)?

@@ -12,6 +12,7 @@ use anyhow::Context;
 
 use crate::config::Config;
 use crate::discover::{self, OpenFiles, Rules};
+use crate::hazard::HazardArchive;
 use crate::journal::{self, Journal};
 use crate::lock::{self, LockError};
 use crate::notify::{self, Notifier};
@@ -52,6 +53,16 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Report, RunError> {
     }
     let engines = scan::enabled(cfg).map_err(RunError::Config)?;
     crate::ledger::gate(cfg).map_err(RunError::Config)?;
+    // The hazard key is validated here too: a key that cannot be used would turn
+    // every suspect file into a failed one, so it is a configuration error.
+    let hazard = HazardArchive::open(cfg).map_err(|e| RunError::Config(e.to_string()))?;
+    if let Some(h) = &hazard {
+        tracing::info!(
+            "hazard archive {}: {}",
+            h.dir().display(),
+            h.recipient().describe()
+        );
+    }
 
     // 2. Single instance.
     let _lock = lock::acquire(&cfg.lock_path)?;
@@ -65,7 +76,14 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Report, RunError> {
         ..Default::default()
     };
     let mut journal = None;
-    if let Err(e) = run_locked(cfg, engines, &notifier, &mut report, &mut journal) {
+    if let Err(e) = run_locked(
+        cfg,
+        engines,
+        hazard.as_ref(),
+        &notifier,
+        &mut report,
+        &mut journal,
+    ) {
         let msg = format!("{e:#}");
         tracing::error!("run stopped: {msg}");
         notifier.send(notify::Kind::Error, "Shuttle run stopped", &msg);
@@ -116,6 +134,7 @@ fn record_end(journal: &Journal, report: &Report) {
 fn run_locked(
     cfg: &Config,
     engines: Vec<Box<dyn Scanner>>,
+    hazard: Option<&HazardArchive>,
     notifier: &Notifier,
     report: &mut Report,
     journal_slot: &mut Option<Mutex<Journal>>,
@@ -189,6 +208,7 @@ fn run_locked(
         run_id,
         scanners: &scanners,
         notifier,
+        hazard,
     };
     pipeline::process(&run, admission, discovery.candidates, report)?;
     let j = pipeline::lock(journal);

@@ -26,6 +26,8 @@ pub struct Run<'a> {
     pub run_id: i64,
     pub scanners: &'a Scanners,
     pub notifier: &'a Notifier,
+    /// The hazard archive, validated before the run started (None: suspects deleted).
+    pub hazard: Option<&'a crate::hazard::HazardArchive>,
 }
 
 /// Files handed to a worker.
