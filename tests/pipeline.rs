@@ -524,12 +524,25 @@ fn a_source_appended_to_during_its_copy_is_not_delivered_and_stays_whole() {
     writer.kill().unwrap();
     writer.wait().unwrap();
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert!(!env.dst.join("growing.log").exists(), "a changing file is never delivered");
-    assert!(Env::tree(&env.quarantine).is_empty(), "its copy was dropped");
+    assert!(
+        !env.dst.join("growing.log").exists(),
+        "a changing file is never delivered"
+    );
+    assert!(
+        Env::tree(&env.quarantine).is_empty(),
+        "its copy was dropped"
+    );
     let rep = env.report();
-    let skipped = rep["skipped_by_reason"]["changed_or_conflict"].as_u64().unwrap_or(0)
-        + rep["skipped_by_reason"]["open_by_process"].as_u64().unwrap_or(0);
+    let skipped = rep["skipped_by_reason"]["changed_or_conflict"]
+        .as_u64()
+        .unwrap_or(0)
+        + rep["skipped_by_reason"]["open_by_process"]
+            .as_u64()
+            .unwrap_or(0);
     assert_eq!(skipped, 1, "{rep}");
     let data = std::fs::read(&path).unwrap();
-    assert!(data.len() > 48 << 20 && data.ends_with(b"more\n"), "source intact and still growing");
+    assert!(
+        data.len() > 48 << 20 && data.ends_with(b"more\n"),
+        "source intact and still growing"
+    );
 }

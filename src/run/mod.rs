@@ -5,6 +5,8 @@ mod file;
 mod pipeline;
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -25,6 +27,12 @@ const EMPTY_DIR_AGE: Duration = Duration::from_secs(5 * 60);
 #[derive(Debug, Default, Clone)]
 pub struct RunOptions {
     pub report_json: Option<PathBuf>,
+    /// `shuttle watch`: set on SIGTERM/SIGINT, stops admission (in-flight files finish).
+    pub stop: Option<Arc<AtomicBool>>,
+    /// `shuttle watch`: notifications already sent by earlier passes (hold-down).
+    pub memory: Option<Arc<notify::Memory>>,
+    /// One pass of `shuttle watch` rather than a one-shot `run`.
+    pub watch: bool,
 }
 
 /// What stops a run before it starts; everything later ends in the report instead.
@@ -43,29 +51,41 @@ pub fn now_string() -> String {
 /// Runs one pass over the drop directory. Returns the run's report (its `exit_code`
 /// is the process exit code), or an error when the run could not start.
 pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Report, RunError> {
-    // 1. Configuration: loaded by the caller; the directories are checked here,
-    //    before any file is touched.
+    preflight(cfg)?;
+    // 2. Single instance.
+    let _lock = lock::acquire(&cfg.lock_path)?;
+    Ok(pass(cfg, opts))
+}
+
+/// 1. Configuration: loaded by the caller; the directories and scanners are checked
+/// here, before the lock is taken and any file is touched.
+pub fn preflight(cfg: &Config) -> Result<(), RunError> {
     let problems = cfg.check_paths();
     if !problems.is_empty() {
         return Err(RunError::Config(problems.join("\n")));
     }
-    let engines = scan::enabled(cfg).map_err(RunError::Config)?;
+    scan::enabled(cfg).map_err(RunError::Config)?;
+    Ok(())
+}
 
-    // 2. Single instance.
-    let _lock = lock::acquire(&cfg.lock_path)?;
-
+/// Steps 3–12, with the lock held by the caller (`run`, or `watch` for all its passes).
+pub fn pass(cfg: &Config, opts: &RunOptions) -> Report {
+    let clock = std::time::Instant::now();
     // 4. umask 007: everything Shuttle creates is group- but never world-accessible.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o007));
 
-    let notifier = Notifier::new(&cfg.notifications);
+    let notifier = Notifier::with_memory(&cfg.notifications, opts.memory.clone());
     let mut report = Report {
         started: now_string(),
         ..Default::default()
     };
-    if let Err(e) = run_locked(cfg, engines, &notifier, &mut report) {
+    let done = scan::enabled(cfg)
+        .map_err(|e| anyhow::anyhow!(e))
+        .and_then(|engines| run_locked(cfg, engines, &notifier, opts, &mut report));
+    if let Err(e) = done {
         let msg = format!("{e:#}");
         tracing::error!("run stopped: {msg}");
-        notifier.send(notify::Kind::Error, "Shuttle run stopped", &msg);
+        notifier.send_once(notify::Kind::Error, "Shuttle run stopped", &msg);
         report.errors.push(msg);
     }
     report.exit_code = exit_code(&report);
@@ -79,14 +99,16 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Report, RunError> {
     {
         tracing::error!("cannot write report {}: {e}", path.display());
     }
-    if cfg.notifications.notify_summary || report.files.failed > 0 || report.throttle.stopped {
-        notifier.send(
-            notify::Kind::Summary,
-            "Shuttle run summary",
-            &report.summary_line(),
-        );
-    }
-    Ok(report)
+    crate::metrics::write(cfg, &report, clock.elapsed());
+    notify::run_end(
+        &notifier,
+        cfg.notifications.notify_summary,
+        opts.watch,
+        &report,
+    );
+    // Dropping the notifier waits for the mail queue, at most one SMTP timeout.
+    drop(notifier);
+    report
 }
 
 /// 0 = finished (files may be suspect, admission may be throttled); 1 = a file failed
@@ -114,6 +136,7 @@ fn run_locked(
     cfg: &Config,
     engines: Vec<Box<dyn Scanner>>,
     notifier: &Notifier,
+    opts: &RunOptions,
     report: &mut Report,
 ) -> anyhow::Result<()> {
     // 3. Recovery: reconcile what an interrupted run left (journal first).
@@ -181,6 +204,7 @@ fn run_locked(
         run_id,
         scanners: &scanners,
         notifier,
+        stop: opts.stop.as_deref(),
     };
     pipeline::process(&run, admission, discovery.candidates, report)?;
     let journal = journal.into_inner().unwrap_or_else(|p| p.into_inner());
