@@ -388,7 +388,7 @@ fn failed_body(r: &Report) -> String {
     let n = failed.count();
     if n > FAILED_LISTED {
         s.push_str(&format!(
-            "… and {} more (see the journal)\n",
+            "... and {} more (see the journal)\n",
             n - FAILED_LISTED
         ));
     }
