@@ -123,7 +123,10 @@ fn a_file_dropped_while_watching_is_delivered_within_stability_plus_2s() {
     let took = closed.elapsed();
     eprintln!("slowly written file delivered {took:?} after close");
     assert!(took <= Duration::from_secs(3), "took {took:?}");
-    assert!(!slow.exists(), "source removed after delivery");
+    assert!(
+        wait_until(Duration::from_secs(2), || !slow.exists()),
+        "source removed after delivery"
+    );
 
     // Idle: no busy loop (CPU time stays tiny while nothing happens).
     let pid = child.id();
@@ -181,6 +184,7 @@ fn sigterm_during_a_large_copy_finishes_it_cleanly_and_admits_nothing_more() {
 
     assert!(names(&env.quarantine).is_empty(), "quarantine emptied");
     let delivered = names(&dst.dir);
+    eprintln!("after SIGTERM: delivered {delivered:?}");
     // Nothing partial under a final name: either all of big.bin or nothing.
     assert!(delivered.len() <= 1, "{delivered:?}");
     match delivered.first().map(String::as_str) {
@@ -205,4 +209,58 @@ fn sigterm_during_a_large_copy_finishes_it_cleanly_and_admits_nothing_more() {
     );
     let log = env.log_text();
     assert!(log.contains("stop requested"), "{log}");
+}
+
+#[test]
+fn throttled_watch_waits_without_spinning_mails_once_and_resumes_when_space_frees() {
+    let smtp = common::smtp::Smtp::start(common::smtp::Mode::Normal);
+    let mut env = Env::new();
+    let dst = Tmpfs::mount(&env.root().join("mnt-dst"), 64);
+    env.set("destination_path", dst.dir.to_str().unwrap());
+    env.set("throttle", "true");
+    env.set("throttle_free_space_mb", "40");
+    env.set("throttle_max_file_count_per_run", "0");
+    env.set("throttle_max_file_volume_per_run_mb", "0");
+    env.set("rescan_interval_seconds", "1");
+    env.set("stability_seconds", "1");
+    env.set("notify", "true");
+    env.set("smtp_server", "127.0.0.1");
+    env.set("smtp_port", &smtp.port.to_string());
+    env.set("sender_email", "shuttle@example.invalid");
+    env.set("recipient_email", "admin@example.invalid");
+    let ballast = dst.dir.join("ballast");
+    std::fs::write(&ballast, noise(30 << 20, 5)).unwrap();
+    let data = noise(1 << 20, 6);
+    env.drop_file("wait.bin", &data);
+
+    let child = start_watch(&env);
+    std::thread::sleep(Duration::from_secs(4));
+    let log = env.log_text();
+    let passes = log.matches("run finished").count();
+    assert!(
+        (2..=8).contains(&passes),
+        "one pass per rescan while throttled: {passes}"
+    );
+    assert!(env.src.join("wait.bin").exists(), "still waiting");
+    let throttle_mails = smtp
+        .mails()
+        .iter()
+        .filter(|m| m.subject().starts_with("Shuttle throttled"))
+        .count();
+    assert_eq!(throttle_mails, 1, "the same throttle stop is mailed once");
+
+    std::fs::remove_file(&ballast).unwrap();
+    let freed = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(5), || dst.dir.join("wait.bin").exists()),
+        "resumes when space frees: {}",
+        env.log_text()
+    );
+    eprintln!(
+        "delivered {:?} after space was freed (rescan 1 s)",
+        freed.elapsed()
+    );
+    assert_eq!(std::fs::read(dst.dir.join("wait.bin")).unwrap(), data);
+    term(&child);
+    assert_eq!(exit_code(child, Duration::from_secs(10)), 0);
 }
