@@ -96,14 +96,13 @@ pub fn watch(cfg: &Config, opts: RunOptions) -> Result<i32, RunError> {
         }
         let timeout = wake - now;
         let woke = wait(source.as_ref(), &signals.pipe, timeout);
-        if woke.source {
-            if let Some(s) = source.as_mut()
-                && s.drain()
-            {
-                // A file closed or moved in: run once it is stability_seconds old.
-                let t = Instant::now() + settle.max(DEBOUNCE);
-                plan.due = Some(plan.due.map_or(t, |d| d.min(t)));
-            }
+        if woke.source
+            && let Some(s) = source.as_mut()
+            && s.drain()
+        {
+            // A file closed or moved in: run once it is stability_seconds old.
+            let t = Instant::now() + settle.max(DEBOUNCE);
+            plan.due = Some(plan.due.map_or(t, |d| d.min(t)));
         }
         if woke.signal {
             let mut buf = [0u8; 64];

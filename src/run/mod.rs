@@ -57,8 +57,8 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Report, RunError> {
     Ok(pass(cfg, opts))
 }
 
-/// 1. Configuration: loaded by the caller; the directories and scanners are checked
-/// here, before the lock is taken and any file is touched.
+/// Step 1, configuration: loaded by the caller; the directories and scanners are
+/// checked here, before the lock is taken and any file is touched.
 pub fn preflight(cfg: &Config) -> Result<(), RunError> {
     let problems = cfg.check_paths();
     if !problems.is_empty() {
