@@ -55,7 +55,12 @@ pub fn command() -> Command {
                 .help("Config file [default: $SHUTTLE_CONFIG_PATH, ~/.config/shuttle/config.conf, ..., /etc/shuttle/config.conf]"),
         )
         .arg(report_json.clone())
-        .subcommand(Command::new("run").about("One pass over the drop directory (the default)").arg(report_json))
+        .subcommand(Command::new("run").about("One pass over the drop directory (the default)").arg(report_json.clone()))
+        .subcommand(
+            Command::new("watch")
+                .about("Keep running: react to new files (inotify) and rescan every rescan_interval_seconds; SIGTERM/SIGINT finish in-flight files and exit 0")
+                .arg(report_json),
+        )
         .subcommand(Command::new("check").about("Validate configuration, directories and scanners; exit 0 or 2"))
         .subcommand(Command::new("defender-test").about(
             "Scan a fresh EICAR file and a clean file with Microsoft Defender; record pass/fail for its version in the ledger; exit 0 pass, 1 fail",
@@ -132,11 +137,13 @@ pub fn main() -> u8 {
             sub.get_one::<PathBuf>("report-json")
                 .or(matches.get_one("report-json"))
                 .cloned(),
+            name == "watch",
         ),
     }
 }
 
-fn run_command(cli: &CommandLine, report_json: Option<PathBuf>) -> u8 {
+/// `run` (one pass) or `watch` (passes until SIGTERM/SIGINT).
+fn run_command(cli: &CommandLine, report_json: Option<PathBuf>, watch: bool) -> u8 {
     let loaded = match config::load(cli) {
         Ok(l) => l,
         Err(errors) => {
@@ -163,8 +170,17 @@ fn run_command(cli: &CommandLine, report_json: Option<PathBuf>) -> u8 {
     if let Some(f) = &cfg.file {
         tracing::info!("config file {}", f.display());
     }
-    match run::run(&cfg, &RunOptions { report_json }) {
-        Ok(report) => u8::try_from(report.exit_code).unwrap_or(EXIT_FAILED),
+    let opts = RunOptions {
+        report_json,
+        ..Default::default()
+    };
+    let done = if watch {
+        crate::watch::watch(&cfg, opts)
+    } else {
+        run::run(&cfg, &opts).map(|report| report.exit_code)
+    };
+    match done {
+        Ok(code) => u8::try_from(code).unwrap_or(EXIT_FAILED),
         Err(RunError::Lock(e @ LockError::Held { .. })) => {
             tracing::error!("{e}");
             EXIT_LOCKED

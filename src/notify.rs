@@ -1,12 +1,40 @@
-//! Notifications (DESIGN §7): errors, hazards and summaries for the administrator.
+//! Notifications (DESIGN §7): errors, hazards and summaries for the administrator,
+//! by email over SMTP.
 //!
-//! Every event goes through [`Notifier::send`]. A notification that cannot be sent is
-//! logged and never breaks a run.
+//! Every event goes through [`Notifier::send`], which only queues the message: one
+//! background thread talks to the mail server, so a slow or dead server never slows
+//! the handling of files. When the notifier is dropped (end of a run) it waits for the
+//! queue at most [`SMTP_TIMEOUT`]; whatever is still unsent then is logged. A mail
+//! that cannot be sent is logged and never breaks a run.
+//!
+//! SMTP: STARTTLS is required when `use_tls` (certificates checked against the
+//! system's trust store, `/etc/ssl/certs`, or `SSL_CERT_FILE`), AUTH (PLAIN or LOGIN)
+//! when `username` is set. Port: `smtp_port`, else 587 with TLS, 25 without.
+
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lettre::message::{Mailbox, Mailboxes, header::ContentType};
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::{Tls, TlsParameters};
+use lettre::{Message, SmtpTransport, Transport};
 
 use crate::config::NotifyConfig;
+use crate::report::Report;
+
+/// Bound on every SMTP conversation (connect, each command) and on the wait for the
+/// queue at the end of a run.
+pub const SMTP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a repeated notification (same kind and subject) sent with
+/// [`Notifier::send_once`] is held back, so that `shuttle watch` does not mail the
+/// same throttle stop or dead scanner on every pass.
+pub const HOLD_DOWN: Duration = Duration::from_secs(3600);
 
 /// The three kinds of notification, each with its own recipient (DESIGN §7).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
     Error,
     Hazard,
@@ -23,29 +51,346 @@ impl Kind {
     }
 }
 
+/// Why a mail could not be built or sent.
+#[derive(Debug, thiserror::Error)]
+pub enum MailError {
+    #[error("no recipient configured for {0} notifications")]
+    NoRecipient(&'static str),
+    #[error("no smtp_server / sender_email configured")]
+    Incomplete,
+    #[error("bad address {0:?}: {1}")]
+    Address(String, lettre::address::AddressError),
+    #[error("cannot build the message: {0}")]
+    Build(#[from] lettre::error::Error),
+    #[error("SMTP: {0}")]
+    Smtp(#[from] lettre::transport::smtp::Error),
+}
+
+/// Notifications already sent, shared by the passes of `shuttle watch`.
+#[derive(Debug, Default)]
+pub struct Memory {
+    sent: Mutex<HashMap<(Kind, String), Instant>>,
+}
+
+impl Memory {
+    /// True when this notification was not sent within [`HOLD_DOWN`]; records it.
+    fn first_in_a_while(&self, kind: Kind, subject: &str) -> bool {
+        let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        match sent.get(&(kind, subject.to_string())) {
+            Some(t) if now.duration_since(*t) < HOLD_DOWN => false,
+            _ => {
+                sent.insert((kind, subject.to_string()), now);
+                true
+            }
+        }
+    }
+}
+
+struct Mail {
+    kind: Kind,
+    subject: String,
+    body: String,
+}
+
+/// The queue to the mail thread (absent when `notify` is off).
+struct Queue {
+    tx: mpsc::Sender<Mail>,
+    /// Receives once when the mail thread has sent (or given up on) everything.
+    done: Mutex<mpsc::Receiver<()>>,
+    /// Mails queued and not yet handled by the mail thread.
+    pending: Arc<std::sync::atomic::AtomicUsize>,
+}
+
 pub struct Notifier {
     config: NotifyConfig,
+    queue: Option<Queue>,
+    memory: Option<Arc<Memory>>,
 }
 
 impl Notifier {
     pub fn new(config: &NotifyConfig) -> Notifier {
+        Notifier::with_memory(config, None)
+    }
+
+    /// A notifier whose [`Notifier::send_once`] remembers across notifiers (passes).
+    pub fn with_memory(config: &NotifyConfig, memory: Option<Arc<Memory>>) -> Notifier {
+        let queue = config.notify.then(|| start(config.clone()));
         Notifier {
             config: config.clone(),
+            queue,
+            memory,
         }
     }
 
-    /// Sends one notification; failures are logged, never returned.
+    /// Queues one notification; failures are logged, never returned.
     pub fn send(&self, kind: Kind, subject: &str, body: &str) {
-        if !self.config.notify {
+        let Some(q) = &self.queue else {
             tracing::debug!(
                 "{} notification not sent (notify is off): {subject}",
                 kind.as_str()
             );
             return;
+        };
+        q.pending.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mail = Mail {
+            kind,
+            subject: subject.to_string(),
+            body: body.to_string(),
+        };
+        if q.tx.send(mail).is_err() {
+            q.pending.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            tracing::error!(
+                "{} notification not sent: the mail thread has stopped: {subject}",
+                kind.as_str()
+            );
         }
-        tracing::warn!(
-            "{} notification not sent: email delivery is not available in this build: {subject}\n{body}",
-            kind.as_str()
+    }
+
+    /// Like [`Notifier::send`], but a notification with the same kind and subject
+    /// already sent within [`HOLD_DOWN`] (by this or an earlier pass sharing the
+    /// memory) is only logged.
+    pub fn send_once(&self, kind: Kind, subject: &str, body: &str) {
+        if let Some(m) = &self.memory
+            && self.config.notify
+            && !m.first_in_a_while(kind, subject)
+        {
+            tracing::info!(
+                "{} notification not mailed again (sent within the last hour): {subject}",
+                kind.as_str()
+            );
+            return;
+        }
+        self.send(kind, subject, body);
+    }
+}
+
+impl Drop for Notifier {
+    /// Waits for the queue at most [`SMTP_TIMEOUT`]: the run never waits longer for
+    /// a mail server than one SMTP timeout.
+    fn drop(&mut self) {
+        let Some(q) = self.queue.take() else { return };
+        drop(q.tx);
+        let done = q.done.into_inner().unwrap_or_else(|p| p.into_inner());
+        if done.recv_timeout(SMTP_TIMEOUT).is_err() {
+            let left = q.pending.load(std::sync::atomic::Ordering::SeqCst);
+            tracing::error!(
+                "mail server did not take the notifications within {} s: {left} notification(s) not sent",
+                SMTP_TIMEOUT.as_secs()
+            );
+        }
+    }
+}
+
+/// Starts the mail thread.
+fn start(config: NotifyConfig) -> Queue {
+    let (tx, rx) = mpsc::channel::<Mail>();
+    let (done_tx, done) = mpsc::channel();
+    let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let left = Arc::clone(&pending);
+    let spawned = std::thread::Builder::new()
+        .name("shuttle-mail".into())
+        .spawn(move || {
+            let transport = transport(&config);
+            for mail in rx {
+                let sent = transport
+                    .as_ref()
+                    .map_err(|e| e.to_string())
+                    .and_then(|t| deliver(t, &config, &mail).map_err(|e| e.to_string()));
+                match sent {
+                    Ok(()) => {
+                        tracing::info!("{} notification sent: {}", mail.kind.as_str(), mail.subject)
+                    }
+                    Err(e) => tracing::error!(
+                        "{} notification not sent: {e}: {}",
+                        mail.kind.as_str(),
+                        mail.subject
+                    ),
+                }
+                left.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            let _ = done_tx.send(());
+        });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the mail thread, notifications will not be sent: {e}");
+    }
+    Queue {
+        tx,
+        done: Mutex::new(done),
+        pending,
+    }
+}
+
+/// The SMTP transport described by the configuration.
+pub fn transport(c: &NotifyConfig) -> Result<SmtpTransport, MailError> {
+    let host = c.smtp_server.as_deref().ok_or(MailError::Incomplete)?;
+    let port = c.smtp_port.unwrap_or(if c.use_tls { 587 } else { 25 });
+    let mut b = SmtpTransport::builder_dangerous(host)
+        .port(port)
+        .timeout(Some(SMTP_TIMEOUT));
+    if c.use_tls {
+        b = b.tls(Tls::Required(TlsParameters::new(host.to_string())?));
+    }
+    if let Some(user) = &c.username {
+        b = b.credentials(Credentials::new(
+            user.clone(),
+            c.password.clone().unwrap_or_default(),
+        ));
+    }
+    Ok(b.build())
+}
+
+/// The recipient of `kind`, falling back to `recipient_email` (DESIGN §7).
+pub fn recipient(c: &NotifyConfig, kind: Kind) -> Option<&str> {
+    let own = match kind {
+        Kind::Error => &c.recipient_email_error,
+        Kind::Hazard => &c.recipient_email_hazard,
+        Kind::Summary => &c.recipient_email_summary,
+    };
+    own.as_deref().or(c.recipient_email.as_deref())
+}
+
+fn deliver(t: &SmtpTransport, c: &NotifyConfig, mail: &Mail) -> Result<(), MailError> {
+    let to = recipient(c, mail.kind).ok_or(MailError::NoRecipient(mail.kind.as_str()))?;
+    let from = c.sender_email.as_deref().ok_or(MailError::Incomplete)?;
+    let from: Mailbox = from
+        .parse()
+        .map_err(|e| MailError::Address(from.to_string(), e))?;
+    // A recipient setting may list several addresses, separated by commas.
+    let to: Mailboxes = to
+        .parse()
+        .map_err(|e| MailError::Address(to.to_string(), e))?;
+    let mut b = Message::builder()
+        .from(from)
+        .subject(&mail.subject)
+        .header(ContentType::TEXT_PLAIN);
+    for m in to {
+        b = b.to(m);
+    }
+    let msg = b.body(mail.body.clone())?;
+    t.send(&msg)?;
+    Ok(())
+}
+
+/// The mails due at the end of a run (DESIGN §7): one error mail listing the failed
+/// files, and the summary (every run with `notify_summary`, and whenever a file failed
+/// or admission was throttled). A `watch` pass that found nothing to do sends no
+/// summary; a pass whose only news is the same throttle stop as before is held back.
+pub fn run_end(n: &Notifier, notify_summary: bool, watch: bool, report: &Report) {
+    let f = &report.files;
+    if f.failed > 0 {
+        n.send(
+            Kind::Error,
+            &format!("Shuttle: {} file(s) failed", f.failed),
+            &failed_body(report),
         );
     }
+    let busy = f.admitted > 0 || f.failed > 0;
+    let due = f.failed > 0 || report.throttle.stopped || (notify_summary && (busy || !watch));
+    if !due {
+        return;
+    }
+    let subject = summary_subject(report);
+    if busy {
+        n.send(Kind::Summary, &subject, &summary_body(report));
+    } else {
+        n.send_once(Kind::Summary, &subject, &summary_body(report));
+    }
+}
+
+fn summary_subject(r: &Report) -> String {
+    let f = &r.files;
+    let mut s = format!(
+        "Shuttle summary: {} clean, {} suspect, {} failed",
+        f.clean, f.suspect, f.failed
+    );
+    if r.throttle.stopped {
+        s.push_str(&format!(
+            ", throttled ({})",
+            r.throttle.reason.unwrap_or("unknown")
+        ));
+    }
+    s
+}
+
+/// The summary mail's body: the run's counts and bytes, throttle, errors.
+pub fn summary_body(r: &Report) -> String {
+    let f = &r.files;
+    let mut s = format!(
+        "Run started {}, finished {}, exit code {}.\n\n\
+         Files discovered: {}\n\
+         Skipped this run: {}\n\
+         Admitted:         {}\n\
+         Clean (delivered): {} ({} bytes, {:.1} MB)\n\
+         Suspect:          {} ({} bytes)\n\
+         Failed:           {}\n\
+         Deferred (left in the source for the next run): {}\n",
+        r.started,
+        r.finished,
+        r.exit_code,
+        f.discovered,
+        f.skipped,
+        f.admitted,
+        f.clean,
+        r.bytes.clean,
+        crate::fsx::mib(r.bytes.clean),
+        f.suspect,
+        r.bytes.suspect,
+        f.failed,
+        f.deferred
+    );
+    if r.throttle.stopped {
+        s.push_str(&format!(
+            "\nAdmission stopped by the throttle: {}: {}\n",
+            r.throttle.reason.unwrap_or("unknown"),
+            r.throttle.message.as_deref().unwrap_or("")
+        ));
+        for rec in &r.throttle.recommendations {
+            s.push_str(&format!("- {rec}\n"));
+        }
+    }
+    if !r.errors.is_empty() {
+        s.push_str("\nErrors:\n");
+        for e in &r.errors {
+            s.push_str(&format!("- {e}\n"));
+        }
+    }
+    if !r.sources_kept.is_empty() {
+        s.push_str("\nSources kept although handled:\n");
+        for k in &r.sources_kept {
+            s.push_str(&format!("- {}: {}\n", k.path, k.reason));
+        }
+    }
+    for e in &r.scanners {
+        s.push_str(&format!("\nScanner {}: {}", e.scanner, e.version));
+    }
+    s.push('\n');
+    s
+}
+
+/// At most this many failed files are listed in one mail (the journal has them all).
+const FAILED_LISTED: usize = 200;
+
+fn failed_body(r: &Report) -> String {
+    let mut s = format!(
+        "{} file(s) failed in the run started {}. Their sources stay in the drop \
+         directory and are tried again by the next run.\n\n",
+        r.files.failed, r.started
+    );
+    let failed = r.file_results.iter().filter(|e| e.outcome == "failed");
+    for e in failed.clone().take(FAILED_LISTED) {
+        s.push_str(&format!(
+            "- {}: {}\n",
+            e.path,
+            e.error.as_deref().unwrap_or("failed")
+        ));
+    }
+    let n = failed.count();
+    if n > FAILED_LISTED {
+        s.push_str(&format!(
+            "... and {} more (see the journal)\n",
+            n - FAILED_LISTED
+        ));
+    }
+    s
 }

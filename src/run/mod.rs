@@ -5,7 +5,8 @@ mod file;
 mod pipeline;
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -27,6 +28,12 @@ const EMPTY_DIR_AGE: Duration = Duration::from_secs(5 * 60);
 #[derive(Debug, Default, Clone)]
 pub struct RunOptions {
     pub report_json: Option<PathBuf>,
+    /// `shuttle watch`: set on SIGTERM/SIGINT, stops admission (in-flight files finish).
+    pub stop: Option<Arc<AtomicBool>>,
+    /// `shuttle watch`: notifications already sent by earlier passes (hold-down).
+    pub memory: Option<Arc<notify::Memory>>,
+    /// One pass of `shuttle watch` rather than a one-shot `run`.
+    pub watch: bool,
 }
 
 /// What stops a run before it starts; everything later ends in the report instead.
@@ -45,48 +52,65 @@ pub fn now_string() -> String {
 /// Runs one pass over the drop directory. Returns the run's report (its `exit_code`
 /// is the process exit code), or an error when the run could not start.
 pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Report, RunError> {
-    // 1. Configuration: loaded by the caller; the directories are checked here,
-    //    before any file is touched.
+    preflight(cfg)?;
+    // 2. Single instance.
+    let _lock = lock::acquire(&cfg.lock_path)?;
+    Ok(pass(cfg, opts))
+}
+
+/// Step 1, configuration: loaded by the caller; the directories and scanners are
+/// checked here, before the lock is taken and any file is touched.
+pub fn preflight(cfg: &Config) -> Result<(), RunError> {
     let problems = cfg.check_paths();
     if !problems.is_empty() {
         return Err(RunError::Config(problems.join("\n")));
     }
-    let engines = scan::enabled(cfg).map_err(RunError::Config)?;
+    scan::enabled(cfg).map_err(RunError::Config)?;
     crate::ledger::gate(cfg).map_err(RunError::Config)?;
     // The hazard key is validated here too: a key that cannot be used would turn
     // every suspect file into a failed one, so it is a configuration error.
-    let hazard = HazardArchive::open(cfg).map_err(|e| RunError::Config(e.to_string()))?;
-    if let Some(h) = &hazard {
+    if let Some(h) = HazardArchive::open(cfg).map_err(|e| RunError::Config(e.to_string()))? {
         tracing::info!(
             "hazard archive {}: {}",
             h.dir().display(),
             h.recipient().describe()
         );
     }
+    Ok(())
+}
 
-    // 2. Single instance.
-    let _lock = lock::acquire(&cfg.lock_path)?;
-
+/// Steps 3–12, with the lock held by the caller (`run`, or `watch` for all its passes).
+pub fn pass(cfg: &Config, opts: &RunOptions) -> Report {
+    let clock = std::time::Instant::now();
     // 4. umask 007: everything Shuttle creates is group- but never world-accessible.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o007));
 
-    let notifier = Notifier::new(&cfg.notifications);
+    let notifier = Notifier::with_memory(&cfg.notifications, opts.memory.clone());
     let mut report = Report {
         started: now_string(),
         ..Default::default()
     };
     let mut journal = None;
-    if let Err(e) = run_locked(
-        cfg,
-        engines,
-        hazard.as_ref(),
-        &notifier,
-        &mut report,
-        &mut journal,
-    ) {
+    // Engines and the hazard key are set up again for every pass: a `watch` notices
+    // a key that expired or a scanner that came back.
+    let done = scan::enabled(cfg)
+        .map_err(|e| anyhow::anyhow!(e))
+        .and_then(|engines| {
+            let hazard = HazardArchive::open(cfg).map_err(|e| anyhow::anyhow!(e))?;
+            run_locked(
+                cfg,
+                engines,
+                hazard.as_ref(),
+                &notifier,
+                opts,
+                &mut report,
+                &mut journal,
+            )
+        });
+    if let Err(e) = done {
         let msg = format!("{e:#}");
         tracing::error!("run stopped: {msg}");
-        notifier.send(notify::Kind::Error, "Shuttle run stopped", &msg);
+        notifier.send_once(notify::Kind::Error, "Shuttle run stopped", &msg);
         report.errors.push(msg);
     }
     report.exit_code = exit_code(&report);
@@ -102,14 +126,16 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Report, RunError> {
     {
         tracing::error!("cannot write report {}: {e}", path.display());
     }
-    if cfg.notifications.notify_summary || report.files.failed > 0 || report.throttle.stopped {
-        notifier.send(
-            notify::Kind::Summary,
-            "Shuttle run summary",
-            &report.summary_line(),
-        );
-    }
-    Ok(report)
+    crate::metrics::write(cfg, &report, clock.elapsed());
+    notify::run_end(
+        &notifier,
+        cfg.notifications.notify_summary,
+        opts.watch,
+        &report,
+    );
+    // Dropping the notifier waits for the mail queue, at most one SMTP timeout.
+    drop(notifier);
+    report
 }
 
 /// 0 = finished (files may be suspect, admission may be throttled); 1 = a file failed
@@ -136,6 +162,7 @@ fn run_locked(
     engines: Vec<Box<dyn Scanner>>,
     hazard: Option<&HazardArchive>,
     notifier: &Notifier,
+    opts: &RunOptions,
     report: &mut Report,
     journal_slot: &mut Option<Mutex<Journal>>,
 ) -> anyhow::Result<()> {
@@ -209,6 +236,7 @@ fn run_locked(
         scanners: &scanners,
         notifier,
         hazard,
+        stop: opts.stop.as_deref(),
     };
     pipeline::process(&run, admission, discovery.candidates, report)?;
     let j = pipeline::lock(journal);

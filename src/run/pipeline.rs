@@ -28,6 +28,8 @@ pub struct Run<'a> {
     pub notifier: &'a Notifier,
     /// The hazard archive, validated before the run started (None: suspects deleted).
     pub hazard: Option<&'a crate::hazard::HazardArchive>,
+    /// Set by `shuttle watch` on SIGTERM/SIGINT: admit no more files.
+    pub stop: Option<&'a std::sync::atomic::AtomicBool>,
 }
 
 /// Files handed to a worker.
@@ -51,6 +53,7 @@ pub fn process(
     let total = candidates.len() as u64;
     let mut tickets = HashMap::new();
     let mut stop: Option<String> = None;
+    let mut progress = crate::progress::Progress::for_stderr();
 
     let (job_tx, job_rx) = mpsc::sync_channel::<Job>(0);
     let job_rx = Mutex::new(job_rx);
@@ -79,11 +82,25 @@ pub fn process(
             while in_flight >= threads {
                 let Ok(r) = done_rx.recv() else { break };
                 in_flight -= 1;
-                settle(r, &mut tickets, &mut admission, &mut stop, report);
+                settle(
+                    r,
+                    &mut tickets,
+                    &mut admission,
+                    &mut stop,
+                    report,
+                    &mut progress,
+                );
             }
             while let Ok(r) = done_rx.try_recv() {
                 in_flight -= 1;
-                settle(r, &mut tickets, &mut admission, &mut stop, report);
+                settle(
+                    r,
+                    &mut tickets,
+                    &mut admission,
+                    &mut stop,
+                    report,
+                    &mut progress,
+                );
             }
             if run.scanners.tripped() {
                 stop.get_or_insert_with(|| {
@@ -91,6 +108,13 @@ pub fn process(
                 });
             }
             if stop.is_some() {
+                break;
+            }
+            if run
+                .stop
+                .is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst))
+            {
+                tracing::info!("stop requested: no more files admitted; in-flight files finish");
                 break;
             }
             // 6. Admit.
@@ -117,6 +141,7 @@ pub fn process(
             };
             tickets.insert(id, ticket);
             report.files.admitted += 1;
+            progress.admitted(candidate.size);
             in_flight += 1;
             if job_tx.send(Job { id, candidate }).is_err() {
                 stop = Some("worker threads ended unexpectedly".into());
@@ -127,9 +152,17 @@ pub fn process(
         while in_flight > 0 {
             let Ok(r) = done_rx.recv() else { break };
             in_flight -= 1;
-            settle(r, &mut tickets, &mut admission, &mut stop, report);
+            settle(
+                r,
+                &mut tickets,
+                &mut admission,
+                &mut stop,
+                report,
+                &mut progress,
+            );
         }
     });
+    progress.finish();
 
     report.files.deferred = total - report.files.admitted;
     if run.scanners.tripped() {
@@ -152,7 +185,9 @@ fn settle(
     admission: &mut Admission,
     stop: &mut Option<String>,
     report: &mut Report,
+    progress: &mut crate::progress::Progress,
 ) {
+    progress.done(r.size);
     if let Some(t) = tickets.remove(&r.id) {
         admission.finish(t, matches!(r.outcome, Outcome::Clean | Outcome::Suspect));
     }
@@ -231,7 +266,8 @@ fn throttle_stop(run: &Run, denial: &Denial, report: &mut Report) {
             body.push_str(&format!("- {r}\n"));
         }
     }
-    run.notifier.send(
+    // Once per run; `watch` holds back the same stop repeated pass after pass.
+    run.notifier.send_once(
         notify::Kind::Error,
         &format!("Shuttle throttled: {}", denial.title()),
         &body,

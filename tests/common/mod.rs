@@ -3,6 +3,8 @@
 //! journal, config file) per test, and the built `shuttle` binary.
 #![allow(dead_code)]
 
+pub mod smtp;
+
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

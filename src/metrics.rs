@@ -1,0 +1,272 @@
+//! The Prometheus text-format metrics file (DESIGN §8, `metrics_path`), for
+//! node_exporter's textfile collector.
+//!
+//! Written at the end of every run (every `watch` pass) through a temp file in the same
+//! directory and a rename, so the collector never reads half a file. The figures are
+//! those of the last run; `shuttle_last_success_timestamp_seconds` survives failed
+//! runs (read back from the previous file, else from the journal) so an alert can
+//! fire on "no successful run for N hours".
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::Path;
+
+use crate::config::Config;
+use crate::journal::Journal;
+use crate::report::Report;
+
+const LAST_SUCCESS: &str = "shuttle_last_success_timestamp_seconds";
+
+/// Why the metrics file could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("cannot write metrics file {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// Writes `cfg.metrics_path` (if set) for `report`; `duration` is the run's wall time.
+/// Failures are logged, never fatal.
+pub fn write(cfg: &Config, report: &Report, duration: std::time::Duration) {
+    let Some(path) = &cfg.metrics_path else {
+        return;
+    };
+    let now = chrono::Utc::now().timestamp();
+    let last_success = if report.exit_code == 0 {
+        Some(now)
+    } else {
+        previous_success(path).or_else(|| journal_success(cfg))
+    };
+    let text = render(cfg, report, duration, now, last_success);
+    match write_atomic(path, &text) {
+        Ok(()) => tracing::debug!("metrics written to {}", path.display()),
+        Err(e) => tracing::error!("{e}"),
+    }
+}
+
+/// The metrics text.
+pub fn render(
+    cfg: &Config,
+    report: &Report,
+    duration: std::time::Duration,
+    now: i64,
+    last_success: Option<i64>,
+) -> String {
+    let mut s = String::new();
+    let f = &report.files;
+    head(
+        &mut s,
+        "shuttle_run_files",
+        "Files of the last run by outcome",
+    );
+    for (outcome, n) in [
+        ("discovered", f.discovered),
+        ("skipped", f.skipped),
+        ("admitted", f.admitted),
+        ("clean", f.clean),
+        ("suspect", f.suspect),
+        ("failed", f.failed),
+        ("deferred", f.deferred),
+    ] {
+        let _ = writeln!(s, "shuttle_run_files{{outcome=\"{outcome}\"}} {n}");
+    }
+    head(
+        &mut s,
+        "shuttle_run_bytes",
+        "Bytes of the last run by outcome",
+    );
+    for (outcome, n) in [
+        ("clean", report.bytes.clean),
+        ("suspect", report.bytes.suspect),
+    ] {
+        let _ = writeln!(s, "shuttle_run_bytes{{outcome=\"{outcome}\"}} {n}");
+    }
+    head(
+        &mut s,
+        "shuttle_run_duration_seconds",
+        "Wall time of the last run",
+    );
+    let _ = writeln!(
+        s,
+        "shuttle_run_duration_seconds {:.3}",
+        duration.as_secs_f64()
+    );
+    head(
+        &mut s,
+        "shuttle_run_exit_code",
+        "Exit code of the last run (0 finished, 1 a file failed or a runtime error)",
+    );
+    let _ = writeln!(s, "shuttle_run_exit_code {}", report.exit_code);
+    head(
+        &mut s,
+        "shuttle_run_timestamp_seconds",
+        "When the last run ended (Unix time)",
+    );
+    let _ = writeln!(s, "shuttle_run_timestamp_seconds {now}");
+    if let Some(t) = last_success {
+        head(
+            &mut s,
+            LAST_SUCCESS,
+            "When the last run that exited 0 ended (Unix time)",
+        );
+        let _ = writeln!(s, "{LAST_SUCCESS} {t}");
+    }
+
+    let space = crate::throttle::targets_space(cfg);
+    head(
+        &mut s,
+        "shuttle_target_free_bytes",
+        "Free bytes (usable by Shuttle) on each target's filesystem at the end of the run",
+    );
+    for (sample, _) in &space {
+        let _ = writeln!(
+            s,
+            "shuttle_target_free_bytes{{target=\"{}\",path=\"{}\"}} {}",
+            sample.target,
+            escape(&sample.path),
+            sample.free_bytes
+        );
+    }
+    head(
+        &mut s,
+        "shuttle_target_threshold_bytes",
+        "Free bytes each target must keep when throttle is on",
+    );
+    for (sample, _) in &space {
+        let _ = writeln!(
+            s,
+            "shuttle_target_threshold_bytes{{target=\"{}\",path=\"{}\"}} {}",
+            sample.target,
+            escape(&sample.path),
+            sample.threshold_bytes
+        );
+    }
+    head(
+        &mut s,
+        "shuttle_throttle_enabled",
+        "1 when throttle is on in the configuration",
+    );
+    let _ = writeln!(
+        s,
+        "shuttle_throttle_enabled {}",
+        u8::from(cfg.throttle.enabled)
+    );
+    head(
+        &mut s,
+        "shuttle_throttle_stopped",
+        "1 when the last run stopped admitting files because of a throttle",
+    );
+    let _ = writeln!(
+        s,
+        "shuttle_throttle_stopped {}",
+        u8::from(report.throttle.stopped)
+    );
+    head(
+        &mut s,
+        "shuttle_throttle_reason",
+        "1 for the reason admission stopped in the last run, 0 for the others",
+    );
+    for reason in ["disk_space", "daily_limit", "per_run_limit"] {
+        let on = report.throttle.stopped && report.throttle.reason == Some(reason);
+        let _ = writeln!(
+            s,
+            "shuttle_throttle_reason{{reason=\"{reason}\"}} {}",
+            u8::from(on)
+        );
+    }
+    head(
+        &mut s,
+        "shuttle_scanner_info",
+        "Scanner engines used by the last run, version as a label",
+    );
+    for e in &report.scanners {
+        let _ = writeln!(
+            s,
+            "shuttle_scanner_info{{scanner=\"{}\",version=\"{}\"}} 1",
+            escape(e.scanner),
+            escape(&e.version)
+        );
+    }
+    s
+}
+
+fn head(s: &mut String, name: &str, help: &str) {
+    let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge");
+}
+
+/// Escapes a label value (backslash, double quote, newline: the exposition format).
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The last-success time recorded in the metrics file of an earlier run.
+fn previous_success(path: &Path) -> Option<i64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(LAST_SUCCESS)?.strip_prefix(' ')?;
+        rest.trim().parse().ok()
+    })
+}
+
+/// The end of the last run that exited 0, from the journal.
+fn journal_success(cfg: &Config) -> Option<i64> {
+    let j = Journal::open(&cfg.tracking_data_path).ok()?;
+    let runs = j.last_runs(1000).ok()?;
+    runs.iter()
+        .filter(|r| r.exit_code == Some(0))
+        .find_map(|r| {
+            let f = r.finished.as_deref()?;
+            chrono::DateTime::parse_from_rfc3339(f)
+                .ok()
+                .map(|t| t.timestamp())
+        })
+}
+
+fn write_atomic(path: &Path, text: &str) -> Result<(), MetricsError> {
+    let err = |source| MetricsError::Write {
+        path: path.display().to_string(),
+        source,
+    };
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".shuttle-metrics.")
+        .tempfile_in(dir)
+        .map_err(err)?;
+    tmp.write_all(text.as_bytes()).map_err(err)?;
+    // node_exporter runs as another user: the file must be readable by the group
+    // (umask 007 applies), like everything Shuttle creates.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o640))
+            .map_err(err)?;
+    }
+    tmp.as_file().sync_all().map_err(err)?;
+    tmp.persist(path).map_err(|e| err(e.error))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_label_values() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    #[test]
+    fn reads_back_the_last_success() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.prom");
+        std::fs::write(&p, format!("# HELP x\n{LAST_SUCCESS} 1234\n")).unwrap();
+        assert_eq!(previous_success(&p), Some(1234));
+    }
+}
