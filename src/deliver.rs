@@ -95,6 +95,9 @@ pub struct Target<'a> {
     pub on_conflict: OnConflict,
     /// Quarantine and destination are on the same filesystem.
     pub same_fs: bool,
+    /// fsync the file and its directory now. `false`: the caller makes a whole batch
+    /// durable at once (`syncfs`) before it relies on these deliveries.
+    pub durable: bool,
 }
 
 /// Delivers quarantine copy `q` of file `id` to `target.root/rel`. On success the file
@@ -117,7 +120,7 @@ pub fn deliver(
     };
     let dir_path = final_path.parent().unwrap_or(target.root).to_path_buf();
     let ddir = fsx::Beneath::open(target.root)
-        .and_then(|d| d.create_dir_all(parent, true))
+        .and_then(|d| d.create_dir_all(parent, target.durable))
         .map_err(io_err("create destination directory", &dir_path))?;
 
     // The copy must still be the inode that was written, hashed and scanned.
@@ -136,11 +139,13 @@ pub fn deliver(
     let (staged_dir, staged_name, how) = if target.same_fs {
         copy.set_permissions(std::fs::Permissions::from_mode(q.mode))
             .map_err(io_err("chmod", &q.path))?;
-        copy.sync_all().map_err(io_err("fsync", &q.path))?;
+        if target.durable {
+            copy.sync_all().map_err(io_err("fsync", &q.path))?;
+        }
         (&qdir, name.to_os_string(), How::Renamed)
     } else {
         let _ = ddir.remove(&temp_name);
-        if let Err(e) = copy_verified(&mut copy, &ddir, &temp_name, q, buf) {
+        if let Err(e) = copy_verified(&mut copy, &ddir, &temp_name, q, target.durable, buf) {
             let _ = ddir.remove(&temp_name);
             return Err(e);
         }
@@ -159,7 +164,9 @@ pub fn deliver(
     );
     crate::crashpoint::here("deliver: placed, before directory fsync");
     let result = placed.and_then(|(placed_name, placed_how)| {
-        ddir.fsync().map_err(io_err("fsync directory", &dir_path))?;
+        if target.durable {
+            ddir.fsync().map_err(io_err("fsync directory", &dir_path))?;
+        }
         let how = if placed_how == How::Renamed {
             how
         } else {
@@ -187,6 +194,7 @@ fn copy_verified(
     dir: &fsx::Dir,
     temp: &OsStr,
     q: &Quarantined,
+    durable: bool,
     buf: &mut [u8],
 ) -> Result<(), DeliverError> {
     let temp_path = dir.path().join(temp);
@@ -226,7 +234,10 @@ fn copy_verified(
         },
     )
     .map_err(|e| io_err("set mtime of", &temp_path)(e.into()))?;
-    out.sync_all().map_err(io_err("fsync", &temp_path))
+    if durable {
+        out.sync_all().map_err(io_err("fsync", &temp_path))?;
+    }
+    Ok(())
 }
 
 /// Gives the staged file its final name in `ddir` under the conflict policy; returns

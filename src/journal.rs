@@ -50,6 +50,36 @@ impl Outcome {
     }
 }
 
+/// A file's final record (see [`Journal::file_finished`]).
+#[derive(Debug, Clone)]
+pub struct Finished<'a> {
+    pub id: i64,
+    pub outcome: Outcome,
+    pub disposition: &'a str,
+    pub final_path: Option<&'a str>,
+    pub error: Option<&'a str>,
+    pub sha256: Option<&'a str>,
+    /// "clean", "suspect" or "failed" when the file was scanned.
+    pub verdict: Option<&'a str>,
+    /// Each engine's answer (JSON), when scanned.
+    pub scan_results: Option<&'a serde_json::Value>,
+}
+
+impl Default for Finished<'_> {
+    fn default() -> Self {
+        Finished {
+            id: 0,
+            outcome: Outcome::Failed,
+            disposition: "",
+            final_path: None,
+            error: None,
+            sha256: None,
+            verdict: None,
+            scan_results: None,
+        }
+    }
+}
+
 /// A file an earlier run admitted but never finished.
 #[derive(Debug, Clone)]
 pub struct Unfinished {
@@ -240,54 +270,54 @@ impl Journal {
         Ok(self.conn.last_insert_rowid())
     }
 
-    pub fn file_quarantined(&self, id: i64, sha256: &str) -> Result<(), JournalError> {
-        crate::crashpoint::here("journal: before file_quarantined");
-        let mut st =
-            self.wrap(self.conn.prepare_cached(
-                "UPDATE files SET state = 'quarantined', sha256 = ?2 WHERE id = ?1",
-            ))?;
-        self.wrap(st.execute(params![id, sha256])).map(drop)
-    }
-
-    pub fn file_scanned(
-        &self,
-        id: i64,
-        verdict: &str,
-        results: &serde_json::Value,
-    ) -> Result<(), JournalError> {
-        crate::crashpoint::here("journal: before file_scanned");
-        let mut st = self.wrap(self.conn.prepare_cached(
-            "UPDATE files SET state = 'scanned', verdict = ?2, scan_results = ?3 WHERE id = ?1",
-        ))?;
-        self.wrap(st.execute(params![id, verdict, results.to_string()]))
-            .map(drop)
-    }
-
-    /// The file's outcome is final and durable (delivered, archived, deleted or failed).
-    pub fn file_finished(
-        &self,
-        id: i64,
-        outcome: Outcome,
-        disposition: &str,
-        final_path: Option<&str>,
-        error: Option<&str>,
-    ) -> Result<(), JournalError> {
+    /// The file's outcome is final and durable (delivered, archived, deleted or
+    /// failed), with what was learned on the way: hash, verdict, each engine's answer.
+    pub fn file_finished(&self, f: &Finished) -> Result<(), JournalError> {
         crate::crashpoint::here("journal: before file_finished");
         let mut st = self.wrap(self.conn.prepare_cached(
             "UPDATE files SET state = 'finished', outcome = ?2, disposition = ?3, final_path = ?4, error = ?5,
-             finished_at = ?6, finished_day = ?7 WHERE id = ?1",
+             finished_at = ?6, finished_day = ?7, sha256 = COALESCE(?8, sha256), verdict = COALESCE(?9, verdict),
+             scan_results = COALESCE(?10, scan_results) WHERE id = ?1",
         ))?;
         let day = local_day(chrono::Local::now());
+        let results = f
+            .scan_results
+            .filter(|v| !v.is_null())
+            .map(|v| v.to_string());
         self.wrap(st.execute(params![
-            id,
-            outcome.as_str(),
-            disposition,
-            final_path,
-            error,
+            f.id,
+            f.outcome.as_str(),
+            f.disposition,
+            f.final_path,
+            f.error,
             now_secs(),
-            day
+            day,
+            f.sha256,
+            f.verdict,
+            results
         ]))
         .map(drop)
+    }
+
+    /// Many files finished at once, in one transaction (group commit).
+    pub fn finish_batch(&self, items: &[Finished]) -> Result<(), JournalError> {
+        let tx = self.wrap(self.conn.unchecked_transaction())?;
+        for f in items {
+            self.file_finished(f)?;
+        }
+        self.wrap(tx.commit())
+    }
+
+    /// Sources removed, in one transaction.
+    pub fn sources_removed(&self, ids: &[i64]) -> Result<(), JournalError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let tx = self.wrap(self.conn.unchecked_transaction())?;
+        for &id in ids {
+            self.source_removed(id)?;
+        }
+        self.wrap(tx.commit())
     }
 
     /// Records a hazard archive entry; call only once archive and sidecar are durable.
@@ -355,7 +385,13 @@ impl Journal {
     }
 
     pub fn mark_interrupted(&self, id: i64, note: &str) -> Result<(), JournalError> {
-        self.file_finished(id, Outcome::Interrupted, "recovered", None, Some(note))
+        self.file_finished(&Finished {
+            id,
+            outcome: Outcome::Interrupted,
+            disposition: "recovered",
+            error: Some(note),
+            ..Finished::default()
+        })
     }
 
     /// Files and bytes finished on local day `day` (clean or suspect), across runs.

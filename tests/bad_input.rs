@@ -184,7 +184,7 @@ fn a_symlink_planted_in_the_quarantine_between_scan_and_delivery_cannot_redirect
     let evil = env.root().join("evil");
     std::fs::create_dir_all(&evil).unwrap();
     std::fs::write(evil.join("file.txt"), EICAR).unwrap();
-    let (child, resume) = run_paused_at(&env, "journal: before file_scanned");
+    let (child, resume) = run_paused_at(&env, "scan: scanned, before disposal");
     swap_for_symlink(&env.quarantine.join("sub"), &evil);
     std::fs::write(&resume, b"").unwrap();
     let out = child.wait_with_output().unwrap();
@@ -216,7 +216,7 @@ fn a_symlink_planted_in_the_destination_before_delivery_cannot_redirect_the_writ
     env.drop_file("sub/file.txt", b"payload");
     let outside = env.root().join("outside");
     std::fs::create_dir_all(&outside).unwrap();
-    let (child, resume) = run_paused_at(&env, "journal: before file_scanned");
+    let (child, resume) = run_paused_at(&env, "scan: scanned, before disposal");
     swap_for_symlink(&env.dst.join("sub"), &outside);
     std::fs::write(&resume, b"").unwrap();
     let out = child.wait_with_output().unwrap();

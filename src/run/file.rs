@@ -33,6 +33,18 @@ pub struct FileResult {
     pub kept: Option<KeptSource>,
     /// A problem that must stop the run (disk full, journal broken).
     pub fatal: Option<String>,
+    /// "clean", "suspect" or "failed" once scanned.
+    pub verdict: Option<&'static str>,
+    /// Delivered but not yet durable: the admission thread commits it with its batch
+    /// (one syncfs, one journal transaction) and only then removes the source.
+    pub pending: Option<Pending>,
+}
+
+/// A clean delivery waiting for its batch's commit.
+#[derive(Debug)]
+pub struct Pending {
+    pub q: Quarantined,
+    pub disposition: &'static str,
 }
 
 impl FileResult {
@@ -49,6 +61,22 @@ impl FileResult {
             scanners: serde_json::Value::Null,
             kept: None,
             fatal: None,
+            verdict: None,
+            pending: None,
+        }
+    }
+
+    /// The journal's final record of this file.
+    pub fn finished<'a>(&'a self, disposition: &'a str) -> crate::journal::Finished<'a> {
+        crate::journal::Finished {
+            id: self.id,
+            outcome: self.outcome,
+            disposition,
+            final_path: self.destination.as_deref(),
+            error: self.error.as_deref(),
+            sha256: self.sha256.as_deref(),
+            verdict: self.verdict,
+            scan_results: Some(&self.scanners),
         }
     }
 }
@@ -76,10 +104,11 @@ fn finish(
 ) -> FileResult {
     r.outcome = outcome;
     r.error = error;
-    let (id, dest, err) = (r.id, r.destination.clone(), r.error.clone());
-    journal(run, &mut r, |j| {
-        j.file_finished(id, outcome, disposition, dest.as_deref(), err.as_deref())
-    });
+    if let Err(e) = lock(run.journal).file_finished(&r.finished(disposition)) {
+        tracing::error!("journal write failed for {}: {e}", r.rel);
+        r.fatal
+            .get_or_insert_with(|| format!("journal write failed: {e}"));
+    }
     r
 }
 
@@ -141,15 +170,14 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
         }
     };
     r.sha256 = Some(q.sha256.clone());
-    let sha = q.sha256.clone();
-    journal(run, &mut r, |j| j.file_quarantined(job.id, &sha));
 
     // 8. Scan.
+    crate::crashpoint::here("scan: quarantined, before scan");
     let scan = run.scanners.scan(&q.path, q.size, &|| q.reopen());
+    crate::crashpoint::here("scan: scanned, before disposal");
     let verdict = scan.verdict.clone();
     r.scanners = serde_json::to_value(&scan.results).unwrap_or_default();
-    let (label, results) = (verdict_label(&verdict), r.scanners.clone());
-    journal(run, &mut r, |j| j.file_scanned(job.id, label, &results));
+    r.verdict = Some(verdict_label(&verdict));
 
     // 9. Dispose.
     let disposed = match verdict {
@@ -173,22 +201,36 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
 
     // 10. Source removal.
     if cfg.delete_source_files {
-        match cleanup::remove_source(&cfg.source_path, rel, &q, buf) {
-            Ok(()) => {
+        match remove_source(cfg, &q, buf) {
+            Ok(true) => {
                 let id = r.id;
                 journal(run, &mut r, |j| j.source_removed(id));
             }
-            Err(SourceKept::Gone) => {}
-            Err(kept) => {
-                tracing::warn!("source {:?} kept: {kept}", rel);
-                r.kept = Some(KeptSource {
-                    path: r.rel.clone(),
-                    reason: kept.to_string(),
-                });
-            }
+            Ok(false) => {}
+            Err(kept) => r.kept = Some(kept),
         }
     }
     r
+}
+
+/// Step 10 for one file: removes its source if it still holds the scanned bytes.
+/// `Ok(false)`: it was already gone; `Err`: kept, and why.
+pub fn remove_source(
+    cfg: &crate::config::Config,
+    q: &Quarantined,
+    buf: &mut [u8],
+) -> Result<bool, KeptSource> {
+    match cleanup::remove_source(&cfg.source_path, &q.rel, q, buf) {
+        Ok(()) => Ok(true),
+        Err(SourceKept::Gone) => Ok(false),
+        Err(kept) => {
+            tracing::warn!("source {:?} kept: {kept}", q.rel);
+            Err(KeptSource {
+                path: q.rel.to_string_lossy().into_owned(),
+                reason: kept.to_string(),
+            })
+        }
+    }
 }
 
 fn remove_copy(q: &Quarantined) {
@@ -228,6 +270,8 @@ fn deliver_clean(
         root: &cfg.destination_path,
         on_conflict: cfg.on_conflict,
         same_fs: same_fs(cfg),
+        // Made durable with its batch: one syncfs for many files (group commit).
+        durable: false,
     };
     match deliver::deliver(q, rel, id, &target, buf) {
         Ok(d) => {
@@ -238,7 +282,14 @@ fn deliver_clean(
                 d.path.display(),
                 d.how.as_str()
             );
-            Disposed::SourceMayGo(finish(run, r, Outcome::Clean, d.how.as_str(), None))
+            // Not finished yet: the journal records it, and the source goes, only
+            // once the batch it joins is durable (pipeline::Batch).
+            r.outcome = Outcome::Clean;
+            r.pending = Some(Pending {
+                q: q.clone(),
+                disposition: d.how.as_str(),
+            });
+            Disposed::Finished(r)
         }
         Err(DeliverError::ConflictSkipped(p)) => {
             remove_copy(q);

@@ -45,15 +45,22 @@ const BUFFER: usize = 1 << 20;
 
 pub fn process(
     run: &Run,
-    mut admission: Admission,
+    admission: Admission,
     candidates: Vec<Candidate>,
     report: &mut Report,
 ) -> anyhow::Result<()> {
     let threads = run.cfg.max_scan_threads.max(1);
     let total = candidates.len() as u64;
-    let mut tickets = HashMap::new();
-    let mut stop: Option<String> = None;
-    let mut progress = crate::progress::Progress::for_stderr();
+    let mut books = Books {
+        run,
+        tickets: HashMap::new(),
+        admission,
+        stop: None,
+        progress: crate::progress::Progress::for_stderr(),
+        batch: Vec::new(),
+        batch_bytes: 0,
+        buf: vec![0u8; BUFFER],
+    };
 
     let (job_tx, job_rx) = mpsc::sync_channel::<Job>(0);
     let job_rx = Mutex::new(job_rx);
@@ -82,32 +89,18 @@ pub fn process(
             while in_flight >= threads {
                 let Ok(r) = done_rx.recv() else { break };
                 in_flight -= 1;
-                settle(
-                    r,
-                    &mut tickets,
-                    &mut admission,
-                    &mut stop,
-                    report,
-                    &mut progress,
-                );
+                books.settle(r, report);
             }
             while let Ok(r) = done_rx.try_recv() {
                 in_flight -= 1;
-                settle(
-                    r,
-                    &mut tickets,
-                    &mut admission,
-                    &mut stop,
-                    report,
-                    &mut progress,
-                );
+                books.settle(r, report);
             }
             if run.scanners.tripped() {
-                stop.get_or_insert_with(|| {
+                books.stop.get_or_insert_with(|| {
                     "circuit breaker: too many scan timeouts this run".into()
                 });
             }
-            if stop.is_some() {
+            if books.stop.is_some() {
                 break;
             }
             if run
@@ -118,13 +111,15 @@ pub fn process(
                 break;
             }
             // 6. Admit.
-            let ticket = match admission.admit(candidate.size) {
+            let ticket = match books.admission.admit(candidate.size) {
                 Ok(t) => t,
                 Err(denial) => {
                     throttle_stop(run, &denial, report);
                     break;
                 }
             };
+            // Committed at once (not batched): recovery finds a dead run's temp
+            // files through this row.
             let rel = candidate.rel.to_string_lossy().into_owned();
             let id = match lock(run.journal).file_admitted(
                 run.run_id,
@@ -134,17 +129,17 @@ pub fn process(
             ) {
                 Ok(id) => id,
                 Err(e) => {
-                    admission.finish(ticket, false);
-                    stop = Some(format!("journal write failed: {e}"));
+                    books.admission.finish(ticket, false);
+                    books.stop = Some(format!("journal write failed: {e}"));
                     break;
                 }
             };
-            tickets.insert(id, ticket);
+            books.tickets.insert(id, ticket);
             report.files.admitted += 1;
-            progress.admitted(candidate.size);
+            books.progress.admitted(candidate.size);
             in_flight += 1;
             if job_tx.send(Job { id, candidate }).is_err() {
-                stop = Some("worker threads ended unexpectedly".into());
+                books.stop = Some("worker threads ended unexpectedly".into());
                 break;
             }
         }
@@ -152,19 +147,14 @@ pub fn process(
         while in_flight > 0 {
             let Ok(r) = done_rx.recv() else { break };
             in_flight -= 1;
-            settle(
-                r,
-                &mut tickets,
-                &mut admission,
-                &mut stop,
-                report,
-                &mut progress,
-            );
+            books.settle(r, report);
         }
     });
-    progress.finish();
+    books.commit(report);
+    books.progress.finish();
 
     report.files.deferred = total - report.files.admitted;
+    let mut stop = books.stop;
     if run.scanners.tripped() {
         stop.get_or_insert_with(|| "circuit breaker: too many scan timeouts this run".into());
     }
@@ -177,24 +167,119 @@ pub fn process(
     Ok(())
 }
 
-/// Takes in one finished file: releases its reservation, notes a fatal problem,
-/// counts it.
-fn settle(
-    r: FileResult,
-    tickets: &mut HashMap<i64, throttle::Ticket>,
-    admission: &mut Admission,
-    stop: &mut Option<String>,
-    report: &mut Report,
-    progress: &mut crate::progress::Progress,
-) {
-    progress.done(r.size);
-    if let Some(t) = tickets.remove(&r.id) {
-        admission.finish(t, matches!(r.outcome, Outcome::Clean | Outcome::Suspect));
+/// A batch is committed at this many files or bytes (and at the end of the run).
+const BATCH_FILES: usize = 128;
+const BATCH_BYTES: u64 = 128 << 20;
+
+/// What the admission thread keeps while files are in flight: space reservations,
+/// the reason to stop, and the batch of deliveries waiting to be made durable.
+struct Books<'a> {
+    run: &'a Run<'a>,
+    tickets: HashMap<i64, throttle::Ticket>,
+    admission: Admission,
+    stop: Option<String>,
+    progress: crate::progress::Progress,
+    batch: Vec<FileResult>,
+    batch_bytes: u64,
+    /// For re-hashing sources before removing them.
+    buf: Vec<u8>,
+}
+
+impl Books<'_> {
+    /// Takes in one file from a worker: releases its reservation, notes a fatal
+    /// problem, and counts it, or queues it for the next commit.
+    fn settle(&mut self, r: FileResult, report: &mut Report) {
+        self.progress.done(r.size);
+        if let Some(t) = self.tickets.remove(&r.id) {
+            self.admission
+                .finish(t, matches!(r.outcome, Outcome::Clean | Outcome::Suspect));
+        }
+        if let Some(f) = &r.fatal {
+            self.stop.get_or_insert_with(|| f.clone());
+        }
+        if r.pending.is_none() {
+            tally(report, r);
+            return;
+        }
+        self.batch_bytes += r.size;
+        self.batch.push(r);
+        if self.batch.len() >= BATCH_FILES || self.batch_bytes >= BATCH_BYTES {
+            self.commit(report);
+        }
     }
-    if let Some(f) = &r.fatal {
-        stop.get_or_insert_with(|| f.clone());
+
+    /// Group commit (issue 7): one `syncfs` makes every delivery of the batch durable,
+    /// one journal transaction records them, and only then are their sources removed
+    /// (each still re-hashed against what was scanned). Nothing is weaker than one
+    /// fsync chain per file; it is just paid once per batch.
+    fn commit(&mut self, report: &mut Report) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let cfg = self.run.cfg;
+        let mut batch = std::mem::take(&mut self.batch);
+        self.batch_bytes = 0;
+        crate::crashpoint::here("commit: before syncfs");
+        let synced =
+            crate::fsx::Beneath::open(&cfg.destination_path).and_then(|d| d.root().syncfs());
+        if let Err(e) = synced {
+            // Delivered, but not known durable: keep every source; the next run finds
+            // the same bytes in the destination and counts them as delivered.
+            let why = format!(
+                "cannot make deliveries durable (syncfs {}: {e}); sources kept",
+                cfg.destination_path.display()
+            );
+            tracing::error!("{why}");
+            self.stop.get_or_insert_with(|| why.clone());
+            for mut r in batch {
+                r.pending = None;
+                r.outcome = Outcome::Failed;
+                r.error = Some(why.clone());
+                tally(report, r);
+            }
+            return;
+        }
+        crate::crashpoint::here("commit: synced, before journal");
+        let recorded = {
+            let records: Vec<_> = batch
+                .iter()
+                .map(|r| r.finished(r.pending.as_ref().map_or("delivered", |p| p.disposition)))
+                .collect();
+            lock(self.run.journal).finish_batch(&records)
+        };
+        if let Err(e) = recorded {
+            // The journal does not know these files finished: keep their sources.
+            let why = format!("journal write failed: {e}");
+            tracing::error!("{why}; sources of {} delivered file(s) kept", batch.len());
+            self.stop.get_or_insert_with(|| why.clone());
+            for mut r in batch {
+                r.pending = None;
+                tally(report, r);
+            }
+            return;
+        }
+        crate::crashpoint::here("commit: journaled, before source removal");
+        let mut removed = Vec::new();
+        for r in &mut batch {
+            let Some(p) = r.pending.take() else { continue };
+            if cfg.delete_source_files {
+                match file::remove_source(cfg, &p.q, &mut self.buf) {
+                    Ok(true) => removed.push(r.id),
+                    Ok(false) => {}
+                    Err(kept) => r.kept = Some(kept),
+                }
+            }
+        }
+        if let Err(e) = lock(self.run.journal).sources_removed(&removed) {
+            tracing::error!(
+                "cannot record {} source removal(s) in the journal: {e}",
+                removed.len()
+            );
+        }
+        for r in batch {
+            tally(report, r);
+        }
     }
-    tally(report, r);
 }
 
 pub fn lock(j: &Mutex<Journal>) -> std::sync::MutexGuard<'_, Journal> {
