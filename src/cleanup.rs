@@ -28,12 +28,12 @@ pub enum SourceKept {
 /// through a directory handle beneath the source: a symlink planted meanwhile is
 /// never followed.
 pub fn remove_source(
-    source_root: &Path,
+    sources: &fsx::Beneath,
     rel: &Path,
     q: &Quarantined,
     buf: &mut [u8],
 ) -> Result<(), SourceKept> {
-    let path = source_root.join(rel);
+    let path = sources.path().join(rel);
     let io = |source| SourceKept::Io {
         path: path.clone(),
         source,
@@ -41,7 +41,7 @@ pub fn remove_source(
     let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else {
         return Err(SourceKept::Replaced);
     };
-    let dir = match fsx::Beneath::open(source_root).and_then(|b| b.open_dir(parent)) {
+    let dir = match sources.open_dir(parent) {
         Ok(d) => d,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(SourceKept::Gone),
         Err(e) if fsx::is_symlink_refusal(&e) => return Err(SourceKept::Replaced),

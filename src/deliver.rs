@@ -91,7 +91,7 @@ fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) ->
 
 /// Where and how to deliver.
 pub struct Target<'a> {
-    pub root: &'a Path,
+    pub root: &'a fsx::Beneath,
     pub on_conflict: OnConflict,
     /// Quarantine and destination are on the same filesystem.
     pub same_fs: bool,
@@ -110,7 +110,7 @@ pub fn deliver(
     target: &Target,
     buf: &mut [u8],
 ) -> Result<Delivered, DeliverError> {
-    let final_path = target.root.join(rel);
+    let final_path = target.root.path().join(rel);
     let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else {
         return Err(DeliverError::Io {
             action: "deliver",
@@ -118,14 +118,19 @@ pub fn deliver(
             source: io::Error::new(io::ErrorKind::InvalidInput, "not a file path"),
         });
     };
-    let dir_path = final_path.parent().unwrap_or(target.root).to_path_buf();
-    let ddir = fsx::Beneath::open(target.root)
-        .and_then(|d| d.create_dir_all(parent, target.durable))
+    let dir_path = final_path
+        .parent()
+        .unwrap_or(target.root.path())
+        .to_path_buf();
+    let ddir = target
+        .root
+        .create_dir_all(parent, target.durable)
         .map_err(io_err("create destination directory", &dir_path))?;
 
     // The copy must still be the inode that was written, hashed and scanned.
-    let qdir = fsx::Beneath::open(&q.root)
-        .and_then(|b| b.open_dir(parent))
+    let qdir = q
+        .root
+        .open_dir(parent)
         .map_err(io_err("open quarantine directory", &q.path))?;
     let mut copy = q.reopen().map_err(|e| {
         if e.kind() == io::ErrorKind::Other {

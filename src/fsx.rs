@@ -189,6 +189,11 @@ impl Beneath {
         &self.dir
     }
 
+    /// The root's path (for messages).
+    pub fn path(&self) -> &Path {
+        &self.dir.path
+    }
+
     fn resolve(&self, rel: &Path, flags: OFlags) -> io::Result<std::os::fd::OwnedFd> {
         let rel = if rel.as_os_str().is_empty() {
             Path::new(".")

@@ -55,7 +55,7 @@ pub struct Quarantined {
     pub path: PathBuf,
     /// The quarantine root and the copy's path beneath it: every reopen goes through
     /// a directory handle (`fsx::Beneath`), never through a symlink.
-    pub root: PathBuf,
+    pub root: std::sync::Arc<fsx::Beneath>,
     pub rel: PathBuf,
     /// SHA-256 of the bytes read from the source and written here, lowercase hex.
     pub sha256: String,
@@ -118,17 +118,15 @@ pub fn delivered_mode(source_mode: u32) -> u32 {
 /// Copies `source_root/rel` to `quarantine_root/rel` via the temp name for `id`.
 /// `expected` is the size and mtime discovery saw.
 pub fn copy_in(
-    source_root: &Path,
-    quarantine_root: &Path,
+    sources: &fsx::Beneath,
+    quarantine: &std::sync::Arc<fsx::Beneath>,
     rel: &Path,
     id: i64,
     expected: (u64, i64),
     buf: &mut [u8],
 ) -> Result<Quarantined, QuarantineError> {
-    let src_path = source_root.join(rel);
+    let src_path = sources.path().join(rel);
     let (parent, name) = split(rel)?;
-    let sources = fsx::Beneath::open(source_root)
-        .map_err(QuarantineError::io("open source directory", source_root))?;
     let mut src = match sources.open_read(rel) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(QuarantineError::Vanished),
@@ -150,12 +148,12 @@ pub fn copy_in(
         ));
     }
 
-    let final_path = quarantine_root.join(rel);
-    let qdir = fsx::Beneath::open(quarantine_root)
-        .and_then(|q| q.create_dir_all(parent, false))
+    let final_path = quarantine.path().join(rel);
+    let qdir = quarantine
+        .create_dir_all(parent, false)
         .map_err(QuarantineError::io(
             "create quarantine directory",
-            final_path.parent().unwrap_or(quarantine_root),
+            final_path.parent().unwrap_or(quarantine.path()),
         ))?;
     let temp_name = fsx::temp_name(id);
     let temp = qdir.path().join(&temp_name);
@@ -191,7 +189,7 @@ pub fn copy_in(
             .map_err(QuarantineError::io("rename into", &final_path))?;
         Ok(Quarantined {
             path: final_path.clone(),
-            root: quarantine_root.to_path_buf(),
+            root: quarantine.clone(),
             rel: rel.to_path_buf(),
             sha256,
             size: n,
@@ -265,7 +263,7 @@ impl Quarantined {
     /// Reopens the copy for reading and checks it is still the file written (same
     /// inode, size and mtime): what is scanned and delivered is what was hashed.
     pub fn reopen(&self) -> io::Result<File> {
-        let f = fsx::Beneath::open(&self.root)?.open_read(&self.rel)?;
+        let f = self.root.open_read(&self.rel)?;
         let now = Stamp::of(&f.metadata()?);
         if (now.dev, now.ino, now.size, now.mtime_ns)
             != (
@@ -287,7 +285,7 @@ impl Quarantined {
         let (Some(parent), Some(name)) = (self.rel.parent(), self.rel.file_name()) else {
             return Ok(false);
         };
-        match fsx::Beneath::open(&self.root).and_then(|b| b.open_dir(parent)) {
+        match self.root.open_dir(parent) {
             Ok(dir) => dir.remove(name),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(e),

@@ -133,8 +133,8 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
     // 7. Quarantine.
     let expected = (job.candidate.size, job.candidate.mtime_ns);
     let q = match quarantine::copy_in(
-        &cfg.source_path,
-        &cfg.quarantine_path,
+        &run.roots.source,
+        &run.roots.quarantine,
         rel,
         job.id,
         expected,
@@ -201,7 +201,7 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
 
     // 10. Source removal.
     if cfg.delete_source_files {
-        match remove_source(cfg, &q, buf) {
+        match remove_source(run, &q, buf) {
             Ok(true) => {
                 let id = r.id;
                 journal(run, &mut r, |j| j.source_removed(id));
@@ -215,12 +215,8 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
 
 /// Step 10 for one file: removes its source if it still holds the scanned bytes.
 /// `Ok(false)`: it was already gone; `Err`: kept, and why.
-pub fn remove_source(
-    cfg: &crate::config::Config,
-    q: &Quarantined,
-    buf: &mut [u8],
-) -> Result<bool, KeptSource> {
-    match cleanup::remove_source(&cfg.source_path, &q.rel, q, buf) {
+pub fn remove_source(run: &Run, q: &Quarantined, buf: &mut [u8]) -> Result<bool, KeptSource> {
+    match cleanup::remove_source(&run.roots.source, &q.rel, q, buf) {
         Ok(()) => Ok(true),
         Err(SourceKept::Gone) => Ok(false),
         Err(kept) => {
@@ -267,9 +263,9 @@ fn deliver_clean(
 ) -> Disposed {
     let cfg = run.cfg;
     let target = Target {
-        root: &cfg.destination_path,
+        root: &run.roots.destination,
         on_conflict: cfg.on_conflict,
-        same_fs: same_fs(cfg),
+        same_fs: run.roots.same_fs,
         // Made durable with its batch: one syncfs for many files (group commit).
         durable: false,
     };
@@ -482,7 +478,7 @@ fn removed_by_engine(
     }
     let handled = engine == "defender" && cfg.scanning.defender_handles_suspect_files;
     let source_check = if handled {
-        source_holds_scanned_bytes(&cfg.source_path, rel, q, buf)
+        source_holds_scanned_bytes(&run.roots.source, rel, q, buf)
     } else {
         Err(format!(
             "{engine} removed the quarantine copy after detecting {found}, but defender_handles_suspect_files is off: Shuttle could not archive it"
@@ -524,14 +520,14 @@ fn removed_by_engine(
 /// Opens the source and checks it is the file that was quarantined (same inode) and
 /// still hashes to the quarantine copy's SHA-256. Returns it open, for archiving.
 fn source_holds_scanned_bytes(
-    root: &Path,
+    root: &fsx::Beneath,
     rel: &Path,
     q: &Quarantined,
     buf: &mut [u8],
 ) -> Result<File, String> {
-    let path = root.join(rel);
-    let mut f = fsx::Beneath::open(root)
-        .and_then(|b| b.open_read(rel))
+    let path = root.path().join(rel);
+    let mut f = root
+        .open_read(rel)
         .map_err(|e| format!("source {} cannot be opened: {e}", path.display()))?;
     let before = f
         .metadata()
@@ -566,17 +562,5 @@ fn hazard_row(s: &hazard::Stored) -> crate::journal::HazardRow {
         scanners: serde_json::to_value(&s.sidecar.scanners).unwrap_or_default(),
         archived_at: s.sidecar.archived_at.clone(),
         key_fingerprint: s.sidecar.key_fingerprint.clone(),
-    }
-}
-
-/// Are quarantine and destination on one filesystem (delivery by rename)?
-fn same_fs(cfg: &crate::config::Config) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (
-        std::fs::metadata(&cfg.quarantine_path),
-        std::fs::metadata(&cfg.destination_path),
-    ) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev(),
-        _ => false,
     }
 }

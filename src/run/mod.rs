@@ -229,7 +229,10 @@ fn run_locked(
     }
     drop(j);
     let dirs = discovery.dirs;
+    let roots = pipeline::Roots::open(cfg)
+        .context("cannot open the source, quarantine or destination directory")?;
     let run = pipeline::Run {
+        roots: &roots,
         cfg,
         journal,
         run_id,

@@ -30,6 +30,31 @@ pub struct Run<'a> {
     pub hazard: Option<&'a crate::hazard::HazardArchive>,
     /// Set by `shuttle watch` on SIGTERM/SIGINT: admit no more files.
     pub stop: Option<&'a std::sync::atomic::AtomicBool>,
+    pub roots: &'a Roots,
+}
+
+/// The run's three directories, opened once: every path below them is resolved
+/// through these handles, never through a symlink (fsx::Beneath).
+pub struct Roots {
+    pub source: crate::fsx::Beneath,
+    pub quarantine: std::sync::Arc<crate::fsx::Beneath>,
+    pub destination: crate::fsx::Beneath,
+    /// Quarantine and destination share a filesystem: delivery by rename.
+    pub same_fs: bool,
+}
+
+impl Roots {
+    pub fn open(cfg: &Config) -> std::io::Result<Roots> {
+        use std::os::unix::fs::MetadataExt;
+        let same_fs = std::fs::metadata(&cfg.quarantine_path)?.dev()
+            == std::fs::metadata(&cfg.destination_path)?.dev();
+        Ok(Roots {
+            source: crate::fsx::Beneath::open(&cfg.source_path)?,
+            quarantine: std::sync::Arc::new(crate::fsx::Beneath::open(&cfg.quarantine_path)?),
+            destination: crate::fsx::Beneath::open(&cfg.destination_path)?,
+            same_fs,
+        })
+    }
 }
 
 /// Files handed to a worker.
@@ -220,8 +245,7 @@ impl Books<'_> {
         let mut batch = std::mem::take(&mut self.batch);
         self.batch_bytes = 0;
         crate::crashpoint::here("commit: before syncfs");
-        let synced =
-            crate::fsx::Beneath::open(&cfg.destination_path).and_then(|d| d.root().syncfs());
+        let synced = self.run.roots.destination.root().syncfs();
         if let Err(e) = synced {
             // Delivered, but not known durable: keep every source; the next run finds
             // the same bytes in the destination and counts them as delivered.
@@ -263,7 +287,7 @@ impl Books<'_> {
         for r in &mut batch {
             let Some(p) = r.pending.take() else { continue };
             if cfg.delete_source_files {
-                match file::remove_source(cfg, &p.q, &mut self.buf) {
+                match file::remove_source(self.run, &p.q, &mut self.buf) {
                     Ok(true) => removed.push(r.id),
                     Ok(false) => {}
                     Err(kept) => r.kept = Some(kept),
