@@ -76,20 +76,24 @@ pub fn process(
 ) -> anyhow::Result<()> {
     let threads = run.cfg.max_scan_threads.max(1);
     let total = candidates.len() as u64;
+    let commit_failure = Mutex::new(None);
+    let (commits, batches) = mpsc::channel::<Vec<FileResult>>();
     let mut books = Books {
-        run,
         tickets: HashMap::new(),
         admission,
         stop: None,
         progress: crate::progress::Progress::for_stderr(),
         batch: Vec::new(),
         batch_bytes: 0,
-        buf: vec![0u8; BUFFER],
+        commits,
+        commit_failure: &commit_failure,
+        uncommitted: Vec::new(),
     };
 
     let (job_tx, job_rx) = mpsc::sync_channel::<Job>(0);
     let job_rx = Mutex::new(job_rx);
-    std::thread::scope(|scope| {
+    let committed = std::thread::scope(|scope| {
+        let committer = scope.spawn(|| committer(run, batches, &commit_failure));
         let (done_tx, done_rx) = mpsc::channel::<FileResult>();
         for _ in 0..threads {
             let (job_rx, done_tx) = (&job_rx, done_tx.clone());
@@ -174,8 +178,31 @@ pub fn process(
             in_flight -= 1;
             books.settle(r, report);
         }
+        books.flush();
+        let (tx, _) = mpsc::channel();
+        drop(std::mem::replace(&mut books.commits, tx));
+        committer.join()
     });
-    books.commit(report);
+    for r in std::mem::take(&mut books.uncommitted) {
+        tally(report, r);
+    }
+    match committed {
+        Ok(done) => {
+            for r in done {
+                tally(report, r);
+            }
+        }
+        Err(_) => {
+            books.stop = Some("the commit thread panicked; sources of delivered files kept".into())
+        }
+    }
+    if let Some(f) = commit_failure
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+    {
+        books.stop.get_or_insert(f);
+    }
     books.progress.finish();
 
     report.files.deferred = total - report.files.admitted;
@@ -199,15 +226,18 @@ const BATCH_BYTES: u64 = 128 << 20;
 /// What the admission thread keeps while files are in flight: space reservations,
 /// the reason to stop, and the batch of deliveries waiting to be made durable.
 struct Books<'a> {
-    run: &'a Run<'a>,
     tickets: HashMap<i64, throttle::Ticket>,
     admission: Admission,
     stop: Option<String>,
     progress: crate::progress::Progress,
     batch: Vec<FileResult>,
     batch_bytes: u64,
-    /// For re-hashing sources before removing them.
-    buf: Vec<u8>,
+    /// Full batches go to the committer thread.
+    commits: mpsc::Sender<Vec<FileResult>>,
+    /// Set by the committer when a commit failed: admit nothing more.
+    commit_failure: &'a Mutex<Option<String>>,
+    /// Files whose batch could not reach the committer: counted, sources kept.
+    uncommitted: Vec<FileResult>,
 }
 
 impl Books<'_> {
@@ -222,6 +252,14 @@ impl Books<'_> {
         if let Some(f) = &r.fatal {
             self.stop.get_or_insert_with(|| f.clone());
         }
+        if let Some(f) = self
+            .commit_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            self.stop.get_or_insert_with(|| f.clone());
+        }
         if r.pending.is_none() {
             tally(report, r);
             return;
@@ -229,81 +267,127 @@ impl Books<'_> {
         self.batch_bytes += r.size;
         self.batch.push(r);
         if self.batch.len() >= BATCH_FILES || self.batch_bytes >= BATCH_BYTES {
-            self.commit(report);
+            self.flush();
         }
     }
 
-    /// Group commit (issue 7): one `syncfs` makes every delivery of the batch durable,
-    /// one journal transaction records them, and only then are their sources removed
-    /// (each still re-hashed against what was scanned). Nothing is weaker than one
-    /// fsync chain per file; it is just paid once per batch.
-    fn commit(&mut self, report: &mut Report) {
+    /// Hands the current batch to the committer thread.
+    fn flush(&mut self) {
         if self.batch.is_empty() {
             return;
         }
-        let cfg = self.run.cfg;
-        let mut batch = std::mem::take(&mut self.batch);
         self.batch_bytes = 0;
-        crate::crashpoint::here("commit: before syncfs");
-        let synced = self.run.roots.destination.root().syncfs();
-        if let Err(e) = synced {
-            // Delivered, but not known durable: keep every source; the next run finds
-            // the same bytes in the destination and counts them as delivered.
-            let why = format!(
-                "cannot make deliveries durable (syncfs {}: {e}); sources kept",
-                cfg.destination_path.display()
-            );
+        let batch = std::mem::take(&mut self.batch);
+        if let Err(mpsc::SendError(batch)) = self.commits.send(batch) {
+            // The committer is gone (it cannot be, short of a panic): keep every
+            // source; the files count as failed.
+            let why = "commit thread ended unexpectedly; sources kept".to_string();
             tracing::error!("{why}");
             self.stop.get_or_insert_with(|| why.clone());
+            let mut lost = self
+                .commit_failure
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            lost.get_or_insert(why);
+            drop(lost);
             for mut r in batch {
                 r.pending = None;
                 r.outcome = Outcome::Failed;
-                r.error = Some(why.clone());
-                tally(report, r);
+                self.uncommitted.push(r);
             }
-            return;
-        }
-        crate::crashpoint::here("commit: synced, before journal");
-        let recorded = {
-            let records: Vec<_> = batch
-                .iter()
-                .map(|r| r.finished(r.pending.as_ref().map_or("delivered", |p| p.disposition)))
-                .collect();
-            lock(self.run.journal).finish_batch(&records)
-        };
-        if let Err(e) = recorded {
-            // The journal does not know these files finished: keep their sources.
-            let why = format!("journal write failed: {e}");
-            tracing::error!("{why}; sources of {} delivered file(s) kept", batch.len());
-            self.stop.get_or_insert_with(|| why.clone());
-            for mut r in batch {
-                r.pending = None;
-                tally(report, r);
-            }
-            return;
-        }
-        crate::crashpoint::here("commit: journaled, before source removal");
-        let mut removed = Vec::new();
-        for r in &mut batch {
-            let Some(p) = r.pending.take() else { continue };
-            if cfg.delete_source_files {
-                match file::remove_source(self.run, &p.q, &mut self.buf) {
-                    Ok(true) => removed.push(r.id),
-                    Ok(false) => {}
-                    Err(kept) => r.kept = Some(kept),
-                }
-            }
-        }
-        if let Err(e) = lock(self.run.journal).sources_removed(&removed) {
-            tracing::error!(
-                "cannot record {} source removal(s) in the journal: {e}",
-                removed.len()
-            );
-        }
-        for r in batch {
-            tally(report, r);
         }
     }
+}
+
+/// The committer thread: group commit (issue 7) for batch after batch, while the
+/// workers go on with the next files. One `syncfs` makes every delivery of a batch
+/// durable, one journal transaction records them, and only then are their sources
+/// removed (each still re-hashed against what was scanned). Nothing is weaker than
+/// one fsync chain per file; it is just paid once per batch. Returns every file, done.
+fn committer(
+    run: &Run,
+    batches: mpsc::Receiver<Vec<FileResult>>,
+    failure: &Mutex<Option<String>>,
+) -> Vec<FileResult> {
+    let mut done = Vec::new();
+    let mut buf = vec![0u8; BUFFER];
+    for batch in batches {
+        commit(run, batch, &mut buf, failure, &mut done);
+    }
+    done
+}
+
+fn commit(
+    run: &Run,
+    mut batch: Vec<FileResult>,
+    buf: &mut [u8],
+    failure: &Mutex<Option<String>>,
+    done: &mut Vec<FileResult>,
+) {
+    let cfg = run.cfg;
+    let fail = |why: String| {
+        tracing::error!("{why}");
+        failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(why);
+    };
+    crate::crashpoint::here("commit: before syncfs");
+    if let Err(e) = run.roots.destination.root().syncfs() {
+        // Delivered, but not known durable: keep every source; the next run finds the
+        // same bytes in the destination and counts them as delivered.
+        let why = format!(
+            "cannot make deliveries durable (syncfs {}: {e}); sources kept",
+            cfg.destination_path.display()
+        );
+        fail(why.clone());
+        for mut r in batch {
+            r.pending = None;
+            r.outcome = Outcome::Failed;
+            r.error = Some(why.clone());
+            done.push(r);
+        }
+        return;
+    }
+    crate::crashpoint::here("commit: synced, before journal");
+    let recorded = {
+        let records: Vec<_> = batch
+            .iter()
+            .map(|r| r.finished(r.pending.as_ref().map_or("delivered", |p| p.disposition)))
+            .collect();
+        lock(run.journal).finish_batch(&records)
+    };
+    if let Err(e) = recorded {
+        // The journal does not know these files finished: keep their sources.
+        fail(format!(
+            "journal write failed: {e}; sources of {} delivered file(s) kept",
+            batch.len()
+        ));
+        for mut r in batch {
+            r.pending = None;
+            done.push(r);
+        }
+        return;
+    }
+    crate::crashpoint::here("commit: journaled, before source removal");
+    let mut removed = Vec::new();
+    for r in &mut batch {
+        let Some(p) = r.pending.take() else { continue };
+        if cfg.delete_source_files {
+            match file::remove_source(run, &p.q, buf) {
+                Ok(true) => removed.push(r.id),
+                Ok(false) => {}
+                Err(kept) => r.kept = Some(kept),
+            }
+        }
+    }
+    if let Err(e) = lock(run.journal).sources_removed(&removed) {
+        tracing::error!(
+            "cannot record {} source removal(s) in the journal: {e}",
+            removed.len()
+        );
+    }
+    done.extend(batch);
 }
 
 pub fn lock(j: &Mutex<Journal>) -> std::sync::MutexGuard<'_, Journal> {
