@@ -572,3 +572,50 @@ fn a_clamav_that_misses_the_canary_stops_the_run_too() {
     assert_eq!(Env::tree(&env.src), src, "nothing touched");
     assert!(Env::tree(&env.dst).is_empty());
 }
+
+#[test]
+fn a_threat_defender_removed_itself_is_archived_from_the_verified_source() {
+    let mut env = env(false);
+    let (home, key) = gpg_key(env.root(), "default");
+    let archive = env.root().join("hazard");
+    std::fs::create_dir_all(&archive).unwrap();
+    env.set("defender_handles_suspect_files", "true")
+        .set("hazard_archive_path", archive.to_str().unwrap())
+        .set("hazard_encryption_key_path", key.to_str().unwrap());
+    env.drop_file("lab/eicar.com", EICAR);
+    env.drop_file("ok.txt", b"fine");
+    let r = run_with(&env, &[("MDATP_SIM_MODE", "delete")]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(names(&env.dst), ["ok.txt"]);
+    assert!(
+        Env::tree(&env.src).is_empty(),
+        "source archived, then removed"
+    );
+    let gpgs: Vec<PathBuf> = std::fs::read_dir(&archive)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "gpg"))
+        .collect();
+    assert_eq!(gpgs.len(), 1, "{gpgs:?}");
+    let out = std::process::Command::new("gpg")
+        .env("GNUPGHOME", &home)
+        .args(["--batch", "--quiet", "--decrypt"])
+        .arg(&gpgs[0])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        out.stdout, EICAR,
+        "the archive holds the scanned bytes, taken from the source"
+    );
+    assert!(
+        env.log_text()
+            .contains("from the source (defender removed the quarantine copy itself)"),
+        "{}",
+        env.log_text()
+    );
+}
