@@ -601,3 +601,29 @@ fn hazard_list_shows_entries_newest_first_and_flags_damaged_and_foreign_files() 
         n.stderr
     );
 }
+
+#[test]
+fn a_full_hazard_archive_disk_fails_the_file_and_keeps_the_source() {
+    let k = keys();
+    let (mut env, _archive) = hazard_env(&k.curve_asc);
+    let mnt = Tmpfs::mount(&env.root().join("mnt-hazard"), 1);
+    env.set("hazard_archive_path", mnt.dir.to_str().unwrap());
+    let mut data = MARKER.to_vec();
+    data.extend(noise(3 << 20, 8));
+    env.drop_file("big-suspect.bin", &data);
+    let r = env.run(&[]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("disk full"), "{}", r.stderr);
+    assert_eq!(
+        std::fs::read(env.src.join("big-suspect.bin")).unwrap(),
+        data,
+        "source intact"
+    );
+    let left: Vec<_> = std::fs::read_dir(&mnt.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "no partial archive or temp left: {left:?}");
+    assert!(Env::tree(&env.quarantine).is_empty());
+    assert!(Env::tree(&env.dst).is_empty());
+}

@@ -546,3 +546,38 @@ fn a_source_appended_to_during_its_copy_is_not_delivered_and_stays_whole() {
         "source intact and still growing"
     );
 }
+
+#[test]
+fn empty_source_subdirectories_untouched_for_5_minutes_go_but_never_the_root() {
+    let env = Env::new();
+    for d in ["old/empty/deeper", "fresh-empty", "old-with-file"] {
+        std::fs::create_dir_all(env.src.join(d)).unwrap();
+    }
+    std::fs::write(
+        env.src.join("old-with-file/keep.txt"),
+        b"still being written",
+    )
+    .unwrap();
+    let ten_minutes_ago = std::time::SystemTime::now() - Duration::from_secs(600);
+    for d in ["old/empty/deeper", "old/empty", "old", "old-with-file"] {
+        std::fs::File::open(env.src.join(d))
+            .unwrap()
+            .set_modified(ten_minutes_ago)
+            .unwrap();
+    }
+    let r = env.run(&[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        !env.src.join("old/empty/deeper").exists(),
+        "empty and old: removed"
+    );
+    assert!(
+        env.src.join("fresh-empty").is_dir(),
+        "touched within 5 minutes: kept"
+    );
+    assert!(
+        env.src.join("old-with-file/keep.txt").exists(),
+        "not empty: kept"
+    );
+    assert!(env.src.is_dir(), "the source root is never removed");
+}
