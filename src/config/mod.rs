@@ -362,6 +362,16 @@ pub fn load(cli: &CommandLine) -> Result<Loaded, ConfigErrors> {
         errors: Vec::new(),
     };
     let config = build(&mut r, file.clone(), &mut warnings);
+    if file.is_none() && !r.errors.is_empty() {
+        let looked: Vec<String> = default_locations()
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        r.errors.push(ConfigError::Problem(format!(
+            "no config file was read: none given with --config or $SHUTTLE_CONFIG_PATH, and none of {} exists",
+            looked.join(", ")
+        )));
+    }
     if !r.errors.is_empty() {
         return Err(ConfigErrors(r.errors));
     }
