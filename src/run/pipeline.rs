@@ -78,7 +78,9 @@ pub fn process(
     let total = candidates.len() as u64;
     let commit_failure = Mutex::new(None);
     let (commits, batches) = mpsc::channel::<Vec<FileResult>>();
-    let mut books = Books {
+    let books = Mutex::new(Books {
+        queue: candidates.into_iter(),
+        ended: false,
         tickets: HashMap::new(),
         admission,
         stop: None,
@@ -88,108 +90,55 @@ pub fn process(
         commits,
         commit_failure: &commit_failure,
         uncommitted: Vec::new(),
-    };
+        report,
+    });
 
-    let (job_tx, job_rx) = mpsc::sync_channel::<Job>(0);
-    let job_rx = Mutex::new(job_rx);
     let committed = std::thread::scope(|scope| {
         let committer = scope.spawn(|| committer(run, batches, &commit_failure));
-        let (done_tx, done_rx) = mpsc::channel::<FileResult>();
-        for _ in 0..threads {
-            let (job_rx, done_tx) = (&job_rx, done_tx.clone());
-            scope.spawn(move || {
-                let mut buf = vec![0u8; BUFFER];
-                loop {
-                    let job = match job_rx.lock() {
-                        Ok(rx) => rx.recv(),
-                        Err(_) => break,
-                    };
-                    let Ok(job) = job else { break };
-                    if done_tx.send(file::handle(run, &job, &mut buf)).is_err() {
-                        break;
+        // Each worker admits its next file itself, under the books' lock, in priority
+        // order: no hand-off between threads per file.
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut buf = vec![0u8; BUFFER];
+                    let mut last: Option<FileResult> = None;
+                    loop {
+                        let job = {
+                            let mut b = books.lock().unwrap_or_else(|p| p.into_inner());
+                            if let Some(r) = last.take() {
+                                b.settle(r);
+                            }
+                            b.next_job(run)
+                        };
+                        let Some(job) = job else { break };
+                        last = Some(file::handle(run, &job, &mut buf));
                     }
-                }
-            });
+                })
+            })
+            .collect();
+        let mut panicked = false;
+        for w in workers {
+            panicked |= w.join().is_err();
         }
-        drop(done_tx);
-
-        let mut in_flight = 0usize;
-        for candidate in candidates {
-            while in_flight >= threads {
-                let Ok(r) = done_rx.recv() else { break };
-                in_flight -= 1;
-                books.settle(r, report);
-            }
-            while let Ok(r) = done_rx.try_recv() {
-                in_flight -= 1;
-                books.settle(r, report);
-            }
-            if run.scanners.tripped() {
-                books.stop.get_or_insert_with(|| {
-                    "circuit breaker: too many scan timeouts this run".into()
-                });
-            }
-            if books.stop.is_some() {
-                break;
-            }
-            if run
-                .stop
-                .is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst))
-            {
-                tracing::info!("stop requested: no more files admitted; in-flight files finish");
-                break;
-            }
-            // 6. Admit.
-            let ticket = match books.admission.admit(candidate.size) {
-                Ok(t) => t,
-                Err(denial) => {
-                    throttle_stop(run, &denial, report);
-                    break;
-                }
-            };
-            // Committed at once (not batched): recovery finds a dead run's temp
-            // files through this row.
-            let rel = candidate.rel.to_string_lossy().into_owned();
-            let id = match lock(run.journal).file_admitted(
-                run.run_id,
-                &rel,
-                candidate.size,
-                candidate.mtime_ns,
-            ) {
-                Ok(id) => id,
-                Err(e) => {
-                    books.admission.finish(ticket, false);
-                    books.stop = Some(format!("journal write failed: {e}"));
-                    break;
-                }
-            };
-            books.tickets.insert(id, ticket);
-            report.files.admitted += 1;
-            books.progress.admitted(candidate.size);
-            in_flight += 1;
-            if job_tx.send(Job { id, candidate }).is_err() {
-                books.stop = Some("worker threads ended unexpectedly".into());
-                break;
-            }
+        let mut b = books.lock().unwrap_or_else(|p| p.into_inner());
+        if panicked {
+            b.stop
+                .get_or_insert_with(|| "a worker thread panicked".into());
         }
-        drop(job_tx);
-        while in_flight > 0 {
-            let Ok(r) = done_rx.recv() else { break };
-            in_flight -= 1;
-            books.settle(r, report);
-        }
-        books.flush();
+        b.flush();
         let (tx, _) = mpsc::channel();
-        drop(std::mem::replace(&mut books.commits, tx));
+        drop(std::mem::replace(&mut b.commits, tx));
+        drop(b);
         committer.join()
     });
+    let mut books = books.into_inner().unwrap_or_else(|p| p.into_inner());
     for r in std::mem::take(&mut books.uncommitted) {
-        tally(report, r);
+        tally(books.report, r);
     }
     match committed {
         Ok(done) => {
             for r in done {
-                tally(report, r);
+                tally(books.report, r);
             }
         }
         Err(_) => {
@@ -205,6 +154,7 @@ pub fn process(
     }
     books.progress.finish();
 
+    let report = books.report;
     report.files.deferred = total - report.files.admitted;
     let mut stop = books.stop;
     if run.scanners.tripped() {
@@ -223,9 +173,13 @@ pub fn process(
 const BATCH_FILES: usize = 128;
 const BATCH_BYTES: u64 = 128 << 20;
 
-/// What the admission thread keeps while files are in flight: space reservations,
-/// the reason to stop, and the batch of deliveries waiting to be made durable.
+/// The run's books, shared by the workers under one lock: the files still waiting in
+/// priority order, space reservations, the reason to stop, the report, and the batch
+/// of deliveries waiting to be made durable.
 struct Books<'a> {
+    queue: std::vec::IntoIter<Candidate>,
+    /// Admission has stopped (throttle, stop request, fatal problem, no more files).
+    ended: bool,
     tickets: HashMap<i64, throttle::Ticket>,
     admission: Admission,
     stop: Option<String>,
@@ -238,12 +192,69 @@ struct Books<'a> {
     commit_failure: &'a Mutex<Option<String>>,
     /// Files whose batch could not reach the committer: counted, sources kept.
     uncommitted: Vec<FileResult>,
+    report: &'a mut Report,
 }
 
 impl Books<'_> {
-    /// Takes in one file from a worker: releases its reservation, notes a fatal
+    /// Step 6 for the next file in priority order: admits it (throttle, limits),
+    /// records it in the journal, and hands it to the calling worker. `None` once
+    /// admission has stopped; the first denial stops it for every worker.
+    fn next_job(&mut self, run: &Run) -> Option<Job> {
+        if self.ended {
+            return None;
+        }
+        if run.scanners.tripped() {
+            self.stop
+                .get_or_insert_with(|| "circuit breaker: too many scan timeouts this run".into());
+        }
+        let stop_requested = run
+            .stop
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
+        if stop_requested {
+            tracing::info!("stop requested: no more files admitted; in-flight files finish");
+        }
+        if self.stop.is_some() || stop_requested {
+            self.ended = true;
+            return None;
+        }
+        let Some(candidate) = self.queue.next() else {
+            self.ended = true;
+            return None;
+        };
+        let ticket = match self.admission.admit(candidate.size) {
+            Ok(t) => t,
+            Err(denial) => {
+                throttle_stop(run, &denial, self.report);
+                self.ended = true;
+                return None;
+            }
+        };
+        // Committed at once (not batched): recovery finds a dead run's temp files
+        // through this row.
+        let rel = candidate.rel.to_string_lossy().into_owned();
+        let id = match lock(run.journal).file_admitted(
+            run.run_id,
+            &rel,
+            candidate.size,
+            candidate.mtime_ns,
+        ) {
+            Ok(id) => id,
+            Err(e) => {
+                self.admission.finish(ticket, false);
+                self.stop = Some(format!("journal write failed: {e}"));
+                self.ended = true;
+                return None;
+            }
+        };
+        self.tickets.insert(id, ticket);
+        self.report.files.admitted += 1;
+        self.progress.admitted(candidate.size);
+        Some(Job { id, candidate })
+    }
+
+    /// Takes in one file a worker finished: releases its reservation, notes a fatal
     /// problem, and counts it, or queues it for the next commit.
-    fn settle(&mut self, r: FileResult, report: &mut Report) {
+    fn settle(&mut self, r: FileResult) {
         self.progress.done(r.size);
         if let Some(t) = self.tickets.remove(&r.id) {
             self.admission
@@ -261,7 +272,7 @@ impl Books<'_> {
             self.stop.get_or_insert_with(|| f.clone());
         }
         if r.pending.is_none() {
-            tally(report, r);
+            tally(self.report, r);
             return;
         }
         self.batch_bytes += r.size;
