@@ -1,10 +1,11 @@
-//! Steps 6–10 for all files: admission in priority order on this thread, up to
-//! `max_scan_threads` files in flight on worker threads (DESIGN §3).
+//! Steps 6–10 for all files: `max_scan_threads` workers, each admitting its own next
+//! file in priority order (DESIGN §3), and a committer thread making batches of
+//! deliveries durable before their sources are removed (group commit).
 //!
-//! A waiting file is only its [`Candidate`] record. Jobs are handed over one at a time
-//! (a rendezvous channel), so a file is admitted — and its free space checked — only
-//! when a worker is ready for it. Results come back tagged with the file's journal id,
-//! never matched by position.
+//! A waiting file is only its [`Candidate`] record. A worker takes the next one under
+//! the books' lock only when it is free, so a file is admitted — and its free space
+//! checked — just before it is handled, and the first denial stops admission for all.
+//! Results are settled by the file's journal id, never matched by position.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
