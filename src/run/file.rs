@@ -112,6 +112,26 @@ fn finish(
     r
 }
 
+/// Ends a file as failed: its quarantine copy (if any) removed, the source left where
+/// it is for the next run, one log line; a full disk also stops the run.
+fn fail(
+    run: &Run,
+    mut r: FileResult,
+    copy: Option<&Quarantined>,
+    disposition: &str,
+    why: String,
+    disk_full: bool,
+) -> FileResult {
+    if let Some(q) = copy {
+        remove_copy(q);
+    }
+    tracing::error!("FAILED {:?}: {why}; source left in place", r.rel);
+    if disk_full {
+        r.fatal = Some(why.clone());
+    }
+    finish(run, r, Outcome::Failed, disposition, Some(why))
+}
+
 /// Handles one admitted file.
 pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
     let cfg = run.cfg;
@@ -126,8 +146,7 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
             crate::fsx::mib(job.candidate.size),
             cfg.scanning.max_file_size_mb
         );
-        tracing::error!("FAILED {:?}: {why}; source left in place", rel);
-        return finish(run, r, Outcome::Failed, "too_large", Some(why));
+        return fail(run, r, None, "too_large", why, false);
     }
 
     // 7. Quarantine.
@@ -156,17 +175,8 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
             );
         }
         Err(e) => {
-            tracing::error!("FAILED {:?}: {e}; source left in place", rel);
-            if matches!(e, QuarantineError::DiskFull { .. }) {
-                r.fatal = Some(e.to_string());
-            }
-            return finish(
-                run,
-                r,
-                Outcome::Failed,
-                "quarantine_failed",
-                Some(e.to_string()),
-            );
+            let disk_full = matches!(e, QuarantineError::DiskFull { .. });
+            return fail(run, r, None, "quarantine_failed", e.to_string(), disk_full);
         }
     };
     r.sha256 = Some(q.sha256.clone());
@@ -188,11 +198,7 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
                 removed_by_engine(run, r, &q, job.id, detections, &scan.results, engine, buf)
             }
         },
-        FileVerdict::Failed(why) => {
-            remove_copy(&q);
-            tracing::error!("FAILED {:?}: {why}; source left for the next run", rel);
-            return finish(run, r, Outcome::Failed, "scan_failed", Some(why));
-        }
+        FileVerdict::Failed(why) => return fail(run, r, Some(&q), "scan_failed", why, false),
     };
     let mut r = match disposed {
         Disposed::SourceMayGo(r) => r,
@@ -303,17 +309,14 @@ fn deliver_clean(
             ))
         }
         Err(e) => {
-            remove_copy(q);
-            tracing::error!("FAILED {:?}: {e}; source left in place", rel);
-            if matches!(e, DeliverError::DiskFull { .. }) {
-                r.fatal = Some(e.to_string());
-            }
-            Disposed::Finished(finish(
+            let disk_full = matches!(e, DeliverError::DiskFull { .. });
+            Disposed::Finished(fail(
                 run,
                 r,
-                Outcome::Failed,
+                Some(q),
                 "delivery_failed",
-                Some(e.to_string()),
+                e.to_string(),
+                disk_full,
             ))
         }
     }
@@ -422,20 +425,14 @@ fn dispose_suspect(
             Disposed::SourceMayGo(finish(run, r, Outcome::Suspect, how, None))
         }
         Err(e) => {
-            remove_copy(q);
-            tracing::error!(
-                "FAILED {:?} (suspect: {found}): {e}; source left in place",
-                rel
-            );
-            if e.is_disk_full() {
-                r.fatal = Some(e.to_string());
-            }
-            Disposed::Finished(finish(
+            let why = format!("suspect ({found}), but {e}");
+            Disposed::Finished(fail(
                 run,
                 r,
-                Outcome::Failed,
+                Some(q),
                 "hazard_failed",
-                Some(e.to_string()),
+                why,
+                e.is_disk_full(),
             ))
         }
     }
@@ -467,13 +464,11 @@ fn removed_by_engine(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         other => {
             // Gone during the scan, present again now: not ours to trust.
-            remove_copy(q);
             let why = format!(
-                "quarantine copy vanished after {engine}'s detection ({found}) and then reappeared ({other:?}); source left in place"
+                "quarantine copy vanished after {engine}'s detection ({found}) and then reappeared ({other:?})"
             );
-            tracing::error!("FAILED {:?}: {why}", rel);
             r.detections = detections;
-            return Disposed::Finished(finish(run, r, Outcome::Failed, "scan_failed", Some(why)));
+            return Disposed::Finished(fail(run, r, Some(q), "scan_failed", why, false));
         }
     }
     let handled = engine == "defender" && cfg.scanning.defender_handles_suspect_files;
