@@ -3,6 +3,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -309,6 +310,23 @@ impl Beneath {
         Ok(cur)
     }
 
+    /// Removes the file `rel` beneath the root (never through a symlink); "already
+    /// gone", including a missing parent directory, is success (returns whether it
+    /// existed).
+    pub fn remove(&self, rel: &Path) -> io::Result<bool> {
+        let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a file path beneath its directory",
+            ));
+        };
+        match self.open_dir(parent) {
+            Ok(dir) => dir.remove(name),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Opens a file beneath the root for reading (no symlinks, no blocking on FIFOs).
     pub fn open_read(&self, rel: &Path) -> io::Result<File> {
         let fd = self.resolve(
@@ -390,6 +408,48 @@ impl Dir {
             Err(e) if e == rustix::io::Errno::NOENT => Ok(false),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The entries of this directory (not `.` and `..`), each with its type as
+    /// `lstat` sees it: symlinks are reported as such, never followed.
+    pub fn entries(&self) -> io::Result<Vec<(std::ffi::OsString, rustix::fs::FileType)>> {
+        let fd = rustix::fs::openat(
+            &self.fd,
+            ".",
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )?;
+        let mut out = Vec::new();
+        for entry in rustix::fs::Dir::new(fd)? {
+            let entry = entry?;
+            let name = entry.file_name().to_bytes();
+            if name == b"." || name == b".." {
+                continue;
+            }
+            let name = std::ffi::OsStr::from_bytes(name).to_os_string();
+            let kind = match entry.file_type() {
+                rustix::fs::FileType::Unknown => {
+                    rustix::fs::FileType::from_raw_mode(self.stat(&name)?.st_mode)
+                }
+                k => k,
+            };
+            out.push((name, kind));
+        }
+        Ok(out)
+    }
+
+    /// Opens the subdirectory `name` of this directory, never through a symlink.
+    pub fn open_subdir(&self, name: &std::ffi::OsStr) -> io::Result<Dir> {
+        let fd = rustix::fs::openat(
+            &self.fd,
+            name,
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )?;
+        Ok(Dir {
+            fd,
+            path: self.path.join(name),
+        })
     }
 
     /// Makes this directory's entries durable.

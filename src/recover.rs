@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::config::Config;
-use crate::fsx;
+use crate::fsx::{self, Beneath, Dir};
 use crate::journal::{Journal, JournalError};
 
 /// What recovery did, for the log and report.
@@ -21,6 +21,9 @@ pub struct Recovered {
     pub unknown_in_quarantine: Vec<PathBuf>,
 }
 
+/// Every path is resolved beneath the quarantine's, the destination's and the hazard
+/// archive's directory handles, never through a symlink: a link planted where a dead
+/// run's temp file was cannot make recovery remove a file elsewhere.
 pub fn reconcile(
     journal: &Journal,
     cfg: &Config,
@@ -31,33 +34,34 @@ pub fn reconcile(
         tracing::warn!("run {run} did not finish (crashed or killed); recovering its files");
         journal.mark_run_interrupted(run)?;
     }
-    let mut known = std::collections::HashSet::new();
+    let quarantine = open_root(&cfg.quarantine_path);
+    let destination = open_root(&cfg.destination_path);
+    let hazard = cfg.hazard_archive().and_then(open_root);
     for f in journal.unfinished()? {
         let rel = Path::new(&f.rel_path);
-        let q_final = cfg.quarantine_path.join(rel);
+        let temp = fsx::temp_path_for(rel, f.id);
         let candidates = [
-            fsx::temp_path_for(&q_final, f.id),
-            q_final.clone(),
-            fsx::temp_path_for(&cfg.destination_path.join(rel), f.id),
+            (&quarantine, temp.clone()),
+            (&quarantine, rel.to_path_buf()),
+            (&destination, temp),
         ];
-        for p in candidates {
-            match fsx::remove_if_exists(&p) {
-                Ok(true) => out.removed.push(p),
-                Ok(false) => {}
-                Err(e) => tracing::warn!("recovery: cannot remove {}: {e}", p.display()),
+        for (root, p) in candidates {
+            if let Some(root) = root {
+                remove(root, &p, &mut out.removed);
             }
         }
-        if let Some(h) = cfg.hazard_archive() {
-            remove_temps_named(h, f.id, &mut out.removed);
+        if let Some(h) = &hazard {
+            remove(h, Path::new(&format!("{}{}", fsx::TEMP_PREFIX, f.id)), &mut out.removed);
         }
-        known.insert(q_final);
         journal.mark_interrupted(
             f.id,
             "interrupted run; quarantine copy and temp files removed, source left for this run",
         )?;
         out.interrupted_files += 1;
     }
-    sweep_quarantine(&cfg.quarantine_path, &mut out);
+    if let Some(q) = &quarantine {
+        sweep_quarantine(q.root(), &mut out);
+    }
     for p in &out.removed {
         tracing::info!("recovery removed {}", p.display());
     }
@@ -70,27 +74,43 @@ pub fn reconcile(
     Ok(out)
 }
 
-fn remove_temps_named(dir: &Path, id: i64, removed: &mut Vec<PathBuf>) {
-    let p = dir.join(format!("{}{id}", fsx::TEMP_PREFIX));
-    if let Ok(true) = fsx::remove_if_exists(&p) {
-        removed.push(p);
+fn open_root(path: &Path) -> Option<Beneath> {
+    match Beneath::open(path) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            tracing::warn!("recovery: cannot open {}: {e}", path.display());
+            None
+        }
+    }
+}
+
+fn remove(root: &Beneath, rel: &Path, removed: &mut Vec<PathBuf>) {
+    match root.remove(rel) {
+        Ok(true) => removed.push(root.path().join(rel)),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(
+            "recovery: cannot remove {}: {e}",
+            root.path().join(rel).display()
+        ),
     }
 }
 
 /// Removes Shuttle temp files anywhere in the quarantine; lists other leftovers.
-fn sweep_quarantine(root: &Path, out: &mut Recovered) {
-    let mut stack = vec![root.to_path_buf()];
+fn sweep_quarantine(root: &Dir, out: &mut Recovered) {
+    let mut stack = vec![None::<Dir>];
     while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
+        let dir = dir.as_ref().unwrap_or(root);
+        let Ok(entries) = dir.entries() else {
             continue;
         };
-        for e in entries.flatten() {
-            let path = e.path();
-            let Ok(t) = e.file_type() else { continue };
-            if t.is_dir() {
-                stack.push(path);
-            } else if e.file_name().to_str().is_some_and(fsx::is_temp_name) {
-                if let Ok(true) = fsx::remove_if_exists(&path) {
+        for (name, kind) in entries {
+            let path = dir.path().join(&name);
+            if kind == rustix::fs::FileType::Directory {
+                if let Ok(sub) = dir.open_subdir(&name) {
+                    stack.push(Some(sub));
+                }
+            } else if name.to_str().is_some_and(fsx::is_temp_name) {
+                if let Ok(true) = dir.remove(&name) {
                     out.removed.push(path);
                 }
             } else {

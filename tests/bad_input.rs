@@ -6,9 +6,7 @@ mod common;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
 
 use common::*;
 
@@ -143,92 +141,102 @@ fn a_destination_subdirectory_that_is_a_symlink_is_never_written_through() {
     );
 }
 
-/// Starts a run that pauses at kill point `at`; returns once it is paused there.
-fn run_paused_at(env: &Env, at: &str) -> (Child, PathBuf) {
-    let resume = env.root().join("resume");
-    let child = env
-        .command(&[
-            "run",
-            "--config",
-            env.config.to_str().unwrap(),
-            "--report-json",
-            env.report.to_str().unwrap(),
-        ])
-        .env("SHUTTLE_PAUSE_AT", at)
-        .env("SHUTTLE_PAUSE_FILE", &resume)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let reached = env.root().join("resume.reached");
-    let started = Instant::now();
-    while !reached.exists() {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "never paused at {at}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
+/// Symlinks planted between two steps of a run: the run pauses at a kill point, which
+/// exists only in builds with the `crashpoints` feature (scripts/test enables it).
+#[cfg(feature = "crashpoints")]
+mod planted {
+    use super::*;
+    use std::path::Path;
+    use std::process::{Child, Stdio};
+    use std::time::{Duration, Instant};
+
+    /// Starts a run that pauses at kill point `at`; returns once it is paused there.
+    fn run_paused_at(env: &Env, at: &str) -> (Child, PathBuf) {
+        let resume = env.root().join("resume");
+        let child = env
+            .command(&[
+                "run",
+                "--config",
+                env.config.to_str().unwrap(),
+                "--report-json",
+                env.report.to_str().unwrap(),
+            ])
+            .env("SHUTTLE_PAUSE_AT", at)
+            .env("SHUTTLE_PAUSE_FILE", &resume)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let reached = env.root().join("resume.reached");
+        let started = Instant::now();
+        while !reached.exists() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "never paused at {at}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (child, resume)
     }
-    (child, resume)
-}
 
-fn swap_for_symlink(dir: &Path, target: &Path) {
-    let aside = dir.with_extension("aside");
-    std::fs::rename(dir, &aside).unwrap();
-    std::os::unix::fs::symlink(target, dir).unwrap();
-}
+    fn swap_for_symlink(dir: &Path, target: &Path) {
+        let aside = dir.with_extension("aside");
+        std::fs::rename(dir, &aside).unwrap();
+        std::os::unix::fs::symlink(target, dir).unwrap();
+    }
 
-#[test]
-fn a_symlink_planted_in_the_quarantine_between_scan_and_delivery_cannot_redirect_the_read() {
-    let env = Env::new();
-    env.drop_file("sub/file.txt", b"the scanned bytes");
-    let evil = env.root().join("evil");
-    std::fs::create_dir_all(&evil).unwrap();
-    std::fs::write(evil.join("file.txt"), EICAR).unwrap();
-    let (child, resume) = run_paused_at(&env, "scan: scanned, before disposal");
-    swap_for_symlink(&env.quarantine.join("sub"), &evil);
-    std::fs::write(&resume, b"").unwrap();
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    let delivered = Env::tree(&env.dst);
-    assert!(
-        delivered.values().all(|v| v.as_slice() != EICAR),
-        "the planted file was not delivered"
-    );
-    assert!(delivered.is_empty(), "{:?}", delivered.keys());
-    assert_eq!(
-        std::fs::read(env.src.join("sub/file.txt"))
-            .map_err(|e| format!("{e}: {stderr}"))
-            .unwrap(),
-        b"the scanned bytes"
-    );
-    assert_eq!(
-        std::fs::read(evil.join("file.txt")).unwrap(),
-        EICAR,
-        "the planted file is untouched"
-    );
-}
+    #[test]
+    fn a_symlink_planted_in_the_quarantine_between_scan_and_delivery_cannot_redirect_the_read() {
+        let env = Env::new();
+        env.drop_file("sub/file.txt", b"the scanned bytes");
+        let evil = env.root().join("evil");
+        std::fs::create_dir_all(&evil).unwrap();
+        std::fs::write(evil.join("file.txt"), EICAR).unwrap();
+        let (child, resume) = run_paused_at(&env, "scan: scanned, before disposal");
+        swap_for_symlink(&env.quarantine.join("sub"), &evil);
+        std::fs::write(&resume, b"").unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        let delivered = Env::tree(&env.dst);
+        assert!(
+            delivered.values().all(|v| v.as_slice() != EICAR),
+            "the planted file was not delivered"
+        );
+        assert!(delivered.is_empty(), "{:?}", delivered.keys());
+        assert_eq!(
+            std::fs::read(env.src.join("sub/file.txt"))
+                .map_err(|e| format!("{e}: {stderr}"))
+                .unwrap(),
+            b"the scanned bytes"
+        );
+        assert_eq!(
+            std::fs::read(evil.join("file.txt")).unwrap(),
+            EICAR,
+            "the planted file is untouched"
+        );
+    }
 
-#[test]
-fn a_symlink_planted_in_the_destination_before_delivery_cannot_redirect_the_write() {
-    let env = Env::new();
-    std::fs::create_dir_all(env.dst.join("sub")).unwrap();
-    env.drop_file("sub/file.txt", b"payload");
-    let outside = env.root().join("outside");
-    std::fs::create_dir_all(&outside).unwrap();
-    let (child, resume) = run_paused_at(&env, "scan: scanned, before disposal");
-    swap_for_symlink(&env.dst.join("sub"), &outside);
-    std::fs::write(&resume, b"").unwrap();
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(
-        Env::tree(&outside).is_empty(),
-        "nothing written outside the destination"
-    );
-    assert_eq!(
-        std::fs::read(env.src.join("sub/file.txt")).unwrap(),
-        b"payload"
-    );
-    assert!(Env::tree(&env.quarantine).is_empty());
+    #[test]
+    fn a_symlink_planted_in_the_destination_before_delivery_cannot_redirect_the_write() {
+        let env = Env::new();
+        std::fs::create_dir_all(env.dst.join("sub")).unwrap();
+        env.drop_file("sub/file.txt", b"payload");
+        let outside = env.root().join("outside");
+        std::fs::create_dir_all(&outside).unwrap();
+        let (child, resume) = run_paused_at(&env, "scan: scanned, before disposal");
+        swap_for_symlink(&env.dst.join("sub"), &outside);
+        std::fs::write(&resume, b"").unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            Env::tree(&outside).is_empty(),
+            "nothing written outside the destination"
+        );
+        assert_eq!(
+            std::fs::read(env.src.join("sub/file.txt")).unwrap(),
+            b"payload"
+        );
+        assert!(Env::tree(&env.quarantine).is_empty());
+    }
 }
