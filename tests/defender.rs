@@ -426,6 +426,7 @@ fn defender_test_records_pass_and_fail_keeping_earlier_entries() {
 
     // A new version that passes: appended; notification of kind summary.
     env.set("notify", "true")
+        .set("notify_summary", "true")
         .set("smtp_server", "127.0.0.1")
         .set("sender_email", "shuttle@example.org")
         .set("recipient_email", "admin@example.org");
