@@ -75,9 +75,10 @@ pub fn day_totals(tracking: &Path, j: &Journal, run_id: i64, day: &str) -> Optio
         }
     };
     if let Some(started) = &first_run {
+        // The journal keeps whole seconds: compare at that precision.
         let first = chrono::DateTime::parse_from_rfc3339(started).ok()?;
         let written: chrono::DateTime<chrono::Utc> = meta.modified().ok()?.into();
-        if written > first {
+        if written.timestamp() > first.timestamp() {
             tracing::debug!(
                 "{} was written after Shuttle's first run of {day}: not counted",
                 path.display()

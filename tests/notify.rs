@@ -291,7 +291,7 @@ fn use_tls_sends_over_a_verified_starttls_session_with_auth() {
     let mut env = mailing(smtp.port);
     env.set("use_tls", "true");
     env.set("username", "u");
-    env.set("password", "p");
+    env.set("password", "tls-only-s3cret");
     env.set("notify_summary", "true");
     env.drop_file("a.txt", b"hello");
     // The server's certificate is trusted through the standard SSL_CERT_FILE.
@@ -306,7 +306,13 @@ fn use_tls_sends_over_a_verified_starttls_session_with_auth() {
     let mails = smtp.wait_for(1, Duration::from_secs(5));
     assert_eq!(mails.len(), 1, "{}\n{:?}", r.stderr, smtp.commands());
     assert!(mails[0].tls, "sent inside TLS");
-    assert_eq!(mails[0].auth.as_deref(), Some("u\0p"));
+    assert_eq!(mails[0].auth.as_deref(), Some("u\0tls-only-s3cret"));
+    let wire = String::from_utf8_lossy(&smtp.wire()).into_owned();
+    assert!(wire.contains("STARTTLS"), "EHLO and STARTTLS in clear");
+    assert!(
+        !wire.contains("tls-only-s3cret") && !wire.contains("AUTH"),
+        "AUTH only inside TLS: nothing of it on the wire in clear"
+    );
     assert!(mails[0].subject().starts_with("Shuttle summary: 1 clean"));
     // Without trusting it, the same server is refused (certificate checked).
     let smtp2 = {

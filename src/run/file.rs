@@ -236,7 +236,6 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
             Ok(true) => {
                 let id = r.id;
                 journal(run, &mut r, |j| j.source_removed(id));
-                tracing::debug!("source {:?} removed", shown(rel));
             }
             Ok(false) => {}
             Err(kept) => r.kept = Some(kept),
@@ -249,7 +248,10 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
 /// `Ok(false)`: it was already gone; `Err`: kept, and why.
 pub fn remove_source(run: &Run, q: &Quarantined, buf: &mut [u8]) -> Result<bool, KeptSource> {
     match cleanup::remove_source(&run.roots.source, &q.rel, q, buf) {
-        Ok(()) => Ok(true),
+        Ok(()) => {
+            tracing::debug!("source {:?} removed", shown(&q.rel));
+            Ok(true)
+        }
         Err(SourceKept::Gone) => Ok(false),
         Err(kept) => {
             tracing::warn!("source {:?} kept: {kept}", shown(&q.rel));
