@@ -325,7 +325,9 @@ fn defender_removing_a_threat_itself_with_defender_handles_suspect_files() {
 
 #[test]
 fn defender_removing_a_threat_without_the_setting_keeps_the_source() {
-    let env = env(false);
+    let mut env = env(false);
+    // On by default (as in the earlier implementation): turned off here.
+    env.set("defender_handles_suspect_files", "false");
     env.drop_file("eicar.com", EICAR);
     let r = run_with(&env, &[("MDATP_SIM_MODE", "delete")]);
     assert_eq!(r.code, 0, "{}", r.stderr);
