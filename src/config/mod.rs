@@ -978,6 +978,68 @@ mod tests {
     }
 
     #[test]
+    fn the_earlier_implementations_values_keep_their_meaning() {
+        let l = load_text(
+            &format!(
+                "{BASE}[settings]\nmax_scan_threads = 0\n[scanning]\nmalware_scan_retry_count = 0\n[logging]\nlog_level = CRITICAL\n"
+            ),
+            vec![],
+        )
+        .unwrap();
+        let c = &l.config;
+        assert_eq!(c.max_scan_threads, 1);
+        assert_eq!(c.scanning.retry_count, 0, "0 = no limit");
+        assert_eq!(c.log_level, "error");
+        assert!(c.scanning.defender_handles_suspect_files, "default true");
+        assert!(c.notifications.use_tls, "default true");
+        let all = l.warnings.join("\n");
+        for w in ["max_scan_threads = 0", "RISKY", "log_level = CRITICAL"] {
+            assert!(all.contains(w), "{w}: {all}");
+        }
+        for (given, level) in [
+            ("FATAL", "error"),
+            ("WARN", "warn"),
+            ("10", "debug"),
+            ("NOTSET", "debug"),
+        ] {
+            let l = load_text(&format!("{BASE}[logging]\nlog_level = {given}\n"), vec![]).unwrap();
+            assert_eq!(l.config.log_level, level, "{given}");
+        }
+    }
+
+    #[test]
+    fn notification_gaps_are_problems_not_errors_and_sender_has_a_default() {
+        let l = load_text(&format!("{BASE}[notifications]\nnotify = True\n"), vec![]).unwrap();
+        let n = &l.config.notifications;
+        assert!(n.sender_email.as_deref().unwrap().starts_with("shuttle@"));
+        let p = n.problems().join("\n");
+        assert!(
+            p.contains("smtp_server") && p.contains("no recipient"),
+            "{p}"
+        );
+        let l = load_text(
+            &format!("{BASE}[notifications]\nnotify = 1\nsmtp_server = m\nrecipient_email = a@b.c\nusername = u\npassword = p\nuse_tls = no\n"),
+            vec![],
+        )
+        .unwrap();
+        assert!(l.config.notifications.problems()[0].contains("use_tls is off"));
+    }
+
+    #[test]
+    fn keys_only_commands_need_no_directories_or_clamd() {
+        let text = "[paths]\nledger_file_path = /l.yaml\n[settings]\non_demand_defender = true\n";
+        assert!(load_text(text, vec![]).is_err());
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        let cli = CommandLine {
+            config_file: Some(f.path().to_path_buf()),
+            flags: vec![],
+        };
+        let l = load_for(&cli, Needs::KeysOnly).unwrap();
+        assert!(l.config.scanning.defender);
+    }
+
+    #[test]
     fn missing_required_paths_are_each_reported() {
         let err = load_text("[scanning]\nclamd_socket=/c\n", vec![]).unwrap_err();
         assert_eq!(err.0.len(), 3, "{err}");
