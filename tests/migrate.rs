@@ -459,6 +459,13 @@ fn the_earlier_daily_tracking_file_counts_toward_todays_limits() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(env.report()["files"]["admitted"], 0);
     assert_eq!(env.report()["throttle"]["reason"], "daily_limit");
+    let st = env.shuttle(&["status", "--json", "--config", env.config.to_str().unwrap()]);
+    assert_eq!(st.code, 0, "{}", st.stderr);
+    let st: serde_json::Value = serde_json::from_str(&st.stdout).unwrap();
+    assert_eq!(
+        st["files_today"]["used"], 10,
+        "status counts them too: {st:#}"
+    );
     let log = env.log_text();
     assert_eq!(
         log.matches("counting 8 file(s) and 1.5 MB from the earlier implementation's")
