@@ -641,6 +641,7 @@ fn logs_an_operator_can_use_at_3_am() {
     let lines: Vec<&str> = log.lines().filter(|l| l.contains("in/a.txt")).collect();
     assert_eq!(lines.len(), 1, "one INFO line per file: {lines:#?}");
     let l = lines[0];
+    eprintln!("{l}");
     assert!(
         l.contains("clean: \"in/a.txt\"") && l.contains("3000 bytes"),
         "{l}"
@@ -764,6 +765,7 @@ fn history_tells_what_happened_to_a_file() {
         config,
     ]);
     assert_eq!(h.code, 0, "{}", h.stderr);
+    eprintln!("{}", h.stdout);
     assert!(h.stdout.contains("1 record(s)"), "{}", h.stdout);
     assert!(h.stdout.contains("suspect (archived)"), "{}", h.stdout);
     assert!(
