@@ -44,7 +44,9 @@ pub fn reconcile(
             match fsx::remove_if_exists(&p) {
                 Ok(true) => out.removed.push(p),
                 Ok(false) => {}
-                Err(e) => tracing::warn!("recovery: cannot remove {}: {e}", p.display()),
+                Err(e) => {
+                    tracing::warn!("recovery: cannot remove {:?}: {e}", crate::names::shown(&p))
+                }
             }
         }
         if let Some(h) = cfg.hazard_archive() {
@@ -59,12 +61,12 @@ pub fn reconcile(
     }
     sweep_quarantine(&cfg.quarantine_path, &mut out);
     for p in &out.removed {
-        tracing::info!("recovery removed {}", p.display());
+        tracing::info!("recovery removed {:?}", crate::names::shown(p));
     }
     for p in &out.unknown_in_quarantine {
         tracing::warn!(
-            "quarantine holds {} which no journal entry explains; left in place (remove it once you know what it is)",
-            p.display()
+            "quarantine holds {:?} which no journal entry explains; left in place (remove it once you know what it is)",
+            crate::names::shown(p)
         );
     }
     Ok(out)
