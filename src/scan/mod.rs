@@ -395,6 +395,58 @@ mod tests {
         assert!(e.starts_with(b"X5O!P%@AP"));
     }
 
+    /// Times out `timeouts` times, then answers clean.
+    struct Slow {
+        timeouts: AtomicU32,
+    }
+
+    impl Scanner for Slow {
+        fn name(&self) -> &'static str {
+            "slow"
+        }
+        fn version(&self) -> Result<String, ScanError> {
+            Ok("slow 1".into())
+        }
+        fn scan(
+            &self,
+            _: &File,
+            _: &Path,
+            _: u64,
+            _: Option<Duration>,
+        ) -> Result<Verdict, ScanError> {
+            let left = self.timeouts.load(Ordering::SeqCst);
+            if left == 0 {
+                return Ok(Verdict::Clean);
+            }
+            self.timeouts.store(left - 1, Ordering::SeqCst);
+            Err(ScanError::Timeout(Duration::from_millis(1)))
+        }
+    }
+
+    #[test]
+    fn retry_count_zero_means_no_limit() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let open = || File::open(f.path());
+        for (count, tripped) in [(0, false), (3, true)] {
+            let policy = Policy {
+                base: Duration::from_secs(1),
+                ms_per_byte: 0.0,
+                retry_wait: Duration::ZERO,
+                retry_count: count,
+            };
+            let engine = Slow {
+                timeouts: AtomicU32::new(5),
+            };
+            let s = Scanners::start(vec![Box::new(engine)], policy, false).unwrap();
+            let scan = s.scan(f.path(), 0, &open);
+            assert_eq!(s.tripped(), tripped, "retry_count {count}");
+            if !tripped {
+                assert_eq!(scan.verdict, FileVerdict::Clean);
+                assert_eq!(scan.figures.len(), 1);
+            }
+        }
+    }
+
     #[test]
     fn timeout_grows_with_size_and_zero_means_none() {
         let p = Policy {
