@@ -311,3 +311,59 @@ fn hazard_list(cli: &CommandLine, json: bool) -> u8 {
     }
     EXIT_OK
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsString;
+
+    fn args(v: &[&str]) -> Vec<OsString> {
+        v.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn earlier_program_names_imply_their_command() {
+        assert_eq!(
+            args_for_invocation(args(&[
+                "/usr/local/bin/run-shuttle",
+                "--settings-path",
+                "x"
+            ])),
+            args(&["shuttle", "run", "--settings-path", "x"])
+        );
+        assert_eq!(
+            args_for_invocation(args(&["run-shuttle-defender-test"])),
+            args(&["shuttle", "defender-test"])
+        );
+        let plain = args(&["/usr/bin/shuttle", "check"]);
+        assert_eq!(args_for_invocation(plain.clone()), plain);
+    }
+
+    #[test]
+    fn notify_flags_are_hidden_aliases() {
+        let m = command()
+            .try_get_matches_from([
+                "shuttle",
+                "run",
+                "--notify-use-tls",
+                "false",
+                "--notify-smtp-server",
+                "m",
+            ])
+            .unwrap();
+        let (_, sub) = m.subcommand().unwrap();
+        assert_eq!(
+            sub.get_one::<String>("use_tls").map(String::as_str),
+            Some("false")
+        );
+        assert_eq!(
+            sub.get_one::<String>("smtp_server").map(String::as_str),
+            Some("m")
+        );
+        let help = command().render_long_help().to_string();
+        assert!(
+            !help.contains("--notify-use-tls"),
+            "aliases stay out of --help"
+        );
+    }
+}
