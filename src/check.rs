@@ -26,6 +26,8 @@ pub fn check(cli: &CommandLine) -> i32 {
         None => println!("ok: no config file; flags and defaults only"),
     }
     let mut problems = cfg.check_paths();
+    // A run goes on without mail in these cases; `check` says so loudly.
+    problems.extend(cfg.notifications.problems());
     if problems.is_empty() {
         println!(
             "ok: source {}, quarantine {}, destination {}",

@@ -32,6 +32,9 @@ fn is_bool_key(name: &str) -> bool {
             | "notify"
             | "notify_summary"
             | "use_tls"
+            | "allow_hidden_names"
+            | "allow_special_characters"
+            | "allow_double_dots"
     )
 }
 
@@ -76,6 +79,12 @@ pub fn command() -> Command {
                 ),
         )
         .subcommand(
+            Command::new("history")
+                .about("Every journal record of the files matching NAME-OR-PATH (a name, a path relative to source_path, or a source or destination path), newest first")
+                .arg(Arg::new("name").value_name("NAME-OR-PATH").required(true).help("File name or path"))
+                .arg(Arg::new("json").long("json").action(ArgAction::SetTrue).help("Machine-readable output")),
+        )
+        .subcommand(
             Command::new("status")
                 .about("Today's counts against the limits, free space per target and its trend, last runs")
                 .arg(Arg::new("json").long("json").action(ArgAction::SetTrue).help("Machine-readable output")),
@@ -93,6 +102,10 @@ pub fn command() -> Command {
             .help_heading(CONFIG_HEADING);
         for alias in key.aliases {
             arg = arg.alias(keys::flag_name(alias));
+        }
+        // The earlier implementation's flags: `--notify-smtp-server`, `--notify-use-tls`, …
+        if key.sections == ["notifications"] && !key.name.starts_with("notify") {
+            arg = arg.alias(format!("notify-{}", keys::flag_name(key.name)));
         }
         if is_bool_key(key.name) {
             arg = arg.num_args(0..=1).default_missing_value("true");
@@ -113,9 +126,36 @@ fn command_line(m: &ArgMatches) -> CommandLine {
     }
 }
 
+/// The command line, with the subcommand the program's name implies: installed
+/// under the earlier implementation's names, `run-shuttle` is `shuttle run` and
+/// `run-shuttle-defender-test` is `shuttle defender-test`.
+pub fn args_for_invocation(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let Some(argv0) = args.first() else {
+        return args;
+    };
+    let name = std::path::Path::new(argv0)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let sub = match name.as_str() {
+        "run-shuttle" => "run",
+        "run-shuttle-defender-test" => "defender-test",
+        _ => return args,
+    };
+    let mut out = Vec::with_capacity(args.len() + 1);
+    out.push(std::ffi::OsString::from("shuttle"));
+    out.push(std::ffi::OsString::from(sub));
+    out.extend(args.into_iter().skip(1));
+    out
+}
+
 /// Parses the command line and runs the command; returns the process exit code.
 pub fn main() -> u8 {
-    let matches = match command().try_get_matches() {
+    // Nothing Shuttle creates is world-accessible, whatever the caller's umask: set
+    // before anything (the log file first) is created.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o007));
+    let args = args_for_invocation(std::env::args_os().collect());
+    let matches = match command().try_get_matches_from(args) {
         Ok(m) => m,
         Err(e) => {
             let _ = e.print();
@@ -128,6 +168,11 @@ pub fn main() -> u8 {
         "check" => u8::try_from(check::check(&cli)).unwrap_or(EXIT_USAGE),
         "status" => crate::status::main(&cli, sub.get_flag("json")),
         "defender-test" => crate::defender_test::main(&cli),
+        "history" => crate::history::main(
+            &cli,
+            sub.get_one::<String>("name").map_or("", String::as_str),
+            sub.get_flag("json"),
+        ),
         "hazard" => match sub.subcommand() {
             Some(("list", list)) => hazard_list(&command_line(list), list.get_flag("json")),
             _ => EXIT_USAGE,
@@ -151,7 +196,7 @@ fn run_command(cli: &CommandLine, report_json: Option<PathBuf>, watch: bool) -> 
             return EXIT_USAGE;
         }
     };
-    let cfg = loaded.config;
+    let mut cfg = loaded.config;
     let _log = match logging::init(&cfg.log_level, cfg.log_path.as_deref()) {
         Ok(g) => g,
         Err(e) => {
@@ -167,6 +212,7 @@ fn run_command(cli: &CommandLine, report_json: Option<PathBuf>, watch: bool) -> 
     for w in &loaded.warnings {
         tracing::warn!("config: {w}");
     }
+    crate::notify::off_when_unusable(&mut cfg.notifications);
     if let Some(f) = &cfg.file {
         tracing::info!("config file {}", f.display());
     }
@@ -201,7 +247,7 @@ fn run_command(cli: &CommandLine, report_json: Option<PathBuf>, watch: bool) -> 
 /// `shuttle hazard list [--json]`: reads the sidecars; needs only `hazard_archive_path`
 /// (not the key), so it also works where the key file is being replaced.
 fn hazard_list(cli: &CommandLine, json: bool) -> u8 {
-    let cfg = match config::load(cli) {
+    let cfg = match config::load_for(cli, config::Needs::KeysOnly) {
         Ok(l) => l.config,
         Err(errors) => {
             eprintln!("{errors}");
@@ -264,4 +310,60 @@ fn hazard_list(cli: &CommandLine, json: bool) -> u8 {
         }
     }
     EXIT_OK
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsString;
+
+    fn args(v: &[&str]) -> Vec<OsString> {
+        v.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn earlier_program_names_imply_their_command() {
+        assert_eq!(
+            args_for_invocation(args(&[
+                "/usr/local/bin/run-shuttle",
+                "--settings-path",
+                "x"
+            ])),
+            args(&["shuttle", "run", "--settings-path", "x"])
+        );
+        assert_eq!(
+            args_for_invocation(args(&["run-shuttle-defender-test"])),
+            args(&["shuttle", "defender-test"])
+        );
+        let plain = args(&["/usr/bin/shuttle", "check"]);
+        assert_eq!(args_for_invocation(plain.clone()), plain);
+    }
+
+    #[test]
+    fn notify_flags_are_hidden_aliases() {
+        let m = command()
+            .try_get_matches_from([
+                "shuttle",
+                "run",
+                "--notify-use-tls",
+                "false",
+                "--notify-smtp-server",
+                "m",
+            ])
+            .unwrap();
+        let (_, sub) = m.subcommand().unwrap();
+        assert_eq!(
+            sub.get_one::<String>("use_tls").map(String::as_str),
+            Some("false")
+        );
+        assert_eq!(
+            sub.get_one::<String>("smtp_server").map(String::as_str),
+            Some("m")
+        );
+        let help = command().render_long_help().to_string();
+        assert!(
+            !help.contains("--notify-use-tls"),
+            "aliases stay out of --help"
+        );
+    }
 }

@@ -5,6 +5,10 @@
 //!
 //! Meant to run after every Defender update (e.g. daily from cron). Exit 0 pass,
 //! 1 fail (recorded as `fail`), 2 configuration error.
+//!
+//! It logs like a run (stderr and a file in `log_path`), mails a failure as an error
+//! notification and a pass only with `notify_summary`, and needs only the Defender,
+//! ledger, logging and notification keys: a config describing just Defender is enough.
 
 use std::fs::File;
 use std::path::Path;
@@ -20,19 +24,35 @@ const CLEAN_TEXT: &[u8] =
 
 /// Runs the test; returns the process exit code.
 pub fn main(cli: &CommandLine) -> u8 {
-    let loaded = match config::load(cli) {
+    let loaded = match config::load_for(cli, config::Needs::KeysOnly) {
         Ok(l) => l,
         Err(errors) => {
             eprintln!("{errors}");
             return 2;
         }
     };
-    let cfg = &loaded.config;
-    // stderr only: a test is not a run and gets no log file of its own.
-    let _log = crate::logging::init(&cfg.log_level, None).ok();
+    let mut cfg = loaded.config;
+    let _log = match crate::logging::init(&cfg.log_level, cfg.log_path.as_deref()) {
+        Ok(g) => g,
+        Err(e) => {
+            let dir = cfg
+                .log_path
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            eprintln!("configuration error: log_path {dir}: cannot create the log file: {e}");
+            return 2;
+        }
+    };
     for w in &loaded.warnings {
         tracing::warn!("config: {w}");
     }
+    notify::off_when_unusable(&mut cfg.notifications);
+    let cfg = &cfg;
+    tracing::info!(
+        "defender-test: testing {:?} with an EICAR file and a clean file",
+        cfg.scanning.mdatp_command
+    );
     let notifier = Notifier::new(&cfg.notifications);
     let defender = Defender::new(&cfg.scanning.mdatp_command);
     let policy = scan::Policy::from_config(&cfg.scanning);
@@ -45,6 +65,7 @@ pub fn main(cli: &CommandLine) -> u8 {
                 cfg.scanning.mdatp_command
             );
             println!("{msg}");
+            tracing::error!("{msg}");
             notifier.send(notify::Kind::Error, "Shuttle: Defender test failed", &msg);
             return 1;
         }
@@ -63,6 +84,7 @@ pub fn main(cli: &CommandLine) -> u8 {
             Err((code, e)) => {
                 let msg = format!("{summary}\nnot recorded: {e}");
                 println!("{msg}");
+                tracing::error!("{}", msg.replace('\n', "; "));
                 notifier.send(
                     notify::Kind::Error,
                     "Shuttle: Defender test not recorded",
@@ -73,14 +95,19 @@ pub fn main(cli: &CommandLine) -> u8 {
         },
     }
     println!("{summary}");
+    let line = summary.replace('\n', "; ");
     if passed {
-        notifier.send(
-            notify::Kind::Summary,
-            &format!("Shuttle: Defender {version} test passed"),
-            &summary,
-        );
+        tracing::info!("{line}");
+        if cfg.notifications.notify_summary {
+            notifier.send(
+                notify::Kind::Summary,
+                &format!("Shuttle: Defender {version} test passed"),
+                &summary,
+            );
+        }
         0
     } else {
+        tracing::error!("{line}");
         notifier.send(
             notify::Kind::Error,
             &format!("Shuttle: Defender {version} test FAILED"),

@@ -115,6 +115,38 @@ pub struct RunRow {
     pub summary: Option<serde_json::Value>,
 }
 
+/// One file's journal record with its run and hazard entry (`shuttle history`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FileHistory {
+    /// The file's journal id (also the number in its temp names).
+    pub id: i64,
+    pub run_id: i64,
+    /// When the run that discovered and admitted it started.
+    pub run_started: Option<String>,
+    pub rel_path: String,
+    pub size: u64,
+    pub mtime_ns: i64,
+    /// `admitted` while in flight, `finished` once its outcome is final.
+    pub state: String,
+    /// Unix seconds.
+    pub admitted_at: i64,
+    /// SHA-256 of the quarantine copy.
+    pub sha256: Option<String>,
+    pub verdict: Option<String>,
+    /// Each engine's answer, with its version (JSON as the run recorded it).
+    pub scan_results: Option<serde_json::Value>,
+    pub outcome: Option<String>,
+    pub disposition: Option<String>,
+    /// Where it was delivered, or archived.
+    pub final_path: Option<String>,
+    pub error: Option<String>,
+    pub source_removed: bool,
+    /// Unix seconds.
+    pub finished_at: Option<i64>,
+    pub hazard_archive: Option<String>,
+    pub hazard_key_fingerprint: Option<String>,
+}
+
 /// One free-space sample.
 #[derive(Debug, Clone)]
 pub struct SpaceSample {
@@ -484,6 +516,64 @@ impl Journal {
                 )
                 .optional(),
         )
+    }
+
+    /// Every record of a file whose source path (relative to `source_path`) or final
+    /// path is `exact`, or ends in `/suffix`; newest first.
+    pub fn file_history(
+        &self,
+        exact: &str,
+        suffix: &str,
+    ) -> Result<Vec<FileHistory>, JournalError> {
+        let tail = format!("/{}", suffix.trim_start_matches('/'));
+        let mut st = self.wrap(self.conn.prepare(
+            "SELECT f.id, f.run_id, r.started, f.rel_path, f.size, f.mtime_ns, f.state, f.admitted_at,
+                    f.sha256, f.verdict, f.scan_results, f.outcome, f.disposition, f.final_path, f.error,
+                    f.source_removed, f.finished_at, h.archive_path, h.key_fingerprint
+             FROM files f LEFT JOIN runs r ON r.id = f.run_id LEFT JOIN hazard h ON h.file_id = f.id
+             WHERE f.rel_path = ?1 OR f.final_path = ?1
+                OR substr(f.rel_path, -length(?2)) = ?2 OR substr(f.final_path, -length(?2)) = ?2
+             ORDER BY f.id DESC",
+        ))?;
+        let rows = self.wrap(st.query_map(params![exact, tail], |r| {
+            let results: Option<String> = r.get(10)?;
+            Ok(FileHistory {
+                id: r.get(0)?,
+                run_id: r.get(1)?,
+                run_started: r.get(2)?,
+                rel_path: r.get(3)?,
+                size: r.get::<_, i64>(4)?.max(0) as u64,
+                mtime_ns: r.get(5)?,
+                state: r.get(6)?,
+                admitted_at: r.get(7)?,
+                sha256: r.get(8)?,
+                verdict: r.get(9)?,
+                scan_results: results.and_then(|s| serde_json::from_str(&s).ok()),
+                outcome: r.get(11)?,
+                disposition: r.get(12)?,
+                final_path: r.get(13)?,
+                error: r.get(14)?,
+                source_removed: r.get::<_, i64>(15)? != 0,
+                finished_at: r.get(16)?,
+                hazard_archive: r.get(17)?,
+                hazard_key_fingerprint: r.get(18)?,
+            })
+        }))?;
+        self.wrap(rows.collect())
+    }
+
+    /// When the first run other than `current` started on local day `day`
+    /// (`YYYY-MM-DD`), as recorded (RFC 3339); `None` when there was none.
+    pub fn first_run_on_day(
+        &self,
+        day: &str,
+        current: i64,
+    ) -> Result<Option<String>, JournalError> {
+        self.wrap(self.conn.query_row(
+            "SELECT MIN(started) FROM runs WHERE substr(started, 1, 10) = ?1 AND id != ?2",
+            params![day, current],
+            |r| r.get(0),
+        ))
     }
 
     /// Direct access for tests and the status command's ad-hoc queries.

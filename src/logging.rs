@@ -1,6 +1,10 @@
 //! Logging (DESIGN §8): stderr plus one log file per run in `log_path`
 //! (`shuttle_YYYYMMDD_HHMMSS_<pid>.log`), written by one buffered background writer
 //! so that logging never waits on the disk in the middle of a file's handling.
+//!
+//! The log file is created mode 0640 explicitly (and the process runs under umask
+//! 007, set first thing in `main`): it names files and hosts, and is never
+//! world-readable, whatever umask Shuttle was started with.
 
 use std::path::{Path, PathBuf};
 
@@ -34,9 +38,11 @@ pub fn init(level: &str, dir: Option<&Path>) -> std::io::Result<LogGuard> {
                 std::process::id()
             );
             let path = dir.join(name);
+            use std::os::unix::fs::OpenOptionsExt;
             let f = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
+                .mode(0o640)
                 .open(&path)?;
             let (writer, guard) = tracing_appender::non_blocking(f);
             let layer = tracing_subscriber::fmt::layer()

@@ -197,7 +197,20 @@ fn head(s: &mut String, name: &str, help: &str) {
 }
 
 /// Escapes a label value (backslash, double quote, newline: the exposition format).
+/// A value holding other control or Unicode format characters (a path or version
+/// string from outside) is first shown the way log lines show names
+/// ([`crate::names`]), so no raw one reaches a label.
 fn escape(v: &str) -> String {
+    let shown;
+    let v = if v
+        .chars()
+        .any(|c| (c.is_control() && c != '\n') || crate::names::is_format(c))
+    {
+        shown = crate::names::escape(v);
+        shown.as_str()
+    } else {
+        v
+    };
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
@@ -260,6 +273,7 @@ mod tests {
     #[test]
     fn escapes_label_values() {
         assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+        assert!(!escape("dir\u{202e}x\u{1b}").contains(['\u{202e}', '\u{1b}']));
     }
 
     #[test]

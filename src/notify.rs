@@ -7,9 +7,13 @@
 //! queue at most [`SMTP_TIMEOUT`]; whatever is still unsent then is logged. A mail
 //! that cannot be sent is logged and never breaks a run.
 //!
-//! SMTP: STARTTLS is required when `use_tls` (certificates checked against the
-//! system's trust store, `/etc/ssl/certs`, or `SSL_CERT_FILE`), AUTH (PLAIN or LOGIN)
-//! when `username` is set. Port: `smtp_port`, else 587 with TLS, 25 without.
+//! SMTP: STARTTLS is required when `use_tls` (the default; certificates checked
+//! against the system's trust store, `/etc/ssl/certs`, or `SSL_CERT_FILE`), AUTH
+//! (PLAIN or LOGIN) when `username` is set. No credential ever crosses the wire in
+//! clear: with `use_tls` a server that does not offer STARTTLS, or whose TLS handshake
+//! fails, gets nothing more (the mail is not sent, the failure logged), and
+//! `username` with `use_tls = false` is refused before any connection is made.
+//! Port: `smtp_port`, else 587 with TLS, 25 without.
 
 use std::collections::HashMap;
 use std::sync::mpsc;
@@ -58,6 +62,10 @@ pub enum MailError {
     NoRecipient(&'static str),
     #[error("no smtp_server / sender_email configured")]
     Incomplete,
+    #[error(
+        "username is set but use_tls is off: the password is never sent over an unencrypted connection"
+    )]
+    CleartextAuth,
     #[error("bad address {0:?}: {1}")]
     Address(String, lettre::address::AddressError),
     #[error("cannot build the message: {0}")]
@@ -224,6 +232,9 @@ fn start(config: NotifyConfig) -> Queue {
 /// The SMTP transport described by the configuration.
 pub fn transport(c: &NotifyConfig) -> Result<SmtpTransport, MailError> {
     let host = c.smtp_server.as_deref().ok_or(MailError::Incomplete)?;
+    if c.username.is_some() && !c.use_tls {
+        return Err(MailError::CleartextAuth);
+    }
     let port = c.smtp_port.unwrap_or(if c.use_tls { 587 } else { 25 });
     let mut b = SmtpTransport::builder_dangerous(host)
         .port(port)
@@ -238,6 +249,19 @@ pub fn transport(c: &NotifyConfig) -> Result<SmtpTransport, MailError> {
         ));
     }
     Ok(b.build())
+}
+
+/// Turns mail off when the settings cannot send any (no server, no recipient, a
+/// password without TLS), with one error line per reason: incomplete notification
+/// settings never stop files from moving.
+pub fn off_when_unusable(c: &mut NotifyConfig) {
+    let problems = c.problems();
+    for p in &problems {
+        tracing::error!("notifications off: {p}");
+    }
+    if !problems.is_empty() {
+        c.notify = false;
+    }
 }
 
 /// The recipient of `kind`, falling back to `recipient_email` (DESIGN §7).
@@ -273,10 +297,11 @@ fn deliver(t: &SmtpTransport, c: &NotifyConfig, mail: &Mail) -> Result<(), MailE
 }
 
 /// The mails due at the end of a run (DESIGN §7): one error mail listing the failed
-/// files, and the summary (every run with `notify_summary`, and whenever a file failed
-/// or admission was throttled). A `watch` pass that found nothing to do sends no
-/// summary; a pass whose only news is the same throttle stop as before is held back.
-pub fn run_end(n: &Notifier, notify_summary: bool, watch: bool, report: &Report) {
+/// files, and the summary: only for a run that handled, failed or throttled
+/// something — with `notify_summary` for any of these, without it when a file failed
+/// or admission was throttled. A run (or `watch` pass) that found nothing to do sends
+/// no summary; a pass whose only news is the same throttle stop as before is held back.
+pub fn run_end(n: &Notifier, notify_summary: bool, report: &Report) {
     let f = &report.files;
     if f.failed > 0 {
         n.send(
@@ -286,7 +311,7 @@ pub fn run_end(n: &Notifier, notify_summary: bool, watch: bool, report: &Report)
         );
     }
     let busy = f.admitted > 0 || f.failed > 0;
-    let due = f.failed > 0 || report.throttle.stopped || (notify_summary && (busy || !watch));
+    let due = f.failed > 0 || report.throttle.stopped || (notify_summary && busy);
     if !due {
         return;
     }
@@ -358,7 +383,11 @@ pub fn summary_body(r: &Report) -> String {
     if !r.sources_kept.is_empty() {
         s.push_str("\nSources kept although handled:\n");
         for k in &r.sources_kept {
-            s.push_str(&format!("- {}: {}\n", k.path, k.reason));
+            s.push_str(&format!(
+                "- {}: {}\n",
+                crate::names::shown(&k.path),
+                k.reason
+            ));
         }
     }
     for e in &r.scanners {
@@ -381,7 +410,7 @@ fn failed_body(r: &Report) -> String {
     for e in failed.clone().take(FAILED_LISTED) {
         s.push_str(&format!(
             "- {}: {}\n",
-            e.path,
+            crate::names::shown(&e.path),
             e.error.as_deref().unwrap_or("failed")
         ));
     }

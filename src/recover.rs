@@ -63,12 +63,12 @@ pub fn reconcile(
         sweep_quarantine(q.root(), &mut out);
     }
     for p in &out.removed {
-        tracing::info!("recovery removed {}", p.display());
+        tracing::info!("recovery removed {:?}", crate::names::shown(p));
     }
     for p in &out.unknown_in_quarantine {
         tracing::warn!(
-            "quarantine holds {} which no journal entry explains; left in place (remove it once you know what it is)",
-            p.display()
+            "quarantine holds {:?} which no journal entry explains; left in place (remove it once you know what it is)",
+            crate::names::shown(p)
         );
     }
     Ok(out)
@@ -89,8 +89,8 @@ fn remove(root: &Beneath, rel: &Path, removed: &mut Vec<PathBuf>) {
         Ok(true) => removed.push(root.path().join(rel)),
         Ok(false) => {}
         Err(e) => tracing::warn!(
-            "recovery: cannot remove {}: {e}",
-            root.path().join(rel).display()
+            "recovery: cannot remove {:?}: {e}",
+            crate::names::shown(&root.path().join(rel))
         ),
     }
 }

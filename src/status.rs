@@ -50,7 +50,13 @@ pub struct Status {
 /// Builds the status from the journal and the filesystems, at `now` (unix seconds).
 pub fn gather(cfg: &Config, journal: &Journal, now: i64) -> Result<Status, journal::JournalError> {
     let day = journal::local_day(chrono::Local::now());
-    let (files, bytes) = journal.day_totals(&day)?;
+    let (mut files, mut bytes) = journal.day_totals(&day)?;
+    // On cut-over day the earlier implementation's tracking file counts too, as it
+    // does for the run's daily limits (run id 0: no run of this process).
+    if let Some((f, b)) = crate::legacy::day_totals(&cfg.tracking_data_path, journal, 0, &day) {
+        files += f;
+        bytes += b;
+    }
     let midnight = chrono::Local::now()
         .date_naive()
         .and_hms_opt(0, 0, 0)

@@ -308,8 +308,8 @@ impl Source {
             Err(e) if !self.full_warned => {
                 self.full_warned = true;
                 tracing::warn!(
-                    "cannot watch {} ({e}); files there are found by the periodic rescan",
-                    dir.display()
+                    "cannot watch {:?} ({e}); files there are found by the periodic rescan",
+                    crate::names::shown(dir)
                 );
             }
             Err(_) => {}

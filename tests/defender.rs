@@ -325,7 +325,9 @@ fn defender_removing_a_threat_itself_with_defender_handles_suspect_files() {
 
 #[test]
 fn defender_removing_a_threat_without_the_setting_keeps_the_source() {
-    let env = env(false);
+    let mut env = env(false);
+    // On by default (as in the earlier implementation): turned off here.
+    env.set("defender_handles_suspect_files", "false");
     env.drop_file("eicar.com", EICAR);
     let r = run_with(&env, &[("MDATP_SIM_MODE", "delete")]);
     assert_eq!(r.code, 0, "{}", r.stderr);
@@ -426,6 +428,7 @@ fn defender_test_records_pass_and_fail_keeping_earlier_entries() {
 
     // A new version that passes: appended; notification of kind summary.
     env.set("notify", "true")
+        .set("notify_summary", "true")
         .set("smtp_server", "127.0.0.1")
         .set("sender_email", "shuttle@example.org")
         .set("recipient_email", "admin@example.org");

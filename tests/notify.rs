@@ -14,12 +14,14 @@ use sha2::Digest;
 const SENDER: &str = "shuttle@example.invalid";
 const ADMIN: &str = "admin@example.invalid";
 
-/// An Env that mails through 127.0.0.1:`port`.
+/// An Env that mails through 127.0.0.1:`port`, in clear and without AUTH (the tests
+/// that need TLS set `use_tls`).
 fn mailing(port: u16) -> Env {
     let mut env = Env::new();
     env.set("notify", "true");
     env.set("smtp_server", "127.0.0.1");
     env.set("smtp_port", &port.to_string());
+    env.set("use_tls", "false");
     env.set("sender_email", SENDER);
     env.set("recipient_email", ADMIN);
     env
@@ -41,8 +43,6 @@ fn hazard_failed_and_summary_mails_reach_their_recipients_with_the_figures() {
     env.set("recipient_email_error", "errors@example.invalid");
     // No recipient_email_summary: summaries fall back to recipient_email.
     env.set("notify_summary", "true");
-    env.set("username", "shuttle-user");
-    env.set("password", "s3cret");
     env.set("max_file_size_mb", "1");
     let clean1 = noise(3000, 1);
     let clean2 = noise(5000, 2);
@@ -62,12 +62,8 @@ fn hazard_failed_and_summary_mails_reach_their_recipients_with_the_figures() {
     for m in &mails {
         assert_eq!(m.from, SENDER);
         assert_eq!(m.header("From"), Some(SENDER));
-        assert_eq!(
-            m.auth.as_deref(),
-            Some("shuttle-user\0s3cret"),
-            "AUTH with username/password"
-        );
-        assert!(!m.tls, "no STARTTLS without use_tls");
+        assert_eq!(m.auth, None, "no AUTH without username");
+        assert!(!m.tls, "no STARTTLS with use_tls = false");
     }
     let hazard = to(&mails, "hazard@example.invalid");
     assert_eq!(hazard.len(), 1, "one hazard mail per suspect file");
@@ -295,7 +291,7 @@ fn use_tls_sends_over_a_verified_starttls_session_with_auth() {
     let mut env = mailing(smtp.port);
     env.set("use_tls", "true");
     env.set("username", "u");
-    env.set("password", "p");
+    env.set("password", "tls-only-s3cret");
     env.set("notify_summary", "true");
     env.drop_file("a.txt", b"hello");
     // The server's certificate is trusted through the standard SSL_CERT_FILE.
@@ -310,7 +306,13 @@ fn use_tls_sends_over_a_verified_starttls_session_with_auth() {
     let mails = smtp.wait_for(1, Duration::from_secs(5));
     assert_eq!(mails.len(), 1, "{}\n{:?}", r.stderr, smtp.commands());
     assert!(mails[0].tls, "sent inside TLS");
-    assert_eq!(mails[0].auth.as_deref(), Some("u\0p"));
+    assert_eq!(mails[0].auth.as_deref(), Some("u\0tls-only-s3cret"));
+    let wire = String::from_utf8_lossy(&smtp.wire()).into_owned();
+    assert!(wire.contains("STARTTLS"), "EHLO and STARTTLS in clear");
+    assert!(
+        !wire.contains("tls-only-s3cret") && !wire.contains("AUTH"),
+        "AUTH only inside TLS: nothing of it on the wire in clear"
+    );
     assert!(mails[0].subject().starts_with("Shuttle summary: 1 clean"));
     // Without trusting it, the same server is refused (certificate checked).
     let smtp2 = {

@@ -226,6 +226,7 @@ fn throttled_watch_waits_without_spinning_mails_once_and_resumes_when_space_free
     env.set("notify", "true");
     env.set("smtp_server", "127.0.0.1");
     env.set("smtp_port", &smtp.port.to_string());
+    env.set("use_tls", "false"); // the test server offers no STARTTLS
     env.set("sender_email", "shuttle@example.invalid");
     env.set("recipient_email", "admin@example.invalid");
     let ballast = dst.dir.join("ballast");

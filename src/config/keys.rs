@@ -88,7 +88,7 @@ pub const KEYS: &[Key] = &[
     key!(
         "max_scan_threads",
         S,
-        "Files in flight at once [default: 2]"
+        "Files in flight at once; 0 = one at a time [default: 2]"
     ),
     key!(
         "on_demand_clam_av",
@@ -103,7 +103,7 @@ pub const KEYS: &[Key] = &[
     key!(
         "defender_handles_suspect_files",
         S,
-        "Defender removes suspect files itself [default: false]"
+        "Defender removes suspect files itself: the verified source is archived instead [default: true]"
     ),
     key!(
         "throttle",
@@ -199,7 +199,7 @@ pub const KEYS: &[Key] = &[
     key!(
         "malware_scan_retry_count",
         SC,
-        "Timeouts per run before the run stops [default: 3]"
+        "Timeouts per run before the run stops; 0 = no limit (risky) [default: 3]"
     ),
     key!(
         "clamd_socket",
@@ -232,15 +232,30 @@ pub const KEYS: &[Key] = &[
         "Larger files fail before scanning, 0 = no limit [default: 0]"
     ),
     key!(
+        "allow_hidden_names",
+        S,
+        "Take files and directories whose name starts with '.' [default: false]"
+    ),
+    key!(
+        "allow_special_characters",
+        S,
+        "Take names holding any of \\ > < | * $ & ; ` [default: false]"
+    ),
+    key!(
+        "allow_double_dots",
+        S,
+        "Take names holding '..' [default: false]"
+    ),
+    key!(
         "log_level",
         &["logging"],
-        "error|warn|info|debug|trace [default: info]"
+        "error|warn|info|debug|trace (also CRITICAL, FATAL, WARNING, NOTSET, 10-50) [default: info]"
     ),
     key!("notify", N, "Send email notifications [default: false]"),
     key!(
         "notify_summary",
         N,
-        "Send a summary after every run [default: false]"
+        "Send a summary after every run that handled, failed or throttled a file [default: false]"
     ),
     key!(
         "recipient_email",
@@ -258,16 +273,28 @@ pub const KEYS: &[Key] = &[
         N,
         "Recipient of hazard notifications"
     ),
-    key!("sender_email", N, "From address"),
+    key!(
+        "sender_email",
+        N,
+        "From address [default: shuttle@<hostname>]"
+    ),
     key!("smtp_server", N, "SMTP server host"),
     key!(
         "smtp_port",
         N,
         "SMTP server port [default: 25, or 587 with use_tls]"
     ),
-    key!("username", N, "SMTP user (AUTH when set)"),
+    key!(
+        "username",
+        N,
+        "SMTP user (AUTH when set; only ever over STARTTLS)"
+    ),
     key!("password", N, "SMTP password"),
-    key!("use_tls", N, "STARTTLS [default: false]"),
+    key!(
+        "use_tls",
+        N,
+        "Require STARTTLS with a verified certificate [default: true]"
+    ),
 ];
 
 /// Finds a key by its canonical name or one of its aliases.

@@ -3,6 +3,15 @@
 //! Every value remembers where it came from, so that a wrong value is reported with
 //! the key, the value and its origin (`/etc/shuttle/config.conf line 12`, `flag
 //! --max-scan-threads`) and is never silently replaced by a default.
+//!
+//! The earlier implementation's values keep their meaning: `log_level = CRITICAL`
+//! (and `FATAL`, `WARN`, Python's numeric levels), `max_scan_threads = 0` (one file
+//! at a time), `malware_scan_retry_count = 0` (no limit); each is accepted with a
+//! warning saying what it means here, and what is risky about it where it is.
+//!
+//! What a command needs is checked per command ([`Needs`]): `run`, `watch` and
+//! `check` need the three directories and a scanner; `defender-test`, `history` and
+//! `hazard list` run with a config that holds only the keys they use.
 
 pub mod ini;
 pub mod keys;
@@ -138,7 +147,7 @@ pub struct ScanConfig {
     pub max_file_size_mb: u64,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct NotifyConfig {
     pub notify: bool,
     pub notify_summary: bool,
@@ -151,7 +160,59 @@ pub struct NotifyConfig {
     pub smtp_port: Option<u16>,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// STARTTLS required (default true). AUTH is never attempted without it.
     pub use_tls: bool,
+}
+
+impl Default for NotifyConfig {
+    fn default() -> Self {
+        NotifyConfig {
+            notify: false,
+            notify_summary: false,
+            recipient_email: None,
+            recipient_email_error: None,
+            recipient_email_summary: None,
+            recipient_email_hazard: None,
+            sender_email: None,
+            smtp_server: None,
+            smtp_port: None,
+            username: None,
+            password: None,
+            use_tls: true,
+        }
+    }
+}
+
+impl NotifyConfig {
+    /// Why no mail at all can be sent with these settings (empty when `notify` is off
+    /// or mail can go). `check` reports each as a problem; `run` logs each as an
+    /// error and goes on without mail: files keep moving.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if !self.notify {
+            return p;
+        }
+        if self.smtp_server.is_none() {
+            p.push("notify is on but smtp_server is not set: no mail can be sent".to_string());
+        }
+        if self.recipient_email.is_none()
+            && self.recipient_email_error.is_none()
+            && self.recipient_email_hazard.is_none()
+            && self.recipient_email_summary.is_none()
+        {
+            p.push(
+                "notify is on but no recipient is set (recipient_email, or recipient_email_error/_hazard/_summary): no mail can be sent"
+                    .to_string(),
+            );
+        }
+        if self.username.is_some() && !self.use_tls {
+            p.push(
+                "username/password are set but use_tls is off: Shuttle never sends a password over an unencrypted connection, so no mail can be sent (set use_tls = true, the default, with a mail server that offers STARTTLS; or remove username/password for a server that needs no AUTH)"
+                    .to_string(),
+            );
+        }
+        p
+    }
 }
 
 /// The validated configuration of one Shuttle invocation.
@@ -182,6 +243,18 @@ pub struct Config {
     pub scanning: ScanConfig,
     pub log_level: String,
     pub notifications: NotifyConfig,
+    /// Which name rules discovery relaxes (all strict by default).
+    pub name_rules: crate::discover::NameRules,
+}
+
+/// What the command being run needs from the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Needs {
+    /// `run`, `watch`, `check`, `status`: the three directories and a scanner.
+    Transfer,
+    /// `defender-test`, `history`, `hazard list`: only the keys they read; missing
+    /// directories or clamd settings are not an error.
+    KeysOnly,
 }
 
 /// A loaded configuration and the warnings found on the way.
@@ -247,6 +320,8 @@ impl Raw {
 struct Reader<'a> {
     raw: &'a Raw,
     errors: Vec<ConfigError>,
+    /// Problems that matter only to commands moving files ([`Needs::Transfer`]).
+    transfer_errors: Vec<ConfigError>,
 }
 
 impl Reader<'_> {
@@ -341,6 +416,11 @@ pub fn parse_bool(value: &str) -> Option<bool> {
 /// Loads the configuration from the command line, the config file and the defaults.
 /// Nothing on disk is touched except reading the config file(s).
 pub fn load(cli: &CommandLine) -> Result<Loaded, ConfigErrors> {
+    load_for(cli, Needs::Transfer)
+}
+
+/// Like [`load`], checking only what `needs` asks for.
+pub fn load_for(cli: &CommandLine, needs: Needs) -> Result<Loaded, ConfigErrors> {
     let mut warnings = Vec::new();
     let mut raw = Raw {
         values: HashMap::new(),
@@ -360,8 +440,13 @@ pub fn load(cli: &CommandLine) -> Result<Loaded, ConfigErrors> {
     let mut r = Reader {
         raw: &raw,
         errors: Vec::new(),
+        transfer_errors: Vec::new(),
     };
     let config = build(&mut r, file.clone(), &mut warnings);
+    if needs == Needs::Transfer {
+        let deferred = std::mem::take(&mut r.transfer_errors);
+        r.errors.extend(deferred);
+    }
     if file.is_none() && !r.errors.is_empty() {
         let looked: Vec<String> = default_locations()
             .iter()
@@ -463,7 +548,7 @@ fn build(r: &mut Reader, file: Option<PathBuf>, warnings: &mut Vec<String>) -> C
         ("quarantine_path", &quarantine_path),
     ] {
         if value.is_none() {
-            r.errors.push(ConfigError::Problem(format!(
+            r.transfer_errors.push(ConfigError::Problem(format!(
                 "{key} is not set (set it in [paths] of the config file or with --{})",
                 keys::flag_name(key)
             )));
@@ -491,12 +576,17 @@ fn build(r: &mut Reader, file: Option<PathBuf>, warnings: &mut Vec<String>) -> C
     let clamd_config = r
         .path("clamd_config")
         .unwrap_or_else(|| PathBuf::from("/etc/clamav/clamd.conf"));
-    let clamd = clamd_endpoint(r, clam_av, &clamd_config, warnings);
-    let retry_count = r.number("malware_scan_retry_count", 3, 1);
+    let clamd = clamd_endpoint(r, clam_av, &clamd_config);
+    let retry_count = r.number("malware_scan_retry_count", 3, 0);
+    if retry_count == 0 {
+        warnings.push(
+            "malware_scan_retry_count = 0 means no limit, as in the earlier implementation: RISKY, the circuit breaker never opens, and a file that makes a scanner time out every time is retried (after malware_scan_retry_wait_seconds) for ever, so the run never ends; set a number such as 3".into(),
+        );
+    }
     let scanning = ScanConfig {
         clam_av,
         defender: r.bool("on_demand_defender", false),
-        defender_handles_suspect_files: r.bool("defender_handles_suspect_files", false),
+        defender_handles_suspect_files: r.bool("defender_handles_suspect_files", true),
         timeout_seconds: r.number("malware_scan_timeout_seconds", 300, 0),
         timeout_ms_per_byte: r.float("malware_scan_timeout_ms_per_byte", 0.0),
         retry_wait_seconds: r.number("malware_scan_retry_wait_seconds", 30, 0),
@@ -508,7 +598,7 @@ fn build(r: &mut Reader, file: Option<PathBuf>, warnings: &mut Vec<String>) -> C
         max_file_size_mb: r.number("max_file_size_mb", 0, 0),
     };
     if !scanning.clam_av && !scanning.defender {
-        r.errors.push(ConfigError::Problem(
+        r.transfer_errors.push(ConfigError::Problem(
             "no scanner enabled: set on_demand_clam_av or on_demand_defender to true".into(),
         ));
     }
@@ -519,16 +609,41 @@ fn build(r: &mut Reader, file: Option<PathBuf>, warnings: &mut Vec<String>) -> C
         "info",
         &[
             ("error", "error"),
+            ("critical", "error"),
+            ("fatal", "error"),
             ("warn", "warn"),
             ("warning", "warn"),
             ("info", "info"),
             ("debug", "debug"),
             ("trace", "trace"),
+            ("notset", "debug"),
+            // Python's numeric levels.
+            ("50", "error"),
+            ("40", "error"),
+            ("30", "warn"),
+            ("20", "info"),
+            ("10", "debug"),
+            ("0", "debug"),
         ],
     );
-    let notifications = notify_config(r);
+    if let Some((v, origin)) = r.raw.get("log_level")
+        && matches!(v.to_ascii_lowercase().as_str(), "critical" | "fatal" | "50")
+    {
+        warnings.push(format!(
+            "log_level = {v} ({origin}): Shuttle has no level above error; logging errors (a little more than before)"
+        ));
+    }
+    let notifications = notify_config(r, warnings);
 
-    let threads = r.number("max_scan_threads", 2, 1);
+    let threads = match r.number("max_scan_threads", 2, 0) {
+        0 => {
+            warnings.push(
+                "max_scan_threads = 0: one file at a time, as in the earlier implementation (same as 1)".into(),
+            );
+            1
+        }
+        n => n,
+    };
     Config {
         file,
         source_path: source_path.unwrap_or_default(),
@@ -572,15 +687,15 @@ fn build(r: &mut Reader, file: Option<PathBuf>, warnings: &mut Vec<String>) -> C
         scanning,
         log_level: log_level.to_string(),
         notifications,
+        name_rules: crate::discover::NameRules {
+            allow_hidden: r.bool("allow_hidden_names", false),
+            allow_special: r.bool("allow_special_characters", false),
+            allow_double_dots: r.bool("allow_double_dots", false),
+        },
     }
 }
 
-fn clamd_endpoint(
-    r: &mut Reader,
-    clam_av: bool,
-    clamd_conf: &Path,
-    warnings: &mut Vec<String>,
-) -> Option<ClamdEndpoint> {
+fn clamd_endpoint(r: &mut Reader, clam_av: bool, clamd_conf: &Path) -> Option<ClamdEndpoint> {
     let socket = r.path("clamd_socket");
     let address = r.text("clamd_address");
     match (socket, address) {
@@ -607,11 +722,7 @@ fn clamd_endpoint(
         (None, None) if clam_av => match local_socket_from(clamd_conf) {
             Some(p) => Some(ClamdEndpoint::Unix(p)),
             None => {
-                warnings.push(format!(
-                    "no clamd_socket set and no LocalSocket in {}",
-                    clamd_conf.display()
-                ));
-                r.errors.push(ConfigError::Problem(
+                r.transfer_errors.push(ConfigError::Problem(
                     format!("ClamAV is on but no clamd socket is known: set clamd_socket (or clamd_address), or LocalSocket in {}", clamd_conf.display()),
                 ));
                 None
@@ -668,7 +779,18 @@ fn priority_paths(r: &mut Reader, source: Option<&Path>) -> Vec<PathBuf> {
     out
 }
 
-fn notify_config(r: &mut Reader) -> NotifyConfig {
+/// The host name for the default sender address (`shuttle@<hostname>`).
+fn hostname() -> String {
+    let uname = rustix::system::uname();
+    let name = uname.nodename().to_string_lossy().into_owned();
+    if name.is_empty() {
+        "localhost".into()
+    } else {
+        name
+    }
+}
+
+fn notify_config(r: &mut Reader, warnings: &mut Vec<String>) -> NotifyConfig {
     let port = r
         .raw
         .get("smtp_port")
@@ -683,7 +805,7 @@ fn notify_config(r: &mut Reader) -> NotifyConfig {
             }
         },
     };
-    let n = NotifyConfig {
+    let mut n = NotifyConfig {
         notify: r.bool("notify", false),
         notify_summary: r.bool("notify_summary", false),
         recipient_email: r.text("recipient_email"),
@@ -695,28 +817,31 @@ fn notify_config(r: &mut Reader) -> NotifyConfig {
         smtp_port,
         username: r.text("username"),
         password: r.text("password"),
-        use_tls: r.bool("use_tls", false),
+        use_tls: r.bool("use_tls", true),
     };
-    if n.notify {
-        let mut missing = Vec::new();
-        if n.smtp_server.is_none() {
-            missing.push("smtp_server");
+    if n.sender_email.is_none() {
+        let sender = format!("shuttle@{}", hostname());
+        if n.notify {
+            warnings.push(format!(
+                "notify is on but sender_email is not set: mail is sent from {sender}"
+            ));
         }
-        if n.sender_email.is_none() {
-            missing.push("sender_email");
-        }
-        if n.recipient_email.is_none()
-            && (n.recipient_email_error.is_none()
-                || n.recipient_email_hazard.is_none()
-                || n.recipient_email_summary.is_none())
-        {
-            missing.push("recipient_email");
-        }
-        if !missing.is_empty() {
-            r.errors.push(ConfigError::Problem(format!(
-                "notify is on but [notifications] lacks {}",
-                missing.join(", ")
-            )));
+        n.sender_email = Some(sender);
+    }
+    if n.notify && !n.problems().is_empty() {
+        return n;
+    }
+    if n.notify && n.recipient_email.is_none() {
+        for (key, value) in [
+            ("recipient_email_error", &n.recipient_email_error),
+            ("recipient_email_hazard", &n.recipient_email_hazard),
+            ("recipient_email_summary", &n.recipient_email_summary),
+        ] {
+            if value.is_none() {
+                warnings.push(format!(
+                    "{key} and recipient_email are not set: those notifications are not mailed"
+                ));
+            }
         }
     }
     n
@@ -850,6 +975,68 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("throttle_free_space_mb"));
+    }
+
+    #[test]
+    fn the_earlier_implementations_values_keep_their_meaning() {
+        let l = load_text(
+            &format!(
+                "{BASE}[settings]\nmax_scan_threads = 0\n[scanning]\nmalware_scan_retry_count = 0\n[logging]\nlog_level = CRITICAL\n"
+            ),
+            vec![],
+        )
+        .unwrap();
+        let c = &l.config;
+        assert_eq!(c.max_scan_threads, 1);
+        assert_eq!(c.scanning.retry_count, 0, "0 = no limit");
+        assert_eq!(c.log_level, "error");
+        assert!(c.scanning.defender_handles_suspect_files, "default true");
+        assert!(c.notifications.use_tls, "default true");
+        let all = l.warnings.join("\n");
+        for w in ["max_scan_threads = 0", "RISKY", "log_level = CRITICAL"] {
+            assert!(all.contains(w), "{w}: {all}");
+        }
+        for (given, level) in [
+            ("FATAL", "error"),
+            ("WARN", "warn"),
+            ("10", "debug"),
+            ("NOTSET", "debug"),
+        ] {
+            let l = load_text(&format!("{BASE}[logging]\nlog_level = {given}\n"), vec![]).unwrap();
+            assert_eq!(l.config.log_level, level, "{given}");
+        }
+    }
+
+    #[test]
+    fn notification_gaps_are_problems_not_errors_and_sender_has_a_default() {
+        let l = load_text(&format!("{BASE}[notifications]\nnotify = True\n"), vec![]).unwrap();
+        let n = &l.config.notifications;
+        assert!(n.sender_email.as_deref().unwrap().starts_with("shuttle@"));
+        let p = n.problems().join("\n");
+        assert!(
+            p.contains("smtp_server") && p.contains("no recipient"),
+            "{p}"
+        );
+        let l = load_text(
+            &format!("{BASE}[notifications]\nnotify = 1\nsmtp_server = m\nrecipient_email = a@b.c\nusername = u\npassword = p\nuse_tls = no\n"),
+            vec![],
+        )
+        .unwrap();
+        assert!(l.config.notifications.problems()[0].contains("use_tls is off"));
+    }
+
+    #[test]
+    fn keys_only_commands_need_no_directories_or_clamd() {
+        let text = "[paths]\nledger_file_path = /l.yaml\n[settings]\non_demand_defender = true\n";
+        assert!(load_text(text, vec![]).is_err());
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        let cli = CommandLine {
+            config_file: Some(f.path().to_path_buf()),
+            flags: vec![],
+        };
+        let l = load_for(&cli, Needs::KeysOnly).unwrap();
+        assert!(l.config.scanning.defender);
     }
 
     #[test]

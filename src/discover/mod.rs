@@ -4,6 +4,16 @@
 //! still being written (recently modified, or open in some process), unsafe names and
 //! Shuttle's own temp files are skipped for this run, each with a logged reason.
 //! A candidate costs only its relative path and a few numbers (DESIGN §3).
+//!
+//! Name rules ([`unsafe_name`]), applied to every file and directory name: never
+//! allowed are names that are not UTF-8, start with `-`, or hold control or Unicode
+//! format characters (bidirectional overrides, zero-width characters). By default,
+//! as the earlier implementation did, hidden names (`.name`, also AppleDouble `._x`,
+//! `.DS_Store` and rsync's `.name.XXXXXX` temp files), names holding any of
+//! `\ > < | * $ & ; \`` (several are invalid on the Windows clients reading the
+//! destination over SMB) and names holding `..` are skipped too; [`NameRules`]
+//! relaxes each of these three rules (`allow_hidden_names`,
+//! `allow_special_characters`, `allow_double_dots`).
 
 mod open_files;
 
@@ -74,7 +84,23 @@ pub struct Rules {
     pub stability: Option<Duration>,
     pub priority: Priority,
     pub priority_paths: Vec<PathBuf>,
+    pub names: NameRules,
 }
+
+/// The name rules a site may relax; all `false` (strict) by default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NameRules {
+    /// Take names starting with `.`.
+    pub allow_hidden: bool,
+    /// Take names holding any of [`SPECIAL_CHARACTERS`].
+    pub allow_special: bool,
+    /// Take names holding `..`.
+    pub allow_double_dots: bool,
+}
+
+/// Characters the earlier implementation refused in names (shell metacharacters and
+/// characters Windows does not allow in file names).
+pub const SPECIAL_CHARACTERS: &[char] = &['\\', '>', '<', '|', '*', '$', '&', ';', '`'];
 
 /// What one walk of the source found.
 #[derive(Debug, Default)]
@@ -94,13 +120,13 @@ impl Discovery {
 
     fn skip(&mut self, rel: &Path, reason: SkipReason) {
         // Names may hold control characters: log them escaped.
-        tracing::info!("skipped {:?}: {reason}", rel.as_os_str());
+        tracing::info!("skipped {:?}: {reason}", crate::names::shown(rel));
         *self.skipped.entry(reason.label()).or_default() += 1;
     }
 }
 
-/// Why a name is unsafe, if it is.
-pub fn unsafe_name(name: &std::ffi::OsStr) -> Option<&'static str> {
+/// Why a name is unsafe under `rules`, if it is.
+pub fn unsafe_name(name: &std::ffi::OsStr, rules: &NameRules) -> Option<&'static str> {
     let Some(s) = name.to_str() else {
         return Some("not valid UTF-8");
     };
@@ -109,6 +135,21 @@ pub fn unsafe_name(name: &std::ffi::OsStr) -> Option<&'static str> {
     }
     if s.chars().any(char::is_control) {
         return Some("contains control characters");
+    }
+    if s.chars().any(crate::names::is_format) {
+        return Some(
+            "contains Unicode format characters (bidirectional override or zero-width character)",
+        );
+    }
+    // Shuttle's own temp names start with a dot too: they are skipped as such later.
+    if !rules.allow_hidden && s.starts_with('.') && !fsx::is_temp_name(s) {
+        return Some("hidden name (starts with '.'; allowed by allow_hidden_names)");
+    }
+    if !rules.allow_special && s.contains(SPECIAL_CHARACTERS) {
+        return Some("contains one of \\ > < | * $ & ; ` (allowed by allow_special_characters)");
+    }
+    if !rules.allow_double_dots && s.contains("..") {
+        return Some("contains '..' (allowed by allow_double_dots)");
     }
     None
 }
@@ -159,7 +200,7 @@ pub fn discover(source: &Path, rules: &Rules, open: &OpenFiles) -> Discovery {
                 out.skip(&rel, SkipReason::Symlink);
                 continue;
             }
-            if let Some(why) = unsafe_name(&name) {
+            if let Some(why) = unsafe_name(&name, &rules.names) {
                 out.skip(&rel, SkipReason::UnsafeName(why));
                 continue;
             }
@@ -268,6 +309,7 @@ mod tests {
             stability: None,
             priority: Priority::Largest,
             priority_paths: vec!["urgent".into()],
+            names: NameRules::default(),
         };
         order(&mut v, &rules);
         let names: Vec<_> = v.iter().map(|c| c.rel.to_str().unwrap()).collect();
@@ -276,10 +318,41 @@ mod tests {
 
     #[test]
     fn unsafe_names() {
+        use std::ffi::OsStr;
         use std::os::unix::ffi::OsStrExt;
-        assert!(unsafe_name(std::ffi::OsStr::new("-rf")).is_some());
-        assert!(unsafe_name(std::ffi::OsStr::new("a\nb")).is_some());
-        assert!(unsafe_name(std::ffi::OsStr::from_bytes(b"\xff")).is_some());
-        assert!(unsafe_name(std::ffi::OsStr::new("a b\\c.txt")).is_none());
+        let strict = NameRules::default();
+        let relaxed = NameRules {
+            allow_hidden: true,
+            allow_special: true,
+            allow_double_dots: true,
+        };
+        for rules in [&strict, &relaxed] {
+            assert!(unsafe_name(OsStr::new("-rf"), rules).is_some());
+            assert!(unsafe_name(OsStr::new("a\nb"), rules).is_some());
+            assert!(unsafe_name(OsStr::from_bytes(b"\xff"), rules).is_some());
+            assert!(unsafe_name(OsStr::new("report\u{202e}txt.scr"), rules).is_some());
+            assert!(unsafe_name(OsStr::new("a\u{200b}b"), rules).is_some());
+            assert!(unsafe_name(OsStr::new("plain name.txt"), rules).is_none());
+            assert!(unsafe_name(OsStr::new(".shuttle-tmp.12"), rules).is_none());
+        }
+        for name in [
+            ".DS_Store",
+            "._x",
+            ".name.Ab12Cd",
+            "a b\\c.txt",
+            "a>b",
+            "a<b",
+            "a|b",
+            "a*b",
+            "$x",
+            "a&b",
+            "a;b",
+            "a`b",
+            "a..b",
+            "..",
+        ] {
+            assert!(unsafe_name(OsStr::new(name), &strict).is_some(), "{name}");
+            assert!(unsafe_name(OsStr::new(name), &relaxed).is_none(), "{name}");
+        }
     }
 }

@@ -13,6 +13,7 @@ use crate::deliver::{self, DeliverError, Target};
 use crate::fsx;
 use crate::hazard;
 use crate::journal::{Journal, Outcome};
+use crate::names::shown;
 use crate::notify;
 use crate::quarantine::{self, QuarantineError, Quarantined, Stamp};
 use crate::report::KeptSource;
@@ -38,6 +39,8 @@ pub struct FileResult {
     /// Delivered but not yet durable: the admission thread commits it with its batch
     /// (one syncfs, one journal transaction) and only then removes the source.
     pub pending: Option<Pending>,
+    /// Per-engine scan figures for the file's log line (empty until scanned).
+    pub figures: String,
 }
 
 /// A clean delivery waiting for its batch's commit.
@@ -63,6 +66,16 @@ impl FileResult {
             fatal: None,
             verdict: None,
             pending: None,
+            figures: String::new(),
+        }
+    }
+
+    /// `; scan: clamav 12 ms for 3000 bytes (timeout 300.0 s)` once scanned.
+    fn scan_part(&self) -> String {
+        if self.figures.is_empty() {
+            String::new()
+        } else {
+            format!("; scan: {}", self.figures)
         }
     }
 
@@ -89,7 +102,7 @@ fn journal(
     f: impl FnOnce(&Journal) -> Result<(), crate::journal::JournalError>,
 ) {
     if let Err(e) = f(&lock(run.journal)) {
-        tracing::error!("journal write failed for {}: {e}", r.rel);
+        tracing::error!("journal write failed for {}: {e}", shown(&r.rel));
         r.fatal
             .get_or_insert_with(|| format!("journal write failed: {e}"));
     }
@@ -105,7 +118,7 @@ fn finish(
     r.outcome = outcome;
     r.error = error;
     if let Err(e) = lock(run.journal).file_finished(&r.finished(disposition)) {
-        tracing::error!("journal write failed for {}: {e}", r.rel);
+        tracing::error!("journal write failed for {}: {e}", shown(&r.rel));
         r.fatal
             .get_or_insert_with(|| format!("journal write failed: {e}"));
     }
@@ -125,7 +138,12 @@ fn fail(
     if let Some(q) = copy {
         remove_copy(q);
     }
-    tracing::error!("FAILED {:?}: {why}; source left in place", r.rel);
+    tracing::error!(
+        "FAILED {:?}: {why}; source left in place; {} bytes{}",
+        shown(&r.rel),
+        r.size,
+        r.scan_part()
+    );
     if disk_full {
         r.fatal = Some(why.clone());
     }
@@ -165,7 +183,7 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
             | QuarantineError::Vanished
             | QuarantineError::NotRegular),
         ) => {
-            tracing::info!("skipped {:?}: {e}", rel);
+            tracing::info!("skipped {:?}: {e}", shown(rel));
             return finish(
                 run,
                 r,
@@ -180,11 +198,18 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
         }
     };
     r.sha256 = Some(q.sha256.clone());
+    tracing::debug!(
+        "quarantined {:?}: {} bytes, sha256 {}",
+        shown(rel),
+        q.size,
+        q.sha256
+    );
 
     // 8. Scan.
     crate::crashpoint::here("scan: quarantined, before scan");
     let scan = run.scanners.scan(&q.path, q.size, &|| q.reopen());
     crate::crashpoint::here("scan: scanned, before disposal");
+    r.figures = scan.figures_line();
     let verdict = scan.verdict.clone();
     r.scanners = serde_json::to_value(&scan.results).unwrap_or_default();
     r.verdict = Some(verdict_label(&verdict));
@@ -223,10 +248,13 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
 /// `Ok(false)`: it was already gone; `Err`: kept, and why.
 pub fn remove_source(run: &Run, q: &Quarantined, buf: &mut [u8]) -> Result<bool, KeptSource> {
     match cleanup::remove_source(&run.roots.source, &q.rel, q, buf) {
-        Ok(()) => Ok(true),
+        Ok(()) => {
+            tracing::debug!("source {:?} removed", shown(&q.rel));
+            Ok(true)
+        }
         Err(SourceKept::Gone) => Ok(false),
         Err(kept) => {
-            tracing::warn!("source {:?} kept: {kept}", q.rel);
+            tracing::warn!("source {:?} kept: {kept}", shown(&q.rel));
             Err(KeptSource {
                 path: q.rel.to_string_lossy().into_owned(),
                 reason: kept.to_string(),
@@ -237,7 +265,7 @@ pub fn remove_source(run: &Run, q: &Quarantined, buf: &mut [u8]) -> Result<bool,
 
 fn remove_copy(q: &Quarantined) {
     if let Err(e) = q.remove() {
-        tracing::error!("cannot remove quarantine copy {}: {e}", q.path.display());
+        tracing::error!("cannot remove quarantine copy {:?}: {e}", shown(&q.path));
     }
 }
 
@@ -275,14 +303,17 @@ fn deliver_clean(
         // Made durable with its batch: one syncfs for many files (group commit).
         durable: false,
     };
+    tracing::debug!("delivering {:?} to the destination", shown(rel));
     match deliver::deliver(q, rel, id, &target, buf) {
         Ok(d) => {
             r.destination = Some(d.path.display().to_string());
             tracing::info!(
-                "clean: {:?} -> {} ({})",
-                rel,
-                d.path.display(),
-                d.how.as_str()
+                "clean: {:?} -> {:?} ({}); {} bytes{}",
+                shown(rel),
+                shown(&d.path),
+                d.how.as_str(),
+                q.size,
+                r.scan_part()
             );
             // Not finished yet: the journal records it, and the source goes, only
             // once the batch it joins is durable (pipeline::Batch).
@@ -296,9 +327,10 @@ fn deliver_clean(
         Err(DeliverError::ConflictSkipped(p)) => {
             remove_copy(q);
             tracing::warn!(
-                "not delivered: {} holds different bytes (on_conflict = skip); source {:?} kept",
-                p.display(),
-                rel
+                "not delivered: {:?} holds different bytes (on_conflict = skip); source {:?} kept{}",
+                shown(&p),
+                shown(rel),
+                r.scan_part()
             );
             Disposed::Finished(finish(
                 run,
@@ -393,7 +425,7 @@ fn dispose_suspect(
                     };
                     (
                         "archived",
-                        format!("encrypted into {}{from}", stored.archive.display()),
+                        format!("encrypted into {}{from}", shown(&stored.archive)),
                     )
                 }
                 (hazard::Disposal::Deleted, Some(engine)) => (
@@ -407,19 +439,25 @@ fn dispose_suspect(
                     "deleted (no hazard archive configured)".to_string(),
                 ),
             };
-            tracing::warn!("SUSPECT {:?}: {found}; quarantine copy {place}", rel);
+            tracing::warn!(
+                "SUSPECT {:?}: {found}; quarantine copy {place}; {} bytes{}",
+                shown(&rel),
+                q.size,
+                r.scan_part()
+            );
             run.notifier.send(
                 notify::Kind::Hazard,
-                &format!("Shuttle: suspect file {}", r.rel),
+                &format!("Shuttle: suspect file {}", shown(&r.rel)),
                 &format!(
                     "File: {}\nSHA-256: {}\nDetections: {found}\nDisposal: {place}\n",
-                    r.rel, q.sha256
+                    shown(&r.rel),
+                    q.sha256
                 ),
             );
             if !run.cfg.delete_source_files {
                 tracing::warn!(
                     "suspect source {:?} stays in the drop directory (delete_source_files_after_copying is off)",
-                    rel
+                    shown(&rel)
                 );
             }
             Disposed::SourceMayGo(finish(run, r, Outcome::Suspect, how, None))
@@ -488,13 +526,19 @@ fn removed_by_engine(
         }
         Err(why) => {
             r.detections = detections;
-            tracing::error!("SUSPECT {:?}: {found}; {why}; source kept", rel);
+            tracing::error!(
+                "SUSPECT {:?}: {found}; {why}; source kept; {} bytes{}",
+                shown(rel),
+                q.size,
+                r.scan_part()
+            );
             run.notifier.send(
                 notify::Kind::Hazard,
-                &format!("Shuttle: suspect file {}", r.rel),
+                &format!("Shuttle: suspect file {}", shown(&r.rel)),
                 &format!(
                     "File: {}\nSHA-256: {}\nDetections: {found}\nDisposal: {why}; the source stays in the drop directory\n",
-                    r.rel, q.sha256
+                    shown(&r.rel),
+                    q.sha256
                 ),
             );
             r.kept = Some(KeptSource {

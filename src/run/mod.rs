@@ -127,12 +127,7 @@ pub fn pass(cfg: &Config, opts: &RunOptions) -> Report {
         tracing::error!("cannot write report {}: {e}", path.display());
     }
     crate::metrics::write(cfg, &report, clock.elapsed());
-    notify::run_end(
-        &notifier,
-        cfg.notifications.notify_summary,
-        opts.watch,
-        &report,
-    );
+    notify::run_end(&notifier, cfg.notifications.notify_summary, &report);
     // Dropping the notifier waits for the mail queue, at most one SMTP timeout.
     drop(notifier);
     report
@@ -208,6 +203,7 @@ fn run_locked(
         stability: (!cfg.skip_stability_check).then(|| Duration::from_secs(cfg.stability_seconds)),
         priority: cfg.priority,
         priority_paths: cfg.priority_paths.clone(),
+        names: cfg.name_rules,
     };
     let discovery = discover::discover(&cfg.source_path, &rules, &open);
     report.files.discovered = discovery.candidates.len() as u64 + discovery.skipped_total();
@@ -223,7 +219,15 @@ fn run_locked(
 
     // 6–10. Admit, quarantine, scan, dispose, remove sources.
     let today = journal::local_day(chrono::Local::now());
-    let admission = Admission::new(cfg, j.day_totals(&today)?);
+    let mut day_before = j.day_totals(&today)?;
+    if cfg.throttle.enabled
+        && let Some((files, bytes)) =
+            crate::legacy::day_totals(&cfg.tracking_data_path, &j, run_id, &today)
+    {
+        day_before.0 += files;
+        day_before.1 += bytes;
+    }
+    let admission = Admission::new(cfg, day_before);
     for (sample, total) in admission.samples() {
         j.record_space(run_id, &sample, total)?;
     }

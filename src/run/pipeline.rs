@@ -247,6 +247,11 @@ impl Books<'_> {
                 return None;
             }
         };
+        tracing::debug!(
+            "admitted {:?}: {} bytes, journal id {id}",
+            crate::names::shown(&rel),
+            candidate.size
+        );
         self.tickets.insert(id, ticket);
         self.report.files.admitted += 1;
         self.progress.admitted(candidate.size);
@@ -344,6 +349,7 @@ fn commit(
             .unwrap_or_else(|p| p.into_inner())
             .get_or_insert(why);
     };
+    let started = std::time::Instant::now();
     crate::crashpoint::here("commit: before syncfs");
     if let Err(e) = run.roots.destination.root().syncfs() {
         // Delivered, but not known durable: keep every source; the next run finds the
@@ -399,6 +405,12 @@ fn commit(
             removed.len()
         );
     }
+    tracing::debug!(
+        "batch of {} delivered file(s) durable (syncfs, journal) and {} source(s) removed in {} ms",
+        batch.len(),
+        removed.len(),
+        started.elapsed().as_millis()
+    );
     done.extend(batch);
 }
 

@@ -104,6 +104,42 @@ pub struct FileScan {
     pub results: Vec<EngineResult>,
     /// The engine after whose detection the quarantine copy had vanished, if any.
     pub removed_by: Option<&'static str>,
+    /// How long each engine took, for the per-file log line.
+    pub figures: Vec<ScanFigures>,
+}
+
+/// One engine's scan of one file, as the log shows it: engine, wall time (all
+/// attempts), bytes, the timeout each attempt had.
+#[derive(Debug, Clone)]
+pub struct ScanFigures {
+    pub engine: &'static str,
+    pub elapsed: Duration,
+    pub bytes: u64,
+    pub timeout: Option<Duration>,
+}
+
+impl std::fmt::Display for ScanFigures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {} ms for {} bytes",
+            self.engine,
+            self.elapsed.as_millis(),
+            self.bytes
+        )?;
+        match self.timeout {
+            Some(t) => write!(f, " (timeout {:.1} s)", t.as_secs_f64()),
+            None => write!(f, " (no timeout)"),
+        }
+    }
+}
+
+impl FileScan {
+    /// `clamav 12 ms for 3000 bytes (timeout 300.0 s); defender …`
+    pub fn figures_line(&self) -> String {
+        let parts: Vec<String> = self.figures.iter().map(|f| f.to_string()).collect();
+        parts.join("; ")
+    }
 }
 
 /// Timeouts and retries (DESIGN §1.8).
@@ -112,7 +148,7 @@ pub struct Policy {
     pub base: Duration,
     pub ms_per_byte: f64,
     pub retry_wait: Duration,
-    /// Timeouts in one run before the circuit breaker opens.
+    /// Timeouts in one run before the circuit breaker opens; 0 = no limit.
     pub retry_count: u32,
 }
 
@@ -203,16 +239,34 @@ impl Scanners {
         let mut detections = Vec::new();
         let mut failure: Option<String> = None;
         let mut removed_by = None;
+        let mut figures = Vec::new();
         for (engine, version) in &self.engines {
+            let started = std::time::Instant::now();
             let outcome = self.scan_one(engine.as_ref(), path, size, open);
+            figures.push(ScanFigures {
+                engine: engine.name(),
+                elapsed: started.elapsed(),
+                bytes: size,
+                timeout: self.policy.timeout_for(size),
+            });
+            tracing::debug!(
+                "scan {:?}: {} {}",
+                crate::names::shown(path),
+                figures[figures.len() - 1],
+                match &outcome {
+                    Ok(Verdict::Clean) => "clean".to_string(),
+                    Ok(Verdict::Suspect(n)) => format!("suspect ({})", n.join(", ")),
+                    Err(e) => format!("failed ({e})"),
+                }
+            );
             let removed_file = removed_by.is_none()
                 && matches!(outcome, Ok(Verdict::Suspect(_)))
                 && matches!(std::fs::symlink_metadata(path), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
             if removed_file {
                 tracing::warn!(
-                    "{} removed the quarantine copy {} after its detection",
+                    "{} removed the quarantine copy {:?} after its detection",
                     engine.name(),
-                    path.display()
+                    crate::names::shown(path)
                 );
                 removed_by = Some(engine.name());
             }
@@ -249,6 +303,7 @@ impl Scanners {
             verdict,
             results,
             removed_by,
+            figures,
         }
     }
 
@@ -271,13 +326,17 @@ impl Scanners {
             match engine.scan(&file, path, size, timeout) {
                 Err(ScanError::Timeout(t)) => {
                     let n = self.timeouts.fetch_add(1, Ordering::SeqCst) + 1;
+                    let allowed = match self.policy.retry_count {
+                        0 => "no limit".to_string(),
+                        c => format!("{c} allowed"),
+                    };
                     tracing::warn!(
-                        "{} timed out after {t:?} scanning {} (timeout {n} of {} allowed this run)",
+                        "{} timed out after {t:?} scanning {:?} (timeout {n} this run, {allowed})",
                         engine.name(),
-                        path.display(),
-                        self.policy.retry_count
+                        crate::names::shown(path),
                     );
-                    if n >= self.policy.retry_count {
+                    // 0 = no limit (the earlier implementation's meaning).
+                    if self.policy.retry_count > 0 && n >= self.policy.retry_count {
                         if !self.tripped.swap(true, Ordering::SeqCst) {
                             tracing::error!(
                                 "circuit breaker: {n} scan timeouts this run; admitting no more files"
@@ -334,6 +393,58 @@ mod tests {
         let e = eicar();
         assert_eq!(e.len(), 68);
         assert!(e.starts_with(b"X5O!P%@AP"));
+    }
+
+    /// Times out `timeouts` times, then answers clean.
+    struct Slow {
+        timeouts: AtomicU32,
+    }
+
+    impl Scanner for Slow {
+        fn name(&self) -> &'static str {
+            "slow"
+        }
+        fn version(&self) -> Result<String, ScanError> {
+            Ok("slow 1".into())
+        }
+        fn scan(
+            &self,
+            _: &File,
+            _: &Path,
+            _: u64,
+            _: Option<Duration>,
+        ) -> Result<Verdict, ScanError> {
+            let left = self.timeouts.load(Ordering::SeqCst);
+            if left == 0 {
+                return Ok(Verdict::Clean);
+            }
+            self.timeouts.store(left - 1, Ordering::SeqCst);
+            Err(ScanError::Timeout(Duration::from_millis(1)))
+        }
+    }
+
+    #[test]
+    fn retry_count_zero_means_no_limit() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let open = || File::open(f.path());
+        for (count, tripped) in [(0, false), (3, true)] {
+            let policy = Policy {
+                base: Duration::from_secs(1),
+                ms_per_byte: 0.0,
+                retry_wait: Duration::ZERO,
+                retry_count: count,
+            };
+            let engine = Slow {
+                timeouts: AtomicU32::new(5),
+            };
+            let s = Scanners::start(vec![Box::new(engine)], policy, false).unwrap();
+            let scan = s.scan(f.path(), 0, &open);
+            assert_eq!(s.tripped(), tripped, "retry_count {count}");
+            if !tripped {
+                assert_eq!(scan.verdict, FileVerdict::Clean);
+                assert_eq!(scan.figures.len(), 1);
+            }
+        }
     }
 
     #[test]

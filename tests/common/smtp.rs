@@ -1,9 +1,11 @@
 //! A small real SMTP server on 127.0.0.1 for the notification tests: greeting, EHLO
 //! with capabilities, AUTH PLAIN/LOGIN (accepted, credentials recorded), optional
-//! STARTTLS, MAIL/RCPT/DATA/RSET/NOOP/QUIT, dot-unstuffing. It records every command
-//! and every message (envelope, headers, decoded body).
+//! STARTTLS, MAIL/RCPT/DATA/RSET/NOOP/QUIT, dot-unstuffing. It records every command,
+//! every message (envelope, headers, decoded body) and every byte received on the
+//! wire ([`Smtp::wire`]: as sent, before any TLS decryption).
 //!
-//! Modes: `Normal`; `Hang` (accepts connections, never says a word); `StartTlsThenClose`
+//! Modes: `Normal` (AUTH offered, no STARTTLS: a server that would take a password in
+//! clear); `Hang` (accepts connections, never says a word); `StartTlsThenClose`
 //! (advertises STARTTLS, answers 220 to it, then drops the connection, so the client's
 //! TLS handshake fails); `Tls` (a real STARTTLS session with the given rustls config).
 
@@ -48,6 +50,31 @@ impl Mail {
 struct Seen {
     mails: Vec<Mail>,
     commands: Vec<String>,
+    /// Every byte read from client sockets, in arrival order.
+    wire: Vec<u8>,
+}
+
+/// A client socket that records every byte read from it.
+struct Wire {
+    conn: TcpStream,
+    seen: Arc<Mutex<Seen>>,
+}
+
+impl Read for Wire {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.conn.read(buf)?;
+        self.seen.lock().unwrap().wire.extend_from_slice(&buf[..n]);
+        Ok(n)
+    }
+}
+
+impl Write for Wire {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.conn.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.conn.flush()
+    }
 }
 
 pub struct Smtp {
@@ -92,6 +119,11 @@ impl Smtp {
         self.seen.lock().unwrap().commands.clone()
     }
 
+    /// Every byte the server received, as it came over the wire.
+    pub fn wire(&self) -> Vec<u8> {
+        self.seen.lock().unwrap().wire.clone()
+    }
+
     /// Waits until at least `n` messages arrived (the run has ended by then anyway:
     /// it waits for its mail queue).
     pub fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Mail> {
@@ -109,10 +141,16 @@ impl Smtp {
 trait Stream: Read + Write {}
 impl<T: Read + Write> Stream for T {}
 
-fn session(conn: TcpStream, mode: &Mode, seen: &Mutex<Seen>) -> std::io::Result<()> {
+fn session(conn: TcpStream, mode: &Mode, seen: &Arc<Mutex<Seen>>) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut tls = false;
-    let mut stream: Box<dyn Stream> = Box::new(conn.try_clone()?);
+    let wire = |conn: &TcpStream| -> std::io::Result<Wire> {
+        Ok(Wire {
+            conn: conn.try_clone()?,
+            seen: Arc::clone(seen),
+        })
+    };
+    let mut stream: Box<dyn Stream> = Box::new(wire(&conn)?);
     stream.write_all(b"220 test.invalid ESMTP test server\r\n")?;
     let mut r = BufReader::new(stream);
     let mut auth = None;
@@ -141,7 +179,7 @@ fn session(conn: TcpStream, mode: &Mode, seen: &Mutex<Seen>) -> std::io::Result<
             match mode {
                 Mode::Tls(cfg) => {
                     let sc = rustls::ServerConnection::new(Arc::clone(cfg)).unwrap();
-                    let s = rustls::StreamOwned::new(sc, conn.try_clone()?);
+                    let s = rustls::StreamOwned::new(sc, wire(&conn)?);
                     r = BufReader::new(Box::new(s));
                     tls = true;
                 }
