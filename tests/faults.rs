@@ -250,16 +250,17 @@ fn max_file_size_mb_fails_a_sparse_2_gib_file_without_copying_it() {
     assert!(started.elapsed() < Duration::from_secs(5), "not copied");
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(
-        r.stderr.contains("larger than max_file_size_mb (100 MB)"),
+        r.stderr.contains("exceeds max_file_size_mb (100 MiB)"),
         "{}",
         r.stderr
     );
+    assert_eq!(env.report()["files"]["too_large"], 1);
     assert!(Env::tree(&env.quarantine).is_empty() && Env::tree(&env.dst).is_empty());
     assert_eq!(std::fs::metadata(&p).unwrap().len(), 2 << 30);
 }
 
 #[test]
-fn check_warns_when_clamd_lets_oversized_files_through() {
+fn check_shows_the_clamd_lines_to_set() {
     let mut env = Env::new();
     let conf = env.root().join("clamd-no-alert.conf");
     std::fs::write(
@@ -272,25 +273,17 @@ fn check_warns_when_clamd_lets_oversized_files_through() {
     .unwrap();
     env.set("clamd_config", conf.to_str().unwrap());
     let r = env.shuttle(&["check", "--config", env.config.to_str().unwrap()]);
-    assert_eq!(r.code, 0, "a warning, not a problem: {}", r.stdout);
     assert!(
-        r.stdout.contains("warning: clamd") && r.stdout.contains("AlertExceedsMax off"),
+        r.stdout.contains("warning: set `AlertExceedsMax yes`"),
         "{}",
         r.stdout
     );
-    assert!(r.stdout.contains("larger than 50 MB"), "{}", r.stdout);
-    env.set("max_file_size_mb", "50");
-    let r = env.shuttle(&["check", "--config", env.config.to_str().unwrap()]);
-    assert!(
-        !r.stdout.contains("AlertExceedsMax"),
-        "max_file_size_mb covers it: {}",
-        r.stdout
-    );
-    // The test clamd has AlertExceedsMax yes: no warning.
+    assert!(r.stdout.contains("MaxFileSize 50 MiB"), "{}", r.stdout);
+    // The test clamd has AlertExceedsMax yes: nothing to set.
     env.set("clamd_config", clamd().conf().to_str().unwrap());
-    env.unset("max_file_size_mb");
     let r = env.shuttle(&["check", "--config", env.config.to_str().unwrap()]);
-    assert!(!r.stdout.contains("warning: clamd"), "{}", r.stdout);
+    assert_eq!(r.code, 0, "{}", r.stdout);
+    assert!(!r.stdout.contains("AlertExceedsMax yes`"), "{}", r.stdout);
 }
 
 #[test]
