@@ -247,8 +247,10 @@ pub fn parse_signatures(version: &str) -> super::Signatures {
     let _engine = parts.next();
     let db = parts.next().map(str::trim).unwrap_or("").to_string();
     let updated = parts.next().and_then(|d| {
-        let d = d.split_whitespace().collect::<Vec<_>>().join(" ");
-        chrono::NaiveDateTime::parse_from_str(&d, "%a %b %d %H:%M:%S %Y")
+        // The weekday is left out: it adds nothing, and must not make a date that
+        // names the wrong one unreadable.
+        let d = d.split_whitespace().skip(1).collect::<Vec<_>>().join(" ");
+        chrono::NaiveDateTime::parse_from_str(&d, "%b %d %H:%M:%S %Y")
             .ok()
             .map(|t| {
                 t.and_utc()

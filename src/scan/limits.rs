@@ -301,7 +301,7 @@ mod tests {
             l.refuse_size(3 << 30),
             Some(SizeRefusal::Unscannable(r)) if r.starts_with("beyond scanner size limit")
         ));
-        let l = limits(ClamdLimits::COMPILED_IN, false, true);
+        let l = limits(ASSUMED, false, true);
         assert!(matches!(
             l.refuse_size(26 << 20),
             Some(SizeRefusal::Unscannable(r)) if r.contains("assumed")
