@@ -141,7 +141,7 @@ pub fn inspect(f: &mut std::fs::File, l: &ArchiveLimits) -> io::Result<Finding> 
 }
 
 fn size_label(b: u64) -> String {
-    if b >= 1 << 20 && b % (1 << 20) == 0 {
+    if b >= 1 << 20 && b.is_multiple_of(1 << 20) {
         format!("{} MiB", b >> 20)
     } else if b >= 1 << 20 {
         format!("{:.1} MiB", b as f64 / 1_048_576.0)

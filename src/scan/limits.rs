@@ -75,7 +75,7 @@ pub enum SizeRefusal {
 }
 
 pub fn mib_label(b: u64) -> String {
-    if b % (1 << 20) == 0 {
+    if b.is_multiple_of(1 << 20) {
         format!("{} MiB", b >> 20)
     } else {
         format!("{:.1} MiB", b as f64 / 1_048_576.0)
