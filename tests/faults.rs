@@ -217,7 +217,8 @@ fn a_file_beyond_clamds_scan_limits_is_set_aside_never_clean() {
     let r = env.run(&[]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(
-        r.stderr.contains("UNSCANNABLE \"huge.img\": exceeds MaxFileSize 100 MiB"),
+        r.stderr
+            .contains("UNSCANNABLE \"huge.img\": exceeds MaxFileSize 100 MiB"),
         "{}",
         r.stderr
     );
