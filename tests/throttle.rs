@@ -115,9 +115,9 @@ fn destination_tmpfs_keeps_its_threshold_free_and_the_rest_waits_untouched() {
 fn quarantine_tmpfs_stops_admission_at_the_first_file_that_would_break_its_threshold() {
     let mut env = throttled(0);
     let mnt = Tmpfs::mount(&env.root().join("mnt-q"), 16);
-    // 2 MiB of something else on the filesystem: big.bin would fit it empty (so it is
+    // 1 MiB of something else on the filesystem: big.bin would fit it empty (so it is
     // not set aside as too large), but not now.
-    std::fs::write(mnt.dir.join("filler"), noise(2 * MIB, 99)).unwrap();
+    std::fs::write(mnt.dir.join("filler"), noise(MIB, 99)).unwrap();
     let q = mnt.dir.join("q");
     std::fs::create_dir(&q).unwrap();
     env.set("quarantine_path", q.to_str().unwrap());
@@ -125,7 +125,7 @@ fn quarantine_tmpfs_stops_admission_at_the_first_file_that_would_break_its_thres
     for (i, (name, size)) in [
         ("a.bin", 2 * MIB),
         ("b.bin", 2 * MIB),
-        ("big.bin", 5 * MIB),
+        ("big.bin", 5 * MIB + MIB / 2),
         ("c.bin", MIB),
     ]
     .iter()
@@ -407,23 +407,24 @@ fn throttle_off_still_survives_a_real_disk_full() {
     assert!(Env::tree(&env.dst).is_empty());
     drop(mnt);
 
-    // Destination too small for the file.
+    // Destination without room for the file (it would fit the empty filesystem).
     let mut env = Env::new();
-    let mnt = Tmpfs::mount(&env.root().join("mnt-tiny-d"), 4);
-    env.set("destination_path", mnt.dir.to_str().unwrap());
+    let mnt = Tmpfs::mount(&env.root().join("mnt-tiny-d"), 8);
+    std::fs::write(mnt.dir.join("filler"), noise(4 * MIB, 95)).unwrap();
+    let d = mnt.dir.join("d");
+    std::fs::create_dir(&d).unwrap();
+    env.set("destination_path", d.to_str().unwrap());
     env.drop_file("big.bin", &data);
     env.drop_file("later.txt", b"later");
     let r = env.run(&["--max-scan-threads", "1"]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.stderr.contains("disk full delivering to"), "{}", r.stderr);
     assert!(
-        Env::tree(&mnt.dir)
-            .keys()
-            .all(|k| !k.contains(".shuttle-tmp")),
+        Env::tree(&d).keys().all(|k| !k.contains(".shuttle-tmp")),
         "no temp left: {:?}",
-        Env::tree(&mnt.dir).keys()
+        Env::tree(&d).keys()
     );
-    assert!(!mnt.dir.join("big.bin").exists());
+    assert!(!d.join("big.bin").exists());
     assert_eq!(
         std::fs::read(env.src.join("big.bin")).unwrap(),
         data,
