@@ -324,7 +324,9 @@ impl Admission {
             };
             let need = size.saturating_mul(g.targets.len() as u64);
             let threshold = if self.enabled { g.threshold } else { 0 };
-            if need.saturating_add(threshold) > space.total {
+            // A threshold no file could meet is the configuration's fault, not the
+            // file's: that stays a throttle stop.
+            if threshold < space.total && need.saturating_add(threshold) > space.total {
                 return Some(format!(
                     "{:.1} MB cannot fit {} {} even when it is empty ({:.1} MB filesystem{})",
                     mib(size),
