@@ -210,7 +210,7 @@ fn a_file_beyond_clamds_scan_limits_is_set_aside_never_clean() {
         .write(true)
         .open(&p)
         .unwrap()
-        .set_len(101 << 20)
+        .set_len(401 << 20)
         .unwrap();
     age(&p, 60);
     env.drop_file("ok.txt", b"ok");
@@ -218,7 +218,7 @@ fn a_file_beyond_clamds_scan_limits_is_set_aside_never_clean() {
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(
         r.stderr
-            .contains("UNSCANNABLE \"huge.img\": exceeds MaxFileSize 100 MiB"),
+            .contains("UNSCANNABLE \"huge.img\": exceeds MaxFileSize 400 MiB"),
         "{}",
         r.stderr
     );
@@ -226,7 +226,7 @@ fn a_file_beyond_clamds_scan_limits_is_set_aside_never_clean() {
     assert_eq!(Env::tree(&env.dst).keys().collect::<Vec<_>>(), ["ok.txt"]);
     assert_eq!(
         std::fs::metadata(&p).unwrap().len(),
-        101 << 20,
+        401 << 20,
         "source kept"
     );
     assert_eq!(

@@ -58,7 +58,7 @@ pub fn clamd() -> &'static Clamd {
 
 /// The scan limits of the shared test clamd.
 pub const DEFAULT_LIMITS: &str =
-    "StreamMaxLength 1M\nMaxFileSize 100M\nMaxScanSize 400M\nAlertExceedsMax yes\n";
+    "StreamMaxLength 1M\nMaxFileSize 400M\nMaxScanSize 400M\nAlertExceedsMax yes\n";
 
 impl Clamd {
     /// Starts a new private clamd and waits until it answers. The returned child dies
