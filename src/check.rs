@@ -88,22 +88,36 @@ pub fn check(cli: &CommandLine) -> i32 {
             cfg.scanning.canary,
         ) {
             Ok(s) => {
-                for (name, version) in s.versions() {
+                for ((name, version), (_, sigs)) in s.versions().into_iter().zip(s.signatures()) {
                     let canary = if cfg.scanning.canary {
                         ", canary detected"
                     } else {
                         ""
                     };
-                    println!("ok: scanner {name} answers: {version}{canary}");
+                    println!(
+                        "ok: scanner {name} answers: {version}{canary}; signatures {} of {}",
+                        sigs.version,
+                        sigs.updated.as_deref().unwrap_or("unknown date")
+                    );
+                }
+                for stale in s.stale_signatures(crate::run::max_signature_age(cfg)) {
+                    problems.push(format!(
+                        "signatures too old: {stale} (a run would deliver nothing)"
+                    ));
                 }
             }
             Err(e) => problems.push(format!("scanner {e}")),
         },
     }
-    if cfg.scanning.clam_av {
-        for w in clamd_limit_warnings(cfg) {
-            println!("warning: {w}");
-        }
+    // What the engines scan whole: a run sets aside (never delivers) what lies beyond,
+    // so these are not problems, but the clamd.conf lines that avoid setting files
+    // aside needlessly are shown until they are set.
+    let limits = crate::scan::limits::ScanLimits::for_config(cfg);
+    if let Some(d) = limits.describe() {
+        println!("ok: {d}");
+    }
+    for r in limits.recommendations() {
+        println!("warning: {r}");
     }
     for p in &problems {
         println!("problem: {p}");
@@ -115,45 +129,4 @@ pub fn check(cli: &CommandLine) -> i32 {
         println!("shuttle check: {} problem(s) found", problems.len());
         2
     }
-}
-
-/// Warns when clamd, as its configuration reads, would report a file larger than its
-/// scan limits as clean (issue: `AlertExceedsMax`).
-fn clamd_limit_warnings(cfg: &config::Config) -> Vec<String> {
-    use crate::config::ClamdEndpoint;
-    use crate::scan::clamav::ClamdLimits;
-    let conf = &cfg.scanning.clamd_config;
-    let limits = match ClamdLimits::read(conf) {
-        Ok(l) => l,
-        Err(e) => {
-            return vec![format!(
-                "cannot read clamd's configuration {} ({e}): cannot tell whether clamd reports files above its scan limits as clean; set clamd_config, or max_file_size_mb below clamd's MaxFileSize",
-                conf.display()
-            )];
-        }
-    };
-    if let (Some(ClamdEndpoint::Unix(sock)), Some(local)) =
-        (&cfg.scanning.clamd, &limits.local_socket)
-        && sock != local
-    {
-        return vec![format!(
-            "{} describes the clamd at {}, not {}: point clamd_config at the right file to check its scan limits",
-            conf.display(),
-            local.display(),
-            sock.display()
-        )];
-    }
-    let Some(largest) = limits.largest_scanned() else {
-        return Vec::new();
-    };
-    let cap = cfg.scanning.max_file_size_mb.saturating_mul(1 << 20);
-    if limits.alert_exceeds_max || (cap > 0 && cap <= largest) {
-        return Vec::new();
-    }
-    vec![format!(
-        "clamd ({}) has AlertExceedsMax off: a file larger than {:.0} MB (MaxFileSize/MaxScanSize) is scanned only in part and reported clean. Set `AlertExceedsMax yes` in clamd.conf (Shuttle then fails such files), or max_file_size_mb to {:.0} or less",
-        conf.display(),
-        crate::fsx::mib(largest),
-        crate::fsx::mib(largest)
-    )]
 }

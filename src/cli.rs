@@ -29,6 +29,7 @@ fn is_bool_key(name: &str) -> bool {
             | "throttle"
             | "skip_stability_check"
             | "canary"
+            | "block_encrypted_archives"
             | "notify"
             | "notify_summary"
             | "use_tls"

@@ -36,6 +36,12 @@ pub enum Outcome {
     Skipped,
     /// An earlier run died while handling it; recovery cleaned up after it.
     Interrupted,
+    /// An engine cannot scan it whole (a scan limit, encryption): left in the source,
+    /// set aside until it or the limits change.
+    Unscannable,
+    /// It can never fit (larger than `max_file_size_mb`, or than a target's whole
+    /// filesystem less its threshold): left in the source, set aside likewise.
+    TooLarge,
 }
 
 impl Outcome {
@@ -46,6 +52,8 @@ impl Outcome {
             Outcome::Failed => "failed",
             Outcome::Skipped => "skipped",
             Outcome::Interrupted => "interrupted",
+            Outcome::Unscannable => "unscannable",
+            Outcome::TooLarge => "too_large",
         }
     }
 }
@@ -162,7 +170,50 @@ pub struct Journal {
     path: PathBuf,
 }
 
-const SCHEMA: &str = "
+/// A file that is set aside: by its identity, so that it is neither copied again nor
+/// reported again until it changes or the limits change.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Identity {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i64,
+}
+
+/// Why a file is set aside (the outcome it got).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetAside {
+    pub outcome: Outcome,
+    pub reason: String,
+    /// The limits it was judged under ([`crate::scan::limits::ScanLimits::fingerprint`]).
+    pub limits: String,
+}
+
+/// The schema, as an ordered list of migrations: migration `i` takes a journal from
+/// version `i` to `i + 1` (`PRAGMA user_version`). A journal written before
+/// versioning has user_version 0 and the tables of migration 0, which uses
+/// `IF NOT EXISTS` throughout and so applies to it unchanged.
+pub const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
+
+/// Version 2: set-aside files (unscannable, too large).
+const SCHEMA_V2: &str = "
+CREATE TABLE IF NOT EXISTS set_aside (
+    dev INTEGER NOT NULL,
+    ino INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    rel_path TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    limits TEXT NOT NULL,
+    file_id INTEGER,
+    first_seen INTEGER NOT NULL,
+    PRIMARY KEY (dev, ino, size, mtime_ns)
+);
+";
+
+/// Version 1: the schema before versioning.
+pub const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY,
     pid INTEGER NOT NULL,
@@ -222,6 +273,25 @@ CREATE TABLE IF NOT EXISTS throttle_events (
 );
 ";
 
+/// Brings the journal to the newest schema, one migration per transaction.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let from = usize::try_from(version).unwrap_or(0);
+    if from > MIGRATIONS.len() {
+        return Err(rusqlite::Error::InvalidParameterName(format!(
+            "journal schema version {version} is newer than this Shuttle knows ({}); use a newer Shuttle",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(from) {
+        let tx = conn.unchecked_transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
 fn now_secs() -> i64 {
     chrono::Utc::now().timestamp()
 }
@@ -249,7 +319,7 @@ impl Journal {
             .map_err(err)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(err)?;
-        conn.execute_batch(SCHEMA).map_err(err)?;
+        migrate(&conn).map_err(err)?;
         Ok(Journal { conn, path })
     }
 
@@ -562,6 +632,37 @@ impl Journal {
         self.wrap(rows.collect())
     }
 
+    /// Every set-aside file, by identity.
+    pub fn set_aside_all(
+        &self,
+    ) -> Result<std::collections::HashMap<Identity, SetAside>, JournalError> {
+        let mut st = self
+            .wrap(self.conn.prepare(
+                "SELECT dev, ino, size, mtime_ns, outcome, reason, limits FROM set_aside",
+            ))?;
+        let rows = self.wrap(st.query_map([], |r| {
+            let outcome: String = r.get(4)?;
+            Ok((
+                Identity {
+                    dev: r.get::<_, i64>(0)? as u64,
+                    ino: r.get::<_, i64>(1)? as u64,
+                    size: r.get::<_, i64>(2)? as u64,
+                    mtime_ns: r.get(3)?,
+                },
+                SetAside {
+                    outcome: if outcome == "too_large" {
+                        Outcome::TooLarge
+                    } else {
+                        Outcome::Unscannable
+                    },
+                    reason: r.get(5)?,
+                    limits: r.get(6)?,
+                },
+            ))
+        }))?;
+        self.wrap(rows.collect())
+    }
+
     /// When the first run other than `current` started on local day `day`
     /// (`YYYY-MM-DD`), as recorded (RFC 3339); `None` when there was none.
     pub fn first_run_on_day(
@@ -576,8 +677,104 @@ impl Journal {
         ))
     }
 
+    /// Remembers a file set aside (replacing what an earlier judgement said).
+    pub fn set_aside(
+        &self,
+        id: &Identity,
+        rel_path: &str,
+        what: &SetAside,
+        file_id: Option<i64>,
+    ) -> Result<(), JournalError> {
+        self.wrap(self.conn.execute(
+            "INSERT OR REPLACE INTO set_aside (dev, ino, size, mtime_ns, rel_path, outcome, reason, limits, file_id, first_seen)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                id.dev as i64,
+                id.ino as i64,
+                id.size as i64,
+                id.mtime_ns,
+                rel_path,
+                what.outcome.as_str(),
+                what.reason,
+                what.limits,
+                file_id,
+                now_secs()
+            ],
+        ))
+        .map(drop)
+    }
+
     /// Direct access for tests and the status command's ad-hoc queries.
     pub fn connection(&self) -> &Connection {
         &self.conn
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A journal written before the schema was versioned (user_version 0, the tables
+    /// of version 1) keeps its history and daily totals when opened, and gains the
+    /// newer tables.
+    #[test]
+    fn a_journal_from_before_versioning_is_migrated_with_its_history() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let old = Connection::open(dir.path().join(FILE_NAME)).unwrap();
+            old.execute_batch(SCHEMA_V1).unwrap();
+            old.execute_batch(
+                "INSERT INTO runs (id, pid, started, finished, exit_code, summary)
+                   VALUES (1, 42, '2026-11-24T08:00:00+00:00', '2026-11-24T08:01:00+00:00', 0, '{\"files\":{\"clean\":2}}');
+                 INSERT INTO files (run_id, rel_path, size, mtime_ns, state, outcome, admitted_at, finished_at, finished_day)
+                   VALUES (1, 'a.txt', 100, 1, 'finished', 'clean', 1, 2, '2026-11-24'),
+                          (1, 'b.txt', 250, 1, 'finished', 'suspect', 1, 2, '2026-11-24'),
+                          (1, 'c.txt', 999, 1, 'finished', 'failed', 1, 2, '2026-11-24');",
+            )
+            .unwrap();
+            let v: i64 = old
+                .query_row("PRAGMA user_version", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(v, 0, "today's journals carry no version");
+        }
+        let j = Journal::open(dir.path()).unwrap();
+        let v: i64 = j
+            .connection()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v as usize, MIGRATIONS.len());
+        assert_eq!(j.day_totals("2026-11-24").unwrap(), (2, 350));
+        let runs = j.last_runs(5).unwrap();
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].exit_code, Some(0));
+        assert_eq!(runs[0].summary.as_ref().unwrap()["files"]["clean"], 2);
+        assert!(j.set_aside_all().unwrap().is_empty());
+        // Opening again is a no-op; the new table works.
+        drop(j);
+        let j = Journal::open(dir.path()).unwrap();
+        let id = Identity {
+            dev: 1,
+            ino: 2,
+            size: 3,
+            mtime_ns: 4,
+        };
+        let what = SetAside {
+            outcome: Outcome::Unscannable,
+            reason: "encrypted archive".into(),
+            limits: "x".into(),
+        };
+        j.set_aside(&id, "e.zip", &what, None).unwrap();
+        assert_eq!(j.set_aside_all().unwrap().get(&id), Some(&what));
+        assert_eq!(j.day_totals("2026-11-24").unwrap(), (2, 350));
+    }
+
+    #[test]
+    fn a_journal_from_a_newer_shuttle_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Connection::open(dir.path().join(FILE_NAME)).unwrap();
+        c.pragma_update(None, "user_version", 99).unwrap();
+        drop(c);
+        let e = Journal::open(dir.path()).err().unwrap();
+        assert!(e.to_string().contains("newer"), "{e}");
     }
 }

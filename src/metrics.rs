@@ -68,6 +68,8 @@ pub fn render(
         ("clean", f.clean),
         ("suspect", f.suspect),
         ("failed", f.failed),
+        ("unscannable", f.unscannable),
+        ("too_large", f.too_large),
         ("deferred", f.deferred),
     ] {
         let _ = writeln!(s, "shuttle_run_files{{outcome=\"{outcome}\"}} {n}");
@@ -187,6 +189,21 @@ pub fn render(
             "shuttle_scanner_info{{scanner=\"{}\",version=\"{}\"}} 1",
             escape(e.scanner),
             escape(&e.version)
+        );
+    }
+    head(
+        &mut s,
+        "shuttle_signature_age_seconds",
+        "Age of each engine's signature database at the start of the last run (NaN: unknown)",
+    );
+    for e in &report.scanners {
+        let age = e
+            .signature_age_seconds
+            .map_or_else(|| "NaN".to_string(), |a| a.to_string());
+        let _ = writeln!(
+            s,
+            "shuttle_signature_age_seconds{{scanner=\"{}\"}} {age}",
+            escape(e.scanner)
         );
     }
     s

@@ -303,15 +303,17 @@ fn deliver(t: &SmtpTransport, c: &NotifyConfig, mail: &Mail) -> Result<(), MailE
 /// no summary; a pass whose only news is the same throttle stop as before is held back.
 pub fn run_end(n: &Notifier, notify_summary: bool, report: &Report) {
     let f = &report.files;
-    if f.failed > 0 {
-        n.send(
-            Kind::Error,
-            &format!("Shuttle: {} file(s) failed", f.failed),
-            &failed_body(report),
-        );
+    let set_aside = f.unscannable + f.too_large;
+    if f.failed > 0 || set_aside > 0 {
+        let subject = match (f.failed, set_aside) {
+            (0, n) => format!("Shuttle: {n} file(s) set aside (unscannable or too large)"),
+            (n, 0) => format!("Shuttle: {n} file(s) failed"),
+            (n, m) => format!("Shuttle: {n} file(s) failed, {m} set aside"),
+        };
+        n.send(Kind::Error, &subject, &failed_body(report));
     }
-    let busy = f.admitted > 0 || f.failed > 0;
-    let due = f.failed > 0 || report.throttle.stopped || (notify_summary && busy);
+    let busy = f.admitted > 0 || f.failed > 0 || set_aside > 0;
+    let due = f.failed > 0 || set_aside > 0 || report.throttle.stopped || (notify_summary && busy);
     if !due {
         return;
     }
@@ -329,6 +331,9 @@ fn summary_subject(r: &Report) -> String {
         "Shuttle summary: {} clean, {} suspect, {} failed",
         f.clean, f.suspect, f.failed
     );
+    if f.unscannable + f.too_large > 0 {
+        s.push_str(&format!(", {} set aside", f.unscannable + f.too_large));
+    }
     if r.throttle.stopped {
         s.push_str(&format!(
             ", throttled ({})",
@@ -349,6 +354,8 @@ pub fn summary_body(r: &Report) -> String {
          Clean (delivered): {} ({} bytes, {:.1} MB)\n\
          Suspect:          {} ({} bytes)\n\
          Failed:           {}\n\
+         Unscannable (set aside): {}\n\
+         Too large (set aside):   {}\n\
          Deferred (left in the source for the next run): {}\n",
         r.started,
         r.finished,
@@ -362,6 +369,8 @@ pub fn summary_body(r: &Report) -> String {
         f.suspect,
         r.bytes.suspect,
         f.failed,
+        f.unscannable,
+        f.too_large,
         f.deferred
     );
     if r.throttle.stopped {
@@ -392,6 +401,13 @@ pub fn summary_body(r: &Report) -> String {
     }
     for e in &r.scanners {
         s.push_str(&format!("\nScanner {}: {}", e.scanner, e.version));
+        if let Some(sig) = &e.signatures {
+            s.push_str(&format!(
+                " (signatures {}, {})",
+                sig.version,
+                sig.updated.as_deref().unwrap_or("undated")
+            ));
+        }
     }
     s.push('\n');
     s
@@ -401,11 +417,37 @@ pub fn summary_body(r: &Report) -> String {
 const FAILED_LISTED: usize = 200;
 
 fn failed_body(r: &Report) -> String {
-    let mut s = format!(
+    let mut s = String::new();
+    let set_aside = r
+        .file_results
+        .iter()
+        .filter(|e| e.outcome == "unscannable" || e.outcome == "too_large");
+    if r.files.unscannable + r.files.too_large > 0 {
+        s.push_str(&format!(
+            "{} file(s) were set aside in the run started {}: they stay untouched in the \
+             drop directory and are not copied or reported again until they change, are \
+             moved away, or the limits change (clamd.conf, max_file_size_mb, throttle).\n\n",
+            r.files.unscannable + r.files.too_large,
+            r.started
+        ));
+        for e in set_aside.take(FAILED_LISTED) {
+            s.push_str(&format!(
+                "- {} ({}): {}\n",
+                e.path,
+                e.outcome,
+                e.error.as_deref().unwrap_or("")
+            ));
+        }
+        s.push('\n');
+    }
+    if r.files.failed == 0 {
+        return s;
+    }
+    s.push_str(&format!(
         "{} file(s) failed in the run started {}. Their sources stay in the drop \
          directory and are tried again by the next run.\n\n",
         r.files.failed, r.started
-    );
+    ));
     let failed = r.file_results.iter().filter(|e| e.outcome == "failed");
     for e in failed.clone().take(FAILED_LISTED) {
         s.push_str(&format!(

@@ -16,6 +16,10 @@ pub struct FileCounts {
     pub clean: u64,
     pub suspect: u64,
     pub failed: u64,
+    /// An engine cannot scan them whole: set aside in the source this run.
+    pub unscannable: u64,
+    /// Can never fit a target, or larger than max_file_size_mb: set aside this run.
+    pub too_large: u64,
     pub deferred: u64,
 }
 
@@ -46,6 +50,10 @@ pub struct KeptSource {
 pub struct FileEntry {
     pub path: String,
     pub outcome: &'static str,
+    /// The combined verdict when scanned ("clean", "suspect", "failed",
+    /// "unscannable", "clean (encrypted archive contents unscanned)").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -62,6 +70,12 @@ pub struct FileEntry {
 pub struct EngineVersion {
     pub scanner: &'static str,
     pub version: String,
+    /// The signature database the run scanned with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signatures: Option<crate::scan::Signatures>,
+    /// Its age in seconds at the start of the run (unknown: absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signature_age_seconds: Option<u64>,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -87,7 +101,7 @@ impl Report {
     pub fn summary_line(&self) -> String {
         let f = &self.files;
         let mut s = format!(
-            "run finished (exit {}): {} discovered, {} skipped, {} admitted: {} clean ({:.1} MB), {} suspect, {} failed; {} deferred",
+            "run finished (exit {}): {} discovered, {} skipped, {} admitted: {} clean ({:.1} MB), {} suspect, {} failed, {} unscannable, {} too large; {} deferred",
             self.exit_code,
             f.discovered,
             f.skipped,
@@ -96,6 +110,8 @@ impl Report {
             fsx::mib(self.bytes.clean),
             f.suspect,
             f.failed,
+            f.unscannable,
+            f.too_large,
             f.deferred
         );
         if let (true, Some(reason)) = (self.throttle.stopped, self.throttle.reason) {

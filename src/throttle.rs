@@ -297,6 +297,61 @@ impl Admission {
         }
     }
 
+    /// What decides [`Admission::never_fits`]: a file set aside as too large is tried
+    /// again when this changes (a bigger filesystem, a lower threshold).
+    pub fn fingerprint(&self) -> String {
+        let mut s = format!("throttle={};day={}", self.enabled, self.limits.day_bytes);
+        for g in &self.groups {
+            let total = fsx::space(&self.targets[g.targets[0]].path)
+                .map(|s| s.total)
+                .unwrap_or(0);
+            s.push_str(&format!(";{}x{}+{}", total, g.targets.len(), g.threshold));
+        }
+        s
+    }
+
+    /// Why a file of `size` bytes could never be admitted, even with every target
+    /// otherwise empty: larger than a target filesystem's whole size less its
+    /// threshold (counted once per target sharing it), or than the daily volume
+    /// limit. Such a file is set aside as too large rather than stopping admission
+    /// for the files behind it. Sizes are apparent sizes (`st_size`): what the copy
+    /// writes, sparse or not, the same figure admission reserves.
+    pub fn never_fits(&self, size: u64) -> Option<String> {
+        for g in &self.groups {
+            let probe = &self.targets[g.targets[0]].path;
+            let Ok(space) = fsx::space(probe) else {
+                continue;
+            };
+            let need = size.saturating_mul(g.targets.len() as u64);
+            let threshold = if self.enabled { g.threshold } else { 0 };
+            // A threshold no file could meet is the configuration's fault, not the
+            // file's: that stays a throttle stop.
+            if threshold < space.total && need.saturating_add(threshold) > space.total {
+                return Some(format!(
+                    "{:.1} MB cannot fit {} {} even when it is empty ({:.1} MB filesystem{})",
+                    mib(size),
+                    self.group_names(g),
+                    probe.display(),
+                    mib(space.total),
+                    if threshold > 0 {
+                        format!(", {:.0} MB must stay free", mib(threshold))
+                    } else {
+                        String::new()
+                    }
+                ));
+            }
+        }
+        let day = self.limits.day_bytes;
+        if self.enabled && day > 0 && size > day {
+            return Some(format!(
+                "{:.1} MB is more than throttle_max_file_volume_per_day_mb ({:.0})",
+                mib(size),
+                mib(day)
+            ));
+        }
+        None
+    }
+
     fn group_names(&self, g: &FsGroup) -> String {
         g.targets
             .iter()

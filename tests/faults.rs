@@ -66,6 +66,8 @@ fn env_with_fake(mode: Fake) -> Env {
     let mut env = Env::new();
     let sock = fake_clamd(env.root(), mode);
     env.set("clamd_socket", sock.to_str().unwrap());
+    // The fake's signatures have no date.
+    env.set("max_signature_age_hours", "0");
     env
 }
 
@@ -201,29 +203,30 @@ fn clamd_killed_mid_run_leaves_every_file_delivered_or_in_the_source() {
 }
 
 #[test]
-fn a_file_beyond_clamds_scan_limits_is_failed_never_clean() {
+fn a_file_beyond_clamds_scan_limits_is_set_aside_never_clean() {
     let env = Env::new();
     let p = env.drop_file("huge.img", b"");
     std::fs::File::options()
         .write(true)
         .open(&p)
         .unwrap()
-        .set_len(101 << 20)
+        .set_len(401 << 20)
         .unwrap();
     age(&p, 60);
     env.drop_file("ok.txt", b"ok");
     let r = env.run(&[]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(
-        r.stderr.contains("Heuristics.Limits.Exceeded"),
+        r.stderr
+            .contains("UNSCANNABLE \"huge.img\": exceeds MaxFileSize 400 MiB"),
         "{}",
         r.stderr
     );
-    assert!(r.stderr.contains("not clean"), "{}", r.stderr);
+    assert_eq!(env.report()["files"]["unscannable"], 1);
     assert_eq!(Env::tree(&env.dst).keys().collect::<Vec<_>>(), ["ok.txt"]);
     assert_eq!(
         std::fs::metadata(&p).unwrap().len(),
-        101 << 20,
+        401 << 20,
         "source kept"
     );
     assert_eq!(
@@ -250,16 +253,17 @@ fn max_file_size_mb_fails_a_sparse_2_gib_file_without_copying_it() {
     assert!(started.elapsed() < Duration::from_secs(5), "not copied");
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(
-        r.stderr.contains("larger than max_file_size_mb (100 MB)"),
+        r.stderr.contains("exceeds max_file_size_mb (100 MiB)"),
         "{}",
         r.stderr
     );
+    assert_eq!(env.report()["files"]["too_large"], 1);
     assert!(Env::tree(&env.quarantine).is_empty() && Env::tree(&env.dst).is_empty());
     assert_eq!(std::fs::metadata(&p).unwrap().len(), 2 << 30);
 }
 
 #[test]
-fn check_warns_when_clamd_lets_oversized_files_through() {
+fn check_shows_the_clamd_lines_to_set() {
     let mut env = Env::new();
     let conf = env.root().join("clamd-no-alert.conf");
     std::fs::write(
@@ -272,25 +276,17 @@ fn check_warns_when_clamd_lets_oversized_files_through() {
     .unwrap();
     env.set("clamd_config", conf.to_str().unwrap());
     let r = env.shuttle(&["check", "--config", env.config.to_str().unwrap()]);
-    assert_eq!(r.code, 0, "a warning, not a problem: {}", r.stdout);
     assert!(
-        r.stdout.contains("warning: clamd") && r.stdout.contains("AlertExceedsMax off"),
+        r.stdout.contains("warning: set `AlertExceedsMax yes`"),
         "{}",
         r.stdout
     );
-    assert!(r.stdout.contains("larger than 50 MB"), "{}", r.stdout);
-    env.set("max_file_size_mb", "50");
-    let r = env.shuttle(&["check", "--config", env.config.to_str().unwrap()]);
-    assert!(
-        !r.stdout.contains("AlertExceedsMax"),
-        "max_file_size_mb covers it: {}",
-        r.stdout
-    );
-    // The test clamd has AlertExceedsMax yes: no warning.
+    assert!(r.stdout.contains("MaxFileSize 50 MiB"), "{}", r.stdout);
+    // The test clamd has AlertExceedsMax yes: nothing to set.
     env.set("clamd_config", clamd().conf().to_str().unwrap());
-    env.unset("max_file_size_mb");
     let r = env.shuttle(&["check", "--config", env.config.to_str().unwrap()]);
-    assert!(!r.stdout.contains("warning: clamd"), "{}", r.stdout);
+    assert_eq!(r.code, 0, "{}", r.stdout);
+    assert!(!r.stdout.contains("AlertExceedsMax yes`"), "{}", r.stdout);
 }
 
 #[test]

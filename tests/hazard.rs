@@ -414,6 +414,8 @@ fn a_source_changed_after_quarantine_is_kept_and_reported_but_its_scanned_bytes_
     let src = env.drop_file("evil.bin", b"original bytes");
     let sock = fake_clamd(env.root(), src.clone());
     env.set("clamd_socket", sock.to_str().unwrap());
+    // The fake's signatures are dated 1970.
+    env.set("max_signature_age_hours", "0");
     let r = env.run(&[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(
@@ -606,8 +608,13 @@ fn hazard_list_shows_entries_newest_first_and_flags_damaged_and_foreign_files() 
 fn a_full_hazard_archive_disk_fails_the_file_and_keeps_the_source() {
     let k = keys();
     let (mut env, _archive) = hazard_env(&k.curve_asc);
-    let mnt = Tmpfs::mount(&env.root().join("mnt-hazard"), 1);
-    env.set("hazard_archive_path", mnt.dir.to_str().unwrap());
+    let mnt = Tmpfs::mount(&env.root().join("mnt-hazard"), 4);
+    // The file fits the empty filesystem (it is not set aside as too large), but
+    // 2 MiB are taken by something else.
+    std::fs::write(mnt.dir.join("filler"), noise(2 << 20, 96)).unwrap();
+    let h = mnt.dir.join("h");
+    std::fs::create_dir(&h).unwrap();
+    env.set("hazard_archive_path", h.to_str().unwrap());
     let mut data = MARKER.to_vec();
     data.extend(noise(3 << 20, 8));
     env.drop_file("big-suspect.bin", &data);
@@ -619,7 +626,7 @@ fn a_full_hazard_archive_disk_fails_the_file_and_keeps_the_source() {
         data,
         "source intact"
     );
-    let left: Vec<_> = std::fs::read_dir(&mnt.dir)
+    let left: Vec<_> = std::fs::read_dir(&h)
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();

@@ -49,12 +49,16 @@ fn hazard_failed_and_summary_mails_reach_their_recipients_with_the_figures() {
     env.drop_file("in/a.txt", &clean1);
     env.drop_file("in/b.bin", &clean2);
     env.drop_file("in/eicar.com", EICAR);
-    env.drop_file("in/big.bin", &noise(2 << 20, 3)); // over max_file_size_mb: fails
+    env.drop_file("in/big.bin", &noise(2 << 20, 3)); // over max_file_size_mb: set aside
 
     let t = Instant::now();
     let r = env.run(&[]);
     let took = t.elapsed();
-    assert_eq!(r.code, 1, "a failed file makes exit 1: {}", r.stderr);
+    assert_eq!(
+        r.code, 1,
+        "a file newly set aside makes exit 1: {}",
+        r.stderr
+    );
     let mails = smtp.wait_for(3, Duration::from_secs(5));
     assert_eq!(mails.len(), 3, "hazard, error, summary: {mails:#?}");
     assert!(took < Duration::from_secs(20), "run took {took:?}");
@@ -79,23 +83,34 @@ fn hazard_failed_and_summary_mails_reach_their_recipients_with_the_figures() {
     assert!(h.body.contains("deleted"), "where it went: {}", h.body);
 
     let errors = to(&mails, "errors@example.invalid");
-    assert_eq!(errors.len(), 1, "one error mail listing the failed files");
+    assert_eq!(
+        errors.len(),
+        1,
+        "one error mail listing the files set aside"
+    );
     let e = errors[0];
-    assert_eq!(e.subject(), "Shuttle: 1 file(s) failed");
+    assert_eq!(
+        e.subject(),
+        "Shuttle: 1 file(s) set aside (unscannable or too large)"
+    );
     assert!(e.body.contains("in/big.bin"), "{}", e.body);
     assert!(e.body.contains("max_file_size_mb"), "{}", e.body);
 
     let summary = to(&mails, ADMIN);
     assert_eq!(summary.len(), 1, "summary falls back to recipient_email");
     let s = summary[0];
-    assert_eq!(s.subject(), "Shuttle summary: 2 clean, 1 suspect, 1 failed");
+    assert_eq!(
+        s.subject(),
+        "Shuttle summary: 2 clean, 1 suspect, 0 failed, 1 set aside"
+    );
     let total = clean1.len() + clean2.len();
     for line in [
         "Files discovered: 4".to_string(),
-        "Admitted:         4".to_string(),
+        "Admitted:         3".to_string(),
         format!("Clean (delivered): 2 ({total} bytes"),
         format!("Suspect:          1 ({} bytes)", EICAR.len()),
-        "Failed:           1".to_string(),
+        "Failed:           0".to_string(),
+        "Too large (set aside):   1".to_string(),
         "exit code 1".to_string(),
     ] {
         assert!(s.body.contains(&line), "summary has {line:?}:\n{}", s.body);
@@ -436,7 +451,7 @@ fn metrics_file_has_the_run_figures_and_keeps_the_last_success() {
     assert_eq!(r.code, 1);
     let m = parse_metrics(&std::fs::read_to_string(&path).unwrap());
     assert_eq!(
-        metric(&m, "shuttle_run_files", "outcome=\"failed\""),
+        metric(&m, "shuttle_run_files", "outcome=\"too_large\""),
         Some(1.0)
     );
     assert_eq!(metric(&m, "shuttle_run_exit_code", ""), Some(1.0));

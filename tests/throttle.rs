@@ -115,12 +115,17 @@ fn destination_tmpfs_keeps_its_threshold_free_and_the_rest_waits_untouched() {
 fn quarantine_tmpfs_stops_admission_at_the_first_file_that_would_break_its_threshold() {
     let mut env = throttled(0);
     let mnt = Tmpfs::mount(&env.root().join("mnt-q"), 16);
-    env.set("quarantine_path", mnt.dir.to_str().unwrap());
+    // 1 MiB of something else on the filesystem: big.bin would fit it empty (so it is
+    // not set aside as too large), but not now.
+    std::fs::write(mnt.dir.join("filler"), noise(MIB, 99)).unwrap();
+    let q = mnt.dir.join("q");
+    std::fs::create_dir(&q).unwrap();
+    env.set("quarantine_path", q.to_str().unwrap());
     env.set("quarantine_free_space_mb", "10");
     for (i, (name, size)) in [
         ("a.bin", 2 * MIB),
         ("b.bin", 2 * MIB),
-        ("big.bin", 7 * MIB),
+        ("big.bin", 5 * MIB + MIB / 2),
         ("c.bin", MIB),
     ]
     .iter()
@@ -159,8 +164,10 @@ fn targets_on_one_filesystem_are_checked_together() {
     std::fs::create_dir_all(&d).unwrap();
     env.set("quarantine_path", q.to_str().unwrap());
     env.set("destination_path", d.to_str().unwrap());
-    // 13 MiB counted for both targets is 26 MiB: 64 - 26 < 40. Counted once it would pass.
-    env.drop_file("big.bin", &noise(13 * MIB, 1));
+    // 8 MiB used by something else. 11 MiB counted for both targets is 22 MiB:
+    // 56 - 22 < 40. Counted once it would pass.
+    std::fs::write(mnt.dir.join("filler"), noise(8 * MIB, 98)).unwrap();
+    env.drop_file("big.bin", &noise(11 * MIB, 1));
     let r = env.run(&[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(Env::tree(&d).is_empty());
@@ -174,7 +181,7 @@ fn targets_on_one_filesystem_are_checked_together() {
     );
     // 10 MiB twice is 20 MiB: 64 - 20 >= 40, admitted and delivered.
     std::fs::remove_file(env.src.join("big.bin")).unwrap();
-    let data = noise(10 * MIB, 2);
+    let data = noise(7 * MIB, 2);
     env.drop_file("ok.bin", &data);
     let r = env.run(&[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
@@ -375,8 +382,13 @@ fn priority_orders_admission() {
 fn throttle_off_still_survives_a_real_disk_full() {
     // Quarantine too small for the file.
     let mut env = Env::new();
-    let mnt = Tmpfs::mount(&env.root().join("mnt-tiny-q"), 4);
-    env.set("quarantine_path", mnt.dir.to_str().unwrap());
+    let mnt = Tmpfs::mount(&env.root().join("mnt-tiny-q"), 8);
+    // Room for the file on the empty filesystem (so it is not set aside as too
+    // large), but 4 MiB are taken.
+    std::fs::write(mnt.dir.join("filler"), noise(4 * MIB, 97)).unwrap();
+    let q = mnt.dir.join("q");
+    std::fs::create_dir(&q).unwrap();
+    env.set("quarantine_path", q.to_str().unwrap());
     let data = noise(6 * MIB, 6);
     env.drop_file("big.bin", &data);
     let r = env.run(&[]);
@@ -386,7 +398,7 @@ fn throttle_off_still_survives_a_real_disk_full() {
         "{}",
         r.stderr
     );
-    assert!(Env::tree(&mnt.dir).is_empty(), "temp file removed");
+    assert!(Env::tree(&q).is_empty(), "temp file removed");
     assert_eq!(
         std::fs::read(env.src.join("big.bin")).unwrap(),
         data,
@@ -395,23 +407,24 @@ fn throttle_off_still_survives_a_real_disk_full() {
     assert!(Env::tree(&env.dst).is_empty());
     drop(mnt);
 
-    // Destination too small for the file.
+    // Destination without room for the file (it would fit the empty filesystem).
     let mut env = Env::new();
-    let mnt = Tmpfs::mount(&env.root().join("mnt-tiny-d"), 4);
-    env.set("destination_path", mnt.dir.to_str().unwrap());
+    let mnt = Tmpfs::mount(&env.root().join("mnt-tiny-d"), 8);
+    std::fs::write(mnt.dir.join("filler"), noise(4 * MIB, 95)).unwrap();
+    let d = mnt.dir.join("d");
+    std::fs::create_dir(&d).unwrap();
+    env.set("destination_path", d.to_str().unwrap());
     env.drop_file("big.bin", &data);
     env.drop_file("later.txt", b"later");
     let r = env.run(&["--max-scan-threads", "1"]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.stderr.contains("disk full delivering to"), "{}", r.stderr);
     assert!(
-        Env::tree(&mnt.dir)
-            .keys()
-            .all(|k| !k.contains(".shuttle-tmp")),
+        Env::tree(&d).keys().all(|k| !k.contains(".shuttle-tmp")),
         "no temp left: {:?}",
-        Env::tree(&mnt.dir).keys()
+        Env::tree(&d).keys()
     );
-    assert!(!mnt.dir.join("big.bin").exists());
+    assert!(!d.join("big.bin").exists());
     assert_eq!(
         std::fs::read(env.src.join("big.bin")).unwrap(),
         data,

@@ -229,7 +229,17 @@ pub const KEYS: &[Key] = &[
     key!(
         "max_file_size_mb",
         SC,
-        "Larger files fail before scanning, 0 = no limit [default: 0]"
+        "Larger files are set aside as too large, never copied, 0 = no limit [default: 0]"
+    ),
+    key!(
+        "max_signature_age_hours",
+        SC,
+        "A run delivers nothing while an engine's signatures are older than this or of unknown age, 0 = off [default: 168]"
+    ),
+    key!(
+        "block_encrypted_archives",
+        SC,
+        "Encrypted archives are unscannable (set aside); false delivers them as clean with their contents unscanned [default: true]"
     ),
     key!(
         "allow_hidden_names",

@@ -145,6 +145,9 @@ pub struct ScanConfig {
     pub mdatp_command: String,
     pub canary: bool,
     pub max_file_size_mb: u64,
+    /// 0: the signature freshness gate is off.
+    pub max_signature_age_hours: u64,
+    pub block_encrypted_archives: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -596,6 +599,8 @@ fn build(r: &mut Reader, file: Option<PathBuf>, warnings: &mut Vec<String>) -> C
         mdatp_command: r.text("mdatp_command").unwrap_or_else(|| "mdatp".into()),
         canary: r.bool("canary", true),
         max_file_size_mb: r.number("max_file_size_mb", 0, 0),
+        max_signature_age_hours: r.number("max_signature_age_hours", 168, 0),
+        block_encrypted_archives: r.bool("block_encrypted_archives", true),
     };
     if !scanning.clam_av && !scanning.defender {
         r.transfer_errors.push(ConfigError::Problem(

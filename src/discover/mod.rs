@@ -34,6 +34,9 @@ pub struct Candidate {
     pub rel: PathBuf,
     pub size: u64,
     pub mtime_ns: i64,
+    /// Device and inode: with size and mtime, the file's identity for files set aside.
+    pub dev: u64,
+    pub ino: u64,
 }
 
 /// Why a file was left alone this run.
@@ -240,6 +243,8 @@ pub fn discover(source: &Path, rules: &Rules, open: &OpenFiles) -> Discovery {
                 rel,
                 size: meta.len(),
                 mtime_ns: mtime,
+                dev: meta.dev(),
+                ino: meta.ino(),
             });
         }
     }
@@ -294,6 +299,8 @@ mod tests {
             rel: rel.into(),
             size,
             mtime_ns,
+            dev: 0,
+            ino: 0,
         }
     }
 

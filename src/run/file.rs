@@ -79,6 +79,26 @@ impl FileResult {
         }
     }
 
+    /// A file set aside before it was admitted (never copied).
+    pub fn set_aside(id: i64, rel: String, size: u64, outcome: Outcome, why: String) -> FileResult {
+        FileResult {
+            id,
+            rel,
+            size,
+            outcome,
+            sha256: None,
+            destination: None,
+            detections: Vec::new(),
+            error: Some(why),
+            scanners: serde_json::Value::Null,
+            kept: None,
+            fatal: None,
+            verdict: None,
+            pending: None,
+            figures: String::new(),
+        }
+    }
+
     /// The journal's final record of this file.
     pub fn finished<'a>(&'a self, disposition: &'a str) -> crate::journal::Finished<'a> {
         crate::journal::Finished {
@@ -156,16 +176,8 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
     let rel = job.candidate.rel.as_path();
     let mut r = FileResult::new(job);
 
-    // A file larger than max_file_size_mb is failed before it is even copied.
-    let max = cfg.scanning.max_file_size_mb.saturating_mul(1_048_576);
-    if max > 0 && job.candidate.size > max {
-        let why = format!(
-            "{:.1} MB is larger than max_file_size_mb ({} MB): not copied, not scanned",
-            crate::fsx::mib(job.candidate.size),
-            cfg.scanning.max_file_size_mb
-        );
-        return fail(run, r, None, "too_large", why, false);
-    }
+    // Files beyond the engines' size limits or max_file_size_mb were set aside
+    // before admission (pipeline::Books::set_aside_before_admission).
 
     // 7. Quarantine.
     let expected = (job.candidate.size, job.candidate.mtime_ns);
@@ -205,14 +217,21 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
         q.sha256
     );
 
-    // 8. Scan.
+    // 8. Scan: first Shuttle's own judgement of archives, then every engine.
+    let encrypted_allowed = match inspect_archive(run, &q) {
+        Ok(encrypted) => encrypted,
+        Err(why) => return set_aside(run, r, &q, job, Outcome::Unscannable, why),
+    };
     crate::crashpoint::here("scan: quarantined, before scan");
     let scan = run.scanners.scan(&q.path, q.size, &|| q.reopen());
     crate::crashpoint::here("scan: scanned, before disposal");
     r.figures = scan.figures_line();
     let verdict = scan.verdict.clone();
     r.scanners = serde_json::to_value(&scan.results).unwrap_or_default();
-    r.verdict = Some(verdict_label(&verdict));
+    r.verdict = Some(match verdict {
+        FileVerdict::Clean if encrypted_allowed => CLEAN_ENCRYPTED,
+        _ => verdict_label(&verdict),
+    });
 
     // 9. Dispose.
     let disposed = match verdict {
@@ -224,6 +243,9 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
             }
         },
         FileVerdict::Failed(why) => return fail(run, r, Some(&q), "scan_failed", why, false),
+        FileVerdict::Unscannable(why) => {
+            return set_aside(run, r, &q, job, Outcome::Unscannable, why);
+        }
     };
     let mut r = match disposed {
         Disposed::SourceMayGo(r) => r,
@@ -269,12 +291,69 @@ fn remove_copy(q: &Quarantined) {
     }
 }
 
+/// The verdict recorded for an encrypted archive delivered because
+/// `block_encrypted_archives` is off.
+pub const CLEAN_ENCRYPTED: &str = "clean (encrypted archive contents unscanned)";
+
 fn verdict_label(v: &FileVerdict) -> &'static str {
     match v {
         FileVerdict::Clean => "clean",
         FileVerdict::Suspect(_) => "suspect",
         FileVerdict::Failed(_) => "failed",
+        FileVerdict::Unscannable(_) => "unscannable",
     }
+}
+
+/// Shuttle's own look into an archive (scan::archive). `Ok(true)`: an encrypted
+/// archive allowed by `block_encrypted_archives = false`; `Err`: unscannable, why.
+fn inspect_archive(run: &Run, q: &Quarantined) -> Result<bool, String> {
+    use crate::scan::archive::{self, Finding};
+    let mut f = q
+        .reopen()
+        .map_err(|e| format!("quarantine copy cannot be opened for inspection: {e}"))?;
+    match archive::inspect(&mut f, &run.limits.archive()) {
+        Ok(Finding::NotArchive | Finding::WithinLimits) => Ok(false),
+        Ok(Finding::EncryptedAllowed) => Ok(true),
+        Ok(Finding::Unscannable(why)) => Err(why),
+        Err(e) => Err(format!("archive inspection failed: {e}")),
+    }
+}
+
+/// The one log line of a file set aside.
+pub fn log_set_aside(rel: &str, outcome: Outcome, why: &str) {
+    let label = match outcome {
+        Outcome::TooLarge => "TOO LARGE",
+        _ => "UNSCANNABLE",
+    };
+    tracing::error!(
+        "{label} {rel:?}: {why}; left in the source untouched and set aside: not copied or reported again until it changes or the limits change"
+    );
+}
+
+/// Ends a file as set aside after it was copied: the copy removed, the source left
+/// untouched, remembered by its identity so that it is not copied again.
+fn set_aside(
+    run: &Run,
+    mut r: FileResult,
+    q: &Quarantined,
+    job: &Job,
+    outcome: Outcome,
+    why: String,
+) -> FileResult {
+    remove_copy(q);
+    log_set_aside(&r.rel, outcome, &why);
+    r.verdict = Some(outcome.as_str());
+    let what = crate::journal::SetAside {
+        outcome,
+        reason: why.clone(),
+        limits: run.limits_fingerprint.to_string(),
+    };
+    let identity = super::pipeline::identity(&job.candidate);
+    let (id, rel) = (r.id, r.rel.clone());
+    journal(run, &mut r, |j| {
+        j.set_aside(&identity, &rel, &what, Some(id))
+    });
+    finish(run, r, outcome, "left_in_source", Some(why))
 }
 
 /// After disposal: may the source be removed (DESIGN §1.10)?

@@ -133,13 +133,23 @@ pub fn pass(cfg: &Config, opts: &RunOptions) -> Report {
     report
 }
 
-/// 0 = finished (files may be suspect, admission may be throttled); 1 = a file failed
-/// or the run hit a runtime error (DESIGN §1).
+/// 0 = finished (files may be suspect, admission may be throttled); 1 = a file failed,
+/// a file was newly set aside (unscannable, too large: reported once, so a later run
+/// that only finds it again exits 0), or the run hit a runtime error (DESIGN §1).
 fn exit_code(r: &Report) -> i32 {
-    if r.files.failed > 0 || !r.errors.is_empty() {
+    let f = &r.files;
+    if f.failed > 0 || f.unscannable > 0 || f.too_large > 0 || !r.errors.is_empty() {
         1
     } else {
         0
+    }
+}
+
+/// `max_signature_age_hours` as a duration; `None` when the gate is off.
+pub fn max_signature_age(cfg: &Config) -> Option<Duration> {
+    match cfg.scanning.max_signature_age_hours {
+        0 => None,
+        h => Some(Duration::from_secs(h.saturating_mul(3600))),
     }
 }
 
@@ -185,11 +195,34 @@ fn run_locked(
         cfg.scanning.canary,
     )
     .map_err(|e| anyhow::anyhow!("scanner not usable, no file was touched: {e}"))?;
+    let now = chrono::Utc::now();
     report.scanners = scanners
         .versions()
         .into_iter()
-        .map(|(scanner, version)| EngineVersion { scanner, version })
+        .zip(scanners.signatures())
+        .map(|((scanner, version), (_, sigs))| EngineVersion {
+            scanner,
+            version,
+            signature_age_seconds: sigs.age(now).map(|a| a.as_secs()),
+            signatures: Some(sigs),
+        })
         .collect();
+    // Signature freshness: every engine's database must be dated and young enough,
+    // or nothing is delivered this run.
+    let stale = scanners.stale_signatures(max_signature_age(cfg));
+    if !stale.is_empty() {
+        anyhow::bail!(
+            "signatures too old, no file was touched: {}",
+            stale.join("; ")
+        );
+    }
+    let limits = scan::limits::ScanLimits::for_config(cfg);
+    if let Some(d) = limits.describe() {
+        tracing::info!("{d}");
+    }
+    for r in limits.recommendations() {
+        tracing::warn!("{r}");
+    }
 
     // 5. Discover.
     let open = OpenFiles::scan();
@@ -231,7 +264,9 @@ fn run_locked(
     for (sample, total) in admission.samples() {
         j.record_space(run_id, &sample, total)?;
     }
+    let set_aside = j.set_aside_all()?;
     drop(j);
+    let fingerprint = format!("{};{}", limits.fingerprint(), admission.fingerprint());
     let dirs = discovery.dirs;
     let roots = pipeline::Roots::open(cfg)
         .context("cannot open the source, quarantine or destination directory")?;
@@ -244,6 +279,9 @@ fn run_locked(
         notifier,
         hazard,
         stop: opts.stop.as_deref(),
+        limits: &limits,
+        set_aside: &set_aside,
+        limits_fingerprint: &fingerprint,
     };
     pipeline::process(&run, admission, discovery.candidates, report)?;
     let j = pipeline::lock(journal);

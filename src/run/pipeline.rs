@@ -14,7 +14,7 @@ use std::sync::mpsc;
 use super::file::{self, FileResult};
 use crate::config::Config;
 use crate::discover::Candidate;
-use crate::journal::{Journal, Outcome};
+use crate::journal::{Identity, Journal, Outcome, SetAside};
 use crate::notify::{self, Notifier};
 use crate::report::{FileEntry, Report};
 use crate::scan::Scanners;
@@ -32,6 +32,12 @@ pub struct Run<'a> {
     /// Set by `shuttle watch` on SIGTERM/SIGINT: admit no more files.
     pub stop: Option<&'a std::sync::atomic::AtomicBool>,
     pub roots: &'a Roots,
+    /// What the engines can scan whole (sizes, archives).
+    pub limits: &'a crate::scan::limits::ScanLimits,
+    /// Files set aside by earlier runs, by identity, and the limits now in force: a
+    /// file set aside under the same limits is neither copied nor reported again.
+    pub set_aside: &'a HashMap<Identity, SetAside>,
+    pub limits_fingerprint: &'a str,
 }
 
 /// The run's three directories, opened once: every path below them is resolved
@@ -218,9 +224,20 @@ impl Books<'_> {
             self.ended = true;
             return None;
         }
-        let Some(candidate) = self.queue.next() else {
-            self.ended = true;
-            return None;
+        let candidate = loop {
+            let Some(candidate) = self.queue.next() else {
+                self.ended = true;
+                return None;
+            };
+            match self.set_aside_before_admission(run, &candidate) {
+                Ok(true) => continue,
+                Ok(false) => break candidate,
+                Err(e) => {
+                    self.stop = Some(format!("journal write failed: {e}"));
+                    self.ended = true;
+                    return None;
+                }
+            }
         };
         let ticket = match self.admission.admit(candidate.size) {
             Ok(t) => t,
@@ -256,6 +273,67 @@ impl Books<'_> {
         self.report.files.admitted += 1;
         self.progress.admitted(candidate.size);
         Some(Job { id, candidate })
+    }
+
+    /// A file that is not admitted because it is set aside: already (same identity,
+    /// same limits: counted as skipped, not reported again), or now, because of its
+    /// size alone (an engine cannot scan that much, or it can never fit a target).
+    /// `Ok(true)`: the file is set aside.
+    fn set_aside_before_admission(
+        &mut self,
+        run: &Run,
+        c: &Candidate,
+    ) -> Result<bool, crate::journal::JournalError> {
+        let identity = identity(c);
+        if let Some(known) = run.set_aside.get(&identity)
+            && known.limits == run.limits_fingerprint
+        {
+            tracing::debug!(
+                "{:?} stays set aside ({}: {})",
+                c.rel,
+                known.outcome.as_str(),
+                known.reason
+            );
+            self.report.files.skipped += 1;
+            *self
+                .report
+                .skipped_by_reason
+                .entry("set_aside")
+                .or_default() += 1;
+            return Ok(true);
+        }
+        use crate::scan::limits::SizeRefusal;
+        let (outcome, reason) = match run.limits.refuse_size(c.size) {
+            Some(SizeRefusal::Unscannable(r)) => (Outcome::Unscannable, r),
+            Some(SizeRefusal::TooLarge(r)) => (Outcome::TooLarge, r),
+            None => match self.admission.never_fits(c.size) {
+                Some(r) => (Outcome::TooLarge, r),
+                None => return Ok(false),
+            },
+        };
+        let rel = c.rel.to_string_lossy().into_owned();
+        let j = lock(run.journal);
+        let id = j.file_admitted(run.run_id, &rel, c.size, c.mtime_ns)?;
+        let what = SetAside {
+            outcome,
+            reason: reason.clone(),
+            limits: run.limits_fingerprint.to_string(),
+        };
+        j.set_aside(&identity, &rel, &what, Some(id))?;
+        j.file_finished(&crate::journal::Finished {
+            id,
+            outcome,
+            disposition: "left_in_source",
+            error: Some(&reason),
+            ..Default::default()
+        })?;
+        drop(j);
+        file::log_set_aside(&rel, outcome, &reason);
+        tally(
+            self.report,
+            FileResult::set_aside(id, rel, c.size, outcome, reason),
+        );
+        Ok(true)
     }
 
     /// Takes in one file a worker finished: releases its reservation, notes a fatal
@@ -414,6 +492,16 @@ fn commit(
     done.extend(batch);
 }
 
+/// A candidate's identity, as set-aside files are remembered by.
+pub fn identity(c: &Candidate) -> Identity {
+    Identity {
+        dev: c.dev,
+        ino: c.ino,
+        size: c.size,
+        mtime_ns: c.mtime_ns,
+    }
+}
+
 pub fn lock(j: &Mutex<Journal>) -> std::sync::MutexGuard<'_, Journal> {
     j.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -431,6 +519,8 @@ fn tally(report: &mut Report, r: FileResult) {
             report.bytes.suspect += r.size;
         }
         Outcome::Failed | Outcome::Interrupted => f.failed += 1,
+        Outcome::Unscannable => f.unscannable += 1,
+        Outcome::TooLarge => f.too_large += 1,
         Outcome::Skipped => {
             f.skipped += 1;
             *report
@@ -446,6 +536,7 @@ fn tally(report: &mut Report, r: FileResult) {
         report.file_results.push(FileEntry {
             path: r.rel,
             outcome: r.outcome.as_str(),
+            verdict: r.verdict,
             sha256: r.sha256,
             destination: r.destination,
             detections: r.detections,

@@ -159,6 +159,10 @@ impl Scanner for ClamAv {
         }
     }
 
+    fn signatures(&self, version: &str) -> Result<super::Signatures, ScanError> {
+        Ok(parse_signatures(version))
+    }
+
     fn scan(
         &self,
         file: &File,
@@ -234,24 +238,62 @@ fn read_reply_opt(s: &mut dyn ReadWrite, timeout: Option<Duration>) -> Result<St
     Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
-/// The parts of a clamd.conf that decide whether an oversized file can pass as clean.
+/// The signature database in a `VERSION` reply: `ClamAV 1.4.6/27450/Mon Nov 24
+/// 08:00:00 2026` (engine/database version/database date, the date in UTC). A reply
+/// without the database part (`ClamAV 1.4.6`: only undated databases loaded) or with
+/// an unreadable date gives `updated: None`.
+pub fn parse_signatures(version: &str) -> super::Signatures {
+    let mut parts = version.splitn(3, '/');
+    let _engine = parts.next();
+    let db = parts.next().map(str::trim).unwrap_or("").to_string();
+    let updated = parts.next().and_then(|d| {
+        // The weekday is left out: it adds nothing, and must not make a date that
+        // names the wrong one unreadable.
+        let d = d.split_whitespace().skip(1).collect::<Vec<_>>().join(" ");
+        chrono::NaiveDateTime::parse_from_str(&d, "%b %d %H:%M:%S %Y")
+            .ok()
+            .map(|t| {
+                t.and_utc()
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            })
+    });
+    super::Signatures {
+        version: if db.is_empty() { "none".into() } else { db },
+        updated,
+    }
+}
+
+/// The parts of a clamd.conf that decide what clamd scans whole.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClamdLimits {
     pub local_socket: Option<std::path::PathBuf>,
     pub alert_exceeds_max: bool,
     pub max_file_size: u64,
     pub max_scan_size: u64,
+    pub max_recursion: u64,
+    pub max_files: u64,
+    pub stream_max_length: u64,
 }
 
 impl ClamdLimits {
+    /// What clamd uses for a key its configuration does not set (clamd.conf(5)).
+    pub const COMPILED_IN: ClamdLimits = ClamdLimits {
+        local_socket: None,
+        alert_exceeds_max: false,
+        max_file_size: 100 << 20,
+        max_scan_size: 400 << 20,
+        max_recursion: 17,
+        max_files: 10_000,
+        stream_max_length: 100 << 20,
+    };
+
     /// Reads a clamd.conf; clamd's defaults for what it does not set.
     pub fn read(conf: &Path) -> io::Result<ClamdLimits> {
         let text = std::fs::read_to_string(conf)?;
         let mut l = ClamdLimits {
             local_socket: None,
             alert_exceeds_max: false,
-            max_file_size: 100 << 20,
-            max_scan_size: 400 << 20,
+            ..ClamdLimits::COMPILED_IN
         };
         for line in text.lines() {
             let mut parts = line.split_whitespace();
@@ -266,6 +308,11 @@ impl ClamdLimits {
                 }
                 "MaxFileSize" => l.max_file_size = parse_size(value).unwrap_or(l.max_file_size),
                 "MaxScanSize" => l.max_scan_size = parse_size(value).unwrap_or(l.max_scan_size),
+                "MaxRecursion" => l.max_recursion = value.parse().unwrap_or(l.max_recursion),
+                "MaxFiles" => l.max_files = value.parse().unwrap_or(l.max_files),
+                "StreamMaxLength" => {
+                    l.stream_max_length = parse_size(value).unwrap_or(l.stream_max_length)
+                }
                 _ => {}
             }
         }
@@ -335,8 +382,8 @@ pub fn parse_reply(reply: &str) -> Result<Verdict, ScanError> {
     if !detections.is_empty() {
         Ok(Verdict::Suspect(detections))
     } else if !limits.is_empty() {
-        Err(ScanError::Failed(format!(
-            "clamd could not scan the whole file ({}): a clamd scan limit (MaxFileSize, MaxScanSize, ...) was exceeded; not clean",
+        Err(ScanError::Unscannable(format!(
+            "clamd reported a scan limit hit ({})",
             limits.join(", ")
         )))
     } else if clean {
@@ -353,6 +400,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn signature_dates() {
+        let s = parse_signatures("ClamAV 1.4.6/27450/Mon Nov 24 08:00:00 2026");
+        assert_eq!(s.version, "27450");
+        assert_eq!(s.updated.as_deref(), Some("2026-11-24T08:00:00Z"));
+        // clamd pads single-digit days with a space.
+        let s = parse_signatures("ClamAV 1.4.6/27450/Tue Dec  1 08:00:00 2026");
+        assert_eq!(s.updated.as_deref(), Some("2026-12-01T08:00:00Z"));
+        let s = parse_signatures("ClamAV 1.4.6");
+        assert_eq!((s.version.as_str(), s.updated), ("none", None));
+        assert_eq!(parse_signatures("ClamAV 1.4.6/0/garbage").updated, None);
+    }
+
+    #[test]
     fn replies() {
         assert_eq!(parse_reply("fd[5]: OK\0"), Ok(Verdict::Clean));
         assert_eq!(parse_reply("stream: OK"), Ok(Verdict::Clean));
@@ -364,8 +424,11 @@ mod tests {
         assert!(parse_reply("fd[5]: lstat() failed: No such file. ERROR").is_err());
         assert!(parse_reply("").is_err());
         assert!(parse_reply("fd[5]: MAYBE").is_err());
-        // A file too large for clamd's limits is failed, never clean nor suspect.
-        assert!(parse_reply("fd[5]: Heuristics.Limits.Exceeded.MaxFileSize FOUND\0").is_err());
+        // A file too large for clamd's limits is unscannable, never clean nor suspect.
+        assert!(matches!(
+            parse_reply("fd[5]: Heuristics.Limits.Exceeded.MaxFileSize FOUND\0"),
+            Err(ScanError::Unscannable(_))
+        ));
         assert!(parse_reply("fd[5]: OK\0fd[5]: Heuristics.Limits.Exceeded FOUND\0").is_err());
         // A real detection next to a limit is still a detection.
         assert_eq!(

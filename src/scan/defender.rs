@@ -76,6 +76,22 @@ impl Scanner for Defender {
         self.product_version()
     }
 
+    /// `mdatp health` → `definitions_version` and `definitions_updated_minutes_ago`
+    /// (or, without it, `definitions_updated`, e.g. `Nov 24, 2026 at 08:00:00 AM`, taken
+    /// as UTC).
+    fn signatures(&self, _version: &str) -> Result<super::Signatures, ScanError> {
+        let out = run(&self.command, &["health"], Some(VERSION_TIMEOUT))?;
+        if !out.status.success() {
+            return Err(ScanError::Failed(format!(
+                "`{} health` {}: {}",
+                self.command,
+                describe_status(out.status),
+                snippet(&out.stdout, &out.stderr)
+            )));
+        }
+        Ok(parse_health(out.stdout.as_bytes(), chrono::Utc::now()))
+    }
+
     /// Defender scans by path (it opens the file itself); `file` only proves that
     /// the caller checked the copy is the one Shuttle wrote.
     fn scan(
@@ -404,6 +420,32 @@ fn snippet(stdout: &str, stderr: &str) -> String {
     }
 }
 
+/// The definitions' version and date in `mdatp health` output (`field : value` lines).
+pub fn parse_health(stdout: &[u8], now: chrono::DateTime<chrono::Utc>) -> super::Signatures {
+    let text = String::from_utf8_lossy(stdout);
+    let field = |name: &str| {
+        text.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            (k.trim() == name).then(|| v.trim().trim_matches('"').to_string())
+        })
+    };
+    let version = field("definitions_version").unwrap_or_else(|| "unknown".into());
+    let by_minutes = field("definitions_updated_minutes_ago")
+        .and_then(|m| m.parse::<i64>().ok())
+        .filter(|m| *m >= 0)
+        .map(|m| now - chrono::Duration::minutes(m));
+    let by_date = || {
+        let d = field("definitions_updated")?;
+        chrono::NaiveDateTime::parse_from_str(&d, "%b %d, %Y at %I:%M:%S %p")
+            .ok()
+            .map(|t| t.and_utc())
+    };
+    let updated = by_minutes
+        .or_else(by_date)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+    super::Signatures { version, updated }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -500,6 +542,25 @@ mod tests {
             detection_names("Threat(s) found\n"),
             vec![GENERIC_DETECTION]
         );
+    }
+
+    #[test]
+    fn health_fields() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-11-25T10:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        let s = parse_health(
+            b"healthy : true\ndefinitions_updated : Nov 24, 2026 at 08:00:00 AM\ndefinitions_updated_minutes_ago : 120\ndefinitions_version : \"1.419.166.0\"\n",
+            now,
+        );
+        assert_eq!(s.version, "1.419.166.0");
+        assert_eq!(s.updated.as_deref(), Some("2026-11-25T08:00:00Z"));
+        let s = parse_health(
+            b"definitions_updated : Nov 24, 2026 at 08:00:00 PM\ndefinitions_version : \"1.2\"\n",
+            now,
+        );
+        assert_eq!(s.updated.as_deref(), Some("2026-11-24T20:00:00Z"));
+        assert_eq!(parse_health(b"healthy : true\n", now).updated, None);
     }
 
     #[test]

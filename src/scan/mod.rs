@@ -5,8 +5,10 @@
 //! all of them is here: the dynamic timeout, retries after a timeout, and the circuit
 //! breaker that stops the run after `malware_scan_retry_count` timeouts.
 
+pub mod archive;
 pub mod clamav;
 pub mod defender;
+pub mod limits;
 
 use std::fs::File;
 use std::path::Path;
@@ -45,6 +47,10 @@ pub enum Verdict {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ScanError {
+    /// The engine could not scan the whole file (a scan limit was hit): retrying
+    /// gives the same answer, so the file is set aside, never delivered.
+    #[error("{0}")]
+    Unscannable(String),
     #[error("scan timed out after {0:?}")]
     Timeout(Duration),
     #[error("scanner unreachable: {0}")]
@@ -61,6 +67,11 @@ pub trait Scanner: Send + Sync {
     /// Engine and signature version, asked once per run and recorded with every verdict.
     fn version(&self) -> Result<String, ScanError>;
 
+    /// The signature database's version and date; `version` is what [`Scanner::version`]
+    /// returned. An engine that cannot tell the date returns `updated: None`, which the
+    /// freshness gate treats as too old.
+    fn signatures(&self, version: &str) -> Result<Signatures, ScanError>;
+
     /// Scans one quarantine copy. `file` is an open read-only descriptor of `path`,
     /// already checked to be the copy Shuttle wrote.
     fn scan(
@@ -72,13 +83,48 @@ pub trait Scanner: Send + Sync {
     ) -> Result<Verdict, ScanError>;
 }
 
+/// An engine's signature database: which one, and how old, for the freshness gate and
+/// for the record of which signatures cleared a file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Signatures {
+    /// The database version as the engine reports it (clamd: `27450`).
+    pub version: String,
+    /// When the database was built or last updated (RFC 3339, UTC); `None`: unknown.
+    pub updated: Option<String>,
+}
+
+impl Signatures {
+    /// The database's age at `now`; `None` when its date is unknown.
+    pub fn age(&self, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
+        let t = chrono::DateTime::parse_from_rfc3339(self.updated.as_deref()?).ok()?;
+        Some(
+            (now - t.with_timezone(&chrono::Utc))
+                .to_std()
+                .unwrap_or(Duration::ZERO),
+        )
+    }
+}
+
+/// What one engine made of one file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineOutcome {
+    Clean,
+    Suspect,
+    Failed,
+    /// The engine could not scan the whole file.
+    Unscannable,
+}
+
 /// One engine's part in a file's verdict, as the journal and report record it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct EngineResult {
     pub scanner: &'static str,
     pub version: String,
-    /// "clean", "suspect" or "failed".
-    pub result: &'static str,
+    pub result: EngineOutcome,
+    /// The signatures this engine scanned with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signatures: Option<Signatures>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub detections: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -96,6 +142,9 @@ pub enum FileVerdict {
     Suspect(Vec<String>),
     /// Not known to be clean: the file stays in the source for a later run.
     Failed(String),
+    /// An engine cannot scan the whole file (a limit, encryption): the file stays in
+    /// the source, set aside until it or the limits change.
+    Unscannable(String),
 }
 
 #[derive(Debug)]
@@ -172,7 +221,7 @@ impl Policy {
 
 /// The enabled engines of a run, with their versions and the run's circuit breaker.
 pub struct Scanners {
-    engines: Vec<(Box<dyn Scanner>, String)>,
+    engines: Vec<(Box<dyn Scanner>, String, Signatures)>,
     policy: Policy,
     timeouts: AtomicU32,
     tripped: AtomicBool,
@@ -200,11 +249,20 @@ impl Scanners {
                 engine: engine.name(),
                 problem: e.to_string(),
             })?;
+            let sigs = engine.signatures(&version).map_err(|e| EngineProblem {
+                engine: engine.name(),
+                problem: format!("cannot tell its signature database's version and date: {e}"),
+            })?;
             if canary {
                 check_canary(engine.as_ref(), &policy)?;
             }
-            tracing::info!("scanner {} ready: {version}", engine.name());
-            ready.push((engine, version));
+            tracing::info!(
+                "scanner {} ready: {version}; signatures {} of {}",
+                engine.name(),
+                sigs.version,
+                sigs.updated.as_deref().unwrap_or("unknown date")
+            );
+            ready.push((engine, version, sigs));
         }
         Ok(Scanners {
             engines: ready,
@@ -218,7 +276,28 @@ impl Scanners {
     pub fn versions(&self) -> Vec<(&'static str, String)> {
         self.engines
             .iter()
-            .map(|(e, v)| (e.name(), v.clone()))
+            .map(|(e, v, _)| (e.name(), v.clone()))
+            .collect()
+    }
+
+    /// Engine names and their signature databases.
+    pub fn signatures(&self) -> Vec<(&'static str, Signatures)> {
+        self.engines
+            .iter()
+            .map(|(e, _, s)| (e.name(), s.clone()))
+            .collect()
+    }
+
+    /// The freshness gate: one problem per engine whose signatures are older than
+    /// `max_age`, or of unknown age. `None`: the gate is off.
+    pub fn stale_signatures(&self, max_age: Option<Duration>) -> Vec<String> {
+        let Some(max) = max_age else {
+            return Vec::new();
+        };
+        let now = chrono::Utc::now();
+        self.engines
+            .iter()
+            .filter_map(|(e, _, s)| stale(e.name(), s, max, now))
             .collect()
     }
 
@@ -238,9 +317,10 @@ impl Scanners {
         let mut results = Vec::new();
         let mut detections = Vec::new();
         let mut failure: Option<String> = None;
+        let mut unscannable: Option<String> = None;
         let mut removed_by = None;
         let mut figures = Vec::new();
-        for (engine, version) in &self.engines {
+        for (engine, version, sigs) in &self.engines {
             let started = std::time::Instant::now();
             let outcome = self.scan_one(engine.as_ref(), path, size, open);
             figures.push(ScanFigures {
@@ -271,29 +351,38 @@ impl Scanners {
                 removed_by = Some(engine.name());
             }
             let (result, dets, error) = match outcome {
-                Ok(Verdict::Clean) => ("clean", Vec::new(), None),
+                Ok(Verdict::Clean) => (EngineOutcome::Clean, Vec::new(), None),
                 Ok(Verdict::Suspect(names)) => {
                     detections.extend(names.iter().cloned());
-                    ("suspect", names, None)
+                    (EngineOutcome::Suspect, names, None)
+                }
+                Err(ScanError::Unscannable(why)) => {
+                    let msg = format!("{}: {why}", engine.name());
+                    unscannable.get_or_insert(why);
+                    (EngineOutcome::Unscannable, Vec::new(), Some(msg))
                 }
                 Err(e) => {
                     let msg = format!("{}: {e}", engine.name());
                     failure.get_or_insert(msg.clone());
-                    ("failed", Vec::new(), Some(msg))
+                    (EngineOutcome::Failed, Vec::new(), Some(msg))
                 }
             };
             results.push(EngineResult {
                 scanner: engine.name(),
                 version: version.clone(),
                 result,
+                signatures: Some(sigs.clone()),
                 detections: dets,
                 error,
                 removed_file,
             });
         }
-        // A detection by any engine outweighs another engine's failure.
+        // A detection by any engine outweighs another engine's failure; a file an
+        // engine cannot scan whole is unscannable whatever the others said.
         let verdict = if !detections.is_empty() {
             FileVerdict::Suspect(detections)
+        } else if let Some(u) = unscannable {
+            FileVerdict::Unscannable(u)
         } else if let Some(f) = failure {
             FileVerdict::Failed(f)
         } else {
@@ -362,6 +451,32 @@ pub fn eicar() -> Vec<u8> {
     EICAR_REVERSED.bytes().rev().collect()
 }
 
+/// One line naming the engine, its database, its age and the limit, when the engine's
+/// signatures are too old or of unknown age.
+fn stale(
+    engine: &str,
+    s: &Signatures,
+    max: Duration,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Option<String> {
+    let hours = |d: Duration| d.as_secs() as f64 / 3600.0;
+    match s.age(now) {
+        Some(age) if age <= max => None,
+        Some(age) => Some(format!(
+            "{engine}: signature database {} dated {} is {:.0} hours old, more than max_signature_age_hours ({:.0}); update the signatures",
+            s.version,
+            s.updated.as_deref().unwrap_or("?"),
+            hours(age),
+            hours(max)
+        )),
+        None => Some(format!(
+            "{engine}: signature database {} has no date, so its age is unknown (max_signature_age_hours {:.0}); install dated signatures (freshclam) or set max_signature_age_hours = 0",
+            s.version,
+            hours(max)
+        )),
+    }
+}
+
 fn check_canary(engine: &dyn Scanner, policy: &Policy) -> Result<(), EngineProblem> {
     let problem = |p: String| EngineProblem {
         engine: engine.name(),
@@ -406,6 +521,12 @@ mod tests {
         }
         fn version(&self) -> Result<String, ScanError> {
             Ok("slow 1".into())
+        }
+        fn signatures(&self, _: &str) -> Result<Signatures, ScanError> {
+            Ok(Signatures {
+                version: "1".into(),
+                updated: Some(chrono::Utc::now().to_rfc3339()),
+            })
         }
         fn scan(
             &self,

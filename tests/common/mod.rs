@@ -56,10 +56,22 @@ pub fn clamd() -> &'static Clamd {
     })
 }
 
+/// The scan limits of the shared test clamd.
+pub const DEFAULT_LIMITS: &str =
+    "StreamMaxLength 1M\nMaxFileSize 400M\nMaxScanSize 400M\nAlertExceedsMax yes\n";
+
 impl Clamd {
     /// Starts a new private clamd and waits until it answers. The returned child dies
     /// with the thread that started it (PR_SET_PDEATHSIG) or when killed.
     pub fn start() -> (Clamd, std::process::Child) {
+        Clamd::start_with(DEFAULT_LIMITS, &[])
+    }
+
+    /// A private clamd with `limits` (clamd.conf lines: MaxFileSize, AlertExceedsMax,
+    /// …; what they leave out is clamd's compiled-in default) and a signature database
+    /// made by `make-test-signatures DIR signatures…` (none: dated now;
+    /// `["--age-days", "10"]`; `["--undated"]`).
+    pub fn start_with(limits: &str, signatures: &[&str]) -> (Clamd, std::process::Child) {
         let dir = tempfile::Builder::new()
             .prefix("shuttle-clamd.")
             .tempdir()
@@ -67,13 +79,14 @@ impl Clamd {
             .keep();
         let status = Command::new(repo().join("scripts/make-test-signatures"))
             .arg(dir.join("db"))
+            .args(signatures)
             .status()
             .unwrap();
         assert!(status.success(), "make-test-signatures failed");
         let port = free_port();
         let socket = dir.join("clamd.sock");
         let mut conf = format!(
-            "LocalSocket {}\nLocalSocketMode 666\nTCPSocket {port}\nTCPAddr 127.0.0.1\nDatabaseDirectory {}\nForeground yes\nLogFile {}\nStreamMaxLength 1M\nMaxFileSize 100M\nMaxScanSize 400M\nAlertExceedsMax yes\nMaxThreads 8\n",
+            "LocalSocket {}\nLocalSocketMode 666\nTCPSocket {port}\nTCPAddr 127.0.0.1\nDatabaseDirectory {}\nForeground yes\nLogFile {}\n{limits}MaxThreads 8\n",
             socket.display(),
             dir.join("db").display(),
             dir.join("clamd.log").display()
