@@ -3,11 +3,14 @@
 //! Symlinks are never followed; FIFOs, sockets and devices are never opened; files
 //! still being written (recently modified, or open in some process), unsafe names and
 //! Shuttle's own temp files are skipped for this run, each with a logged reason.
-//! A candidate costs only its relative path and a few numbers (DESIGN §3).
+//! A candidate costs only its relative path and a few numbers (DESIGN §3), packed,
+//! and spilled to disk in sorted runs beyond a fixed budget ([`queue`]).
 
 mod open_files;
+pub mod queue;
 
 pub use open_files::OpenFiles;
+pub use queue::{Candidates, Queue};
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
@@ -74,13 +77,15 @@ pub struct Rules {
     pub stability: Option<Duration>,
     pub priority: Priority,
     pub priority_paths: Vec<PathBuf>,
+    /// Where the list of waiting files spills to beyond its memory budget (an
+    /// unnamed temporary file); `None`: the system's temporary directory.
+    pub spill_dir: Option<PathBuf>,
 }
 
 /// What one walk of the source found.
-#[derive(Debug, Default)]
 pub struct Discovery {
     /// Admission order: priority paths first, then by `priority`.
-    pub candidates: Vec<Candidate>,
+    pub candidates: Candidates,
     /// Count of skipped entries by reason label.
     pub skipped: BTreeMap<&'static str, u64>,
     /// Every subdirectory seen (relative), for the empty-directory cleanup.
@@ -121,7 +126,11 @@ fn mtime_ns(m: &std::fs::Metadata) -> i64 {
 
 /// Walks `source` (never following symlinks) and returns the candidates in admission order.
 pub fn discover(source: &Path, rules: &Rules, open: &OpenFiles) -> Discovery {
-    let mut out = Discovery::default();
+    let mut out = Discovery {
+        candidates: Candidates::new(rules),
+        skipped: BTreeMap::new(),
+        dirs: Vec::new(),
+    };
     let now_ns = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)
@@ -202,7 +211,6 @@ pub fn discover(source: &Path, rules: &Rules, open: &OpenFiles) -> Discovery {
             });
         }
     }
-    order(&mut out.candidates, rules);
     out.dirs.sort();
     out
 }
@@ -221,7 +229,7 @@ fn is_stable(meta: &std::fs::Metadata, mtime_ns: i64, now_ns: i64, window: i64) 
     now_ns.saturating_sub(mtime_ns) >= window
 }
 
-/// Sorts candidates into admission order.
+/// Sorts candidates into admission order ([`Candidates`] yields this same order).
 pub fn order(candidates: &mut [Candidate], rules: &Rules) {
     let group = |c: &Candidate| {
         rules
@@ -268,6 +276,7 @@ mod tests {
             stability: None,
             priority: Priority::Largest,
             priority_paths: vec!["urgent".into()],
+            spill_dir: None,
         };
         order(&mut v, &rules);
         let names: Vec<_> = v.iter().map(|c| c.rel.to_str().unwrap()).collect();

@@ -208,6 +208,7 @@ fn run_locked(
         stability: (!cfg.skip_stability_check).then(|| Duration::from_secs(cfg.stability_seconds)),
         priority: cfg.priority,
         priority_paths: cfg.priority_paths.clone(),
+        spill_dir: Some(cfg.tracking_data_path.clone()),
     };
     let discovery = discover::discover(&cfg.source_path, &rules, &open);
     report.files.discovered = discovery.candidates.len() as u64 + discovery.skipped_total();
@@ -241,7 +242,13 @@ fn run_locked(
         hazard,
         stop: opts.stop.as_deref(),
     };
-    pipeline::process(&run, admission, discovery.candidates, report)?;
+    if discovery.candidates.spilled_runs() > 0 {
+        tracing::debug!(
+            "list of waiting files spilled to disk in {} sorted run(s)",
+            discovery.candidates.spilled_runs()
+        );
+    }
+    pipeline::process(&run, admission, discovery.candidates.into_queue(), report)?;
     let j = pipeline::lock(journal);
     for (sample, total) in crate::throttle::targets_space(cfg) {
         j.record_space(run_id, &sample, total)?;
