@@ -131,13 +131,14 @@ impl Candidates {
         self.arena.extend_from_slice(bytes);
         self.len += 1;
         let used = self.arena.len() + self.records.len() * std::mem::size_of::<Packed>();
-        if used >= self.budget && !self.spill_failed {
-            if let Err(e) = self.spill_run() {
-                tracing::warn!(
-                    "cannot spill the list of waiting files to disk ({e}); keeping it in memory"
-                );
-                self.spill_failed = true;
-            }
+        if used >= self.budget
+            && !self.spill_failed
+            && let Err(e) = self.spill_run()
+        {
+            tracing::warn!(
+                "cannot spill the list of waiting files to disk ({e}); keeping it in memory"
+            );
+            self.spill_failed = true;
         }
     }
 

@@ -211,7 +211,7 @@ fn run_locked(
         spill_dir: Some(cfg.tracking_data_path.clone()),
     };
     let discovery = discover::discover(&cfg.source_path, &rules, &open);
-    report.files.discovered = discovery.candidates.len() as u64 + discovery.skipped_total();
+    report.files.discovered = discovery.candidates.len() + discovery.skipped_total();
     report.files.skipped = discovery.skipped_total();
     report.skipped_by_reason = discovery.skipped.clone();
     tracing::info!(
