@@ -90,10 +90,16 @@ pub struct Report {
     /// Skips by reason (`recently_modified`, `open_by_process`, `symlink`, …).
     pub skipped_by_reason: BTreeMap<&'static str, u64>,
     pub scanners: Vec<EngineVersion>,
+    /// The first 10,000 sources kept; the rest are counted in `sources_kept_omitted`.
     pub sources_kept: Vec<KeptSource>,
+    pub sources_kept_omitted: u64,
     /// Run-level errors (scanner down, circuit breaker, disk full…).
     pub errors: Vec<String>,
+    /// The first 10,000 files handled, in the order they finished; the rest are
+    /// counted in `file_results_omitted` (the journal holds every file). A run's
+    /// memory stays the same however many files it handles.
     pub file_results: Vec<FileEntry>,
+    pub file_results_omitted: u64,
 }
 
 impl Report {

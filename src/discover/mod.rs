@@ -3,7 +3,8 @@
 //! Symlinks are never followed; FIFOs, sockets and devices are never opened; files
 //! still being written (recently modified, or open in some process), unsafe names and
 //! Shuttle's own temp files are skipped for this run, each with a logged reason.
-//! A candidate costs only its relative path and a few numbers (DESIGN §3).
+//! A candidate costs only its relative path and a few numbers (DESIGN §3), packed,
+//! and spilled to disk in sorted runs beyond a fixed budget ([`queue`]).
 //!
 //! Name rules ([`unsafe_name`]), applied to every file and directory name: never
 //! allowed are names that are not UTF-8, start with `-`, or hold control or Unicode
@@ -16,8 +17,10 @@
 //! `allow_special_characters`, `allow_double_dots`).
 
 mod open_files;
+pub mod queue;
 
 pub use open_files::OpenFiles;
+pub use queue::{Candidates, Queue};
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
@@ -88,6 +91,9 @@ pub struct Rules {
     pub priority: Priority,
     pub priority_paths: Vec<PathBuf>,
     pub names: NameRules,
+    /// Where the list of waiting files spills to beyond its memory budget (an
+    /// unnamed temporary file); `None`: the system's temporary directory.
+    pub spill_dir: Option<PathBuf>,
 }
 
 /// The name rules a site may relax; all `false` (strict) by default.
@@ -106,10 +112,9 @@ pub struct NameRules {
 pub const SPECIAL_CHARACTERS: &[char] = &['\\', '>', '<', '|', '*', '$', '&', ';', '`'];
 
 /// What one walk of the source found.
-#[derive(Debug, Default)]
 pub struct Discovery {
     /// Admission order: priority paths first, then by `priority`.
-    pub candidates: Vec<Candidate>,
+    pub candidates: Candidates,
     /// Count of skipped entries by reason label.
     pub skipped: BTreeMap<&'static str, u64>,
     /// Every subdirectory seen (relative), for the empty-directory cleanup.
@@ -165,7 +170,11 @@ fn mtime_ns(m: &std::fs::Metadata) -> i64 {
 
 /// Walks `source` (never following symlinks) and returns the candidates in admission order.
 pub fn discover(source: &Path, rules: &Rules, open: &OpenFiles) -> Discovery {
-    let mut out = Discovery::default();
+    let mut out = Discovery {
+        candidates: Candidates::new(rules),
+        skipped: BTreeMap::new(),
+        dirs: Vec::new(),
+    };
     let now_ns = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)
@@ -248,7 +257,6 @@ pub fn discover(source: &Path, rules: &Rules, open: &OpenFiles) -> Discovery {
             });
         }
     }
-    order(&mut out.candidates, rules);
     out.dirs.sort();
     out
 }
@@ -267,7 +275,7 @@ fn is_stable(meta: &std::fs::Metadata, mtime_ns: i64, now_ns: i64, window: i64) 
     now_ns.saturating_sub(mtime_ns) >= window
 }
 
-/// Sorts candidates into admission order.
+/// Sorts candidates into admission order ([`Candidates`] yields this same order).
 pub fn order(candidates: &mut [Candidate], rules: &Rules) {
     let group = |c: &Candidate| {
         rules
@@ -317,6 +325,7 @@ mod tests {
             priority: Priority::Largest,
             priority_paths: vec!["urgent".into()],
             names: NameRules::default(),
+            spill_dir: None,
         };
         order(&mut v, &rules);
         let names: Vec<_> = v.iter().map(|c| c.rel.to_str().unwrap()).collect();

@@ -237,9 +237,10 @@ fn run_locked(
         priority: cfg.priority,
         priority_paths: cfg.priority_paths.clone(),
         names: cfg.name_rules,
+        spill_dir: Some(cfg.tracking_data_path.clone()),
     };
     let discovery = discover::discover(&cfg.source_path, &rules, &open);
-    report.files.discovered = discovery.candidates.len() as u64 + discovery.skipped_total();
+    report.files.discovered = discovery.candidates.len() + discovery.skipped_total();
     report.files.skipped = discovery.skipped_total();
     report.skipped_by_reason = discovery.skipped.clone();
     tracing::info!(
@@ -283,7 +284,13 @@ fn run_locked(
         set_aside: &set_aside,
         limits_fingerprint: &fingerprint,
     };
-    pipeline::process(&run, admission, discovery.candidates, report)?;
+    if discovery.candidates.spilled_runs() > 0 {
+        tracing::debug!(
+            "list of waiting files spilled to disk in {} sorted run(s)",
+            discovery.candidates.spilled_runs()
+        );
+    }
+    pipeline::process(&run, admission, discovery.candidates.into_queue(), report)?;
     let j = pipeline::lock(journal);
     for (sample, total) in crate::throttle::targets_space(cfg) {
         j.record_space(run_id, &sample, total)?;

@@ -13,7 +13,7 @@ use std::sync::mpsc;
 
 use super::file::{self, FileResult};
 use crate::config::Config;
-use crate::discover::Candidate;
+use crate::discover::{Candidate, Queue};
 use crate::journal::{Identity, Journal, Outcome, SetAside};
 use crate::notify::{self, Notifier};
 use crate::report::{FileEntry, Report};
@@ -70,7 +70,8 @@ pub struct Job {
     pub candidate: Candidate,
 }
 
-/// The JSON report lists at most this many files (the journal has all of them).
+/// The JSON report lists at most this many files, and this many kept sources (the
+/// journal has all of them; the report counts the ones left out).
 const REPORT_FILE_LIMIT: usize = 10_000;
 /// Copy buffer per worker.
 const BUFFER: usize = 1 << 20;
@@ -78,15 +79,18 @@ const BUFFER: usize = 1 << 20;
 pub fn process(
     run: &Run,
     admission: Admission,
-    candidates: Vec<Candidate>,
+    candidates: Queue,
     report: &mut Report,
 ) -> anyhow::Result<()> {
     let threads = run.cfg.max_scan_threads.max(1);
-    let total = candidates.len() as u64;
+    let total = candidates.len();
     let commit_failure = Mutex::new(None);
-    let (commits, batches) = mpsc::channel::<Vec<FileResult>>();
+    // Bounded: when the committer falls behind, the workers wait for it instead of
+    // piling up finished files in memory.
+    let (commits, batches) = mpsc::sync_channel::<Vec<FileResult>>(COMMITS_QUEUED);
+    let report = Mutex::new(report);
     let books = Mutex::new(Books {
-        queue: candidates.into_iter(),
+        queue: candidates,
         ended: false,
         tickets: HashMap::new(),
         admission,
@@ -97,11 +101,11 @@ pub fn process(
         commits,
         commit_failure: &commit_failure,
         uncommitted: Vec::new(),
-        report,
+        report: &report,
     });
 
     let committed = std::thread::scope(|scope| {
-        let committer = scope.spawn(|| committer(run, batches, &commit_failure));
+        let committer = scope.spawn(|| committer(run, batches, &commit_failure, &report));
         // Each worker admits its next file itself, under the books' lock, in priority
         // order: no hand-off between threads per file.
         let workers: Vec<_> = (0..threads)
@@ -133,37 +137,35 @@ pub fn process(
                 .get_or_insert_with(|| "a worker thread panicked".into());
         }
         b.flush();
-        let (tx, _) = mpsc::channel();
+        let (tx, _) = mpsc::sync_channel(0);
         drop(std::mem::replace(&mut b.commits, tx));
         drop(b);
         committer.join()
     });
-    let mut books = books.into_inner().unwrap_or_else(|p| p.into_inner());
-    for r in std::mem::take(&mut books.uncommitted) {
-        tally(books.report, r);
+    let books = books.into_inner().unwrap_or_else(|p| p.into_inner());
+    let Books {
+        uncommitted,
+        mut stop,
+        progress,
+        ..
+    } = books;
+    let report = report.into_inner().unwrap_or_else(|p| p.into_inner());
+    for r in uncommitted {
+        tally(report, r);
     }
-    match committed {
-        Ok(done) => {
-            for r in done {
-                tally(books.report, r);
-            }
-        }
-        Err(_) => {
-            books.stop = Some("the commit thread panicked; sources of delivered files kept".into())
-        }
+    if committed.is_err() {
+        stop = Some("the commit thread panicked; sources of delivered files kept".into())
     }
     if let Some(f) = commit_failure
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .take()
     {
-        books.stop.get_or_insert(f);
+        stop.get_or_insert(f);
     }
-    books.progress.finish();
+    progress.finish();
 
-    let report = books.report;
     report.files.deferred = total - report.files.admitted;
-    let mut stop = books.stop;
     if run.scanners.tripped() {
         stop.get_or_insert_with(|| "circuit breaker: too many scan timeouts this run".into());
     }
@@ -179,12 +181,14 @@ pub fn process(
 /// A batch is committed at this many files or bytes (and at the end of the run).
 const BATCH_FILES: usize = 128;
 const BATCH_BYTES: u64 = 128 << 20;
+/// Full batches waiting for the committer; beyond this the workers wait.
+const COMMITS_QUEUED: usize = 2;
 
 /// The run's books, shared by the workers under one lock: the files still waiting in
 /// priority order, space reservations, the reason to stop, the report, and the batch
 /// of deliveries waiting to be made durable.
-struct Books<'a> {
-    queue: std::vec::IntoIter<Candidate>,
+struct Books<'a, 'r> {
+    queue: Queue,
     /// Admission has stopped (throttle, stop request, fatal problem, no more files).
     ended: bool,
     tickets: HashMap<i64, throttle::Ticket>,
@@ -194,15 +198,16 @@ struct Books<'a> {
     batch: Vec<FileResult>,
     batch_bytes: u64,
     /// Full batches go to the committer thread.
-    commits: mpsc::Sender<Vec<FileResult>>,
+    commits: mpsc::SyncSender<Vec<FileResult>>,
     /// Set by the committer when a commit failed: admit nothing more.
     commit_failure: &'a Mutex<Option<String>>,
     /// Files whose batch could not reach the committer: counted, sources kept.
     uncommitted: Vec<FileResult>,
-    report: &'a mut Report,
+    /// Counted into as files finish; the committer counts the files it commits.
+    report: &'a Mutex<&'r mut Report>,
 }
 
-impl Books<'_> {
+impl Books<'_, '_> {
     /// Step 6 for the next file in priority order: admits it (throttle, limits),
     /// records it in the journal, and hands it to the calling worker. `None` once
     /// admission has stopped; the first denial stops it for every worker.
@@ -226,6 +231,9 @@ impl Books<'_> {
         }
         let candidate = loop {
             let Some(candidate) = self.queue.next() else {
+                if let Some(e) = self.queue.error() {
+                    self.stop.get_or_insert_with(|| e.to_string());
+                }
                 self.ended = true;
                 return None;
             };
@@ -242,7 +250,7 @@ impl Books<'_> {
         let ticket = match self.admission.admit(candidate.size) {
             Ok(t) => t,
             Err(denial) => {
-                throttle_stop(run, &denial, self.report);
+                throttle_stop(run, &denial, &mut lock_report(self.report));
                 self.ended = true;
                 return None;
             }
@@ -270,7 +278,7 @@ impl Books<'_> {
             candidate.size
         );
         self.tickets.insert(id, ticket);
-        self.report.files.admitted += 1;
+        lock_report(self.report).files.admitted += 1;
         self.progress.admitted(candidate.size);
         Some(Job { id, candidate })
     }
@@ -294,12 +302,9 @@ impl Books<'_> {
                 known.outcome.as_str(),
                 known.reason
             );
-            self.report.files.skipped += 1;
-            *self
-                .report
-                .skipped_by_reason
-                .entry("set_aside")
-                .or_default() += 1;
+            let mut report = lock_report(self.report);
+            report.files.skipped += 1;
+            *report.skipped_by_reason.entry("set_aside").or_default() += 1;
             return Ok(true);
         }
         use crate::scan::limits::SizeRefusal;
@@ -330,7 +335,7 @@ impl Books<'_> {
         drop(j);
         file::log_set_aside(&rel, outcome, &reason);
         tally(
-            self.report,
+            &mut lock_report(self.report),
             FileResult::set_aside(id, rel, c.size, outcome, reason),
         );
         Ok(true)
@@ -356,7 +361,7 @@ impl Books<'_> {
             self.stop.get_or_insert_with(|| f.clone());
         }
         if r.pending.is_none() {
-            tally(self.report, r);
+            tally(&mut lock_report(self.report), r);
             return;
         }
         self.batch_bytes += r.size;
@@ -398,18 +403,23 @@ impl Books<'_> {
 /// workers go on with the next files. One `syncfs` makes every delivery of a batch
 /// durable, one journal transaction records them, and only then are their sources
 /// removed (each still re-hashed against what was scanned). Nothing is weaker than
-/// one fsync chain per file; it is just paid once per batch. Returns every file, done.
+/// one fsync chain per file; it is just paid once per batch. Each file is counted into
+/// the report as soon as its batch is done, so nothing per file outlives its batch.
 fn committer(
     run: &Run,
     batches: mpsc::Receiver<Vec<FileResult>>,
     failure: &Mutex<Option<String>>,
-) -> Vec<FileResult> {
-    let mut done = Vec::new();
+    report: &Mutex<&mut Report>,
+) {
+    let mut done = Vec::with_capacity(BATCH_FILES);
     let mut buf = vec![0u8; BUFFER];
     for batch in batches {
         commit(run, batch, &mut buf, failure, &mut done);
+        let mut report = lock_report(report);
+        for r in done.drain(..) {
+            tally(&mut report, r);
+        }
     }
-    done
 }
 
 fn commit(
@@ -506,6 +516,10 @@ pub fn lock(j: &Mutex<Journal>) -> std::sync::MutexGuard<'_, Journal> {
     j.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+fn lock_report<'a, 'b>(r: &'a Mutex<&'b mut Report>) -> std::sync::MutexGuard<'a, &'b mut Report> {
+    r.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Counts one finished file into the report.
 fn tally(report: &mut Report, r: FileResult) {
     let f = &mut report.files;
@@ -530,9 +544,15 @@ fn tally(report: &mut Report, r: FileResult) {
         }
     }
     if let Some(k) = r.kept {
-        report.sources_kept.push(k);
+        if report.sources_kept.len() < REPORT_FILE_LIMIT {
+            report.sources_kept.push(k);
+        } else {
+            report.sources_kept_omitted += 1;
+        }
     }
-    if report.file_results.len() < REPORT_FILE_LIMIT {
+    if report.file_results.len() >= REPORT_FILE_LIMIT {
+        report.file_results_omitted += 1;
+    } else {
         report.file_results.push(FileEntry {
             path: r.rel,
             outcome: r.outcome.as_str(),
