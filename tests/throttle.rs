@@ -123,8 +123,10 @@ fn quarantine_tmpfs_stops_admission_at_the_first_file_that_would_break_its_thres
     env.set("quarantine_path", q.to_str().unwrap());
     env.set("quarantine_free_space_mb", "10");
     for (i, (name, size)) in [
-        ("a.bin", 2 * MIB),
-        ("b.bin", 2 * MIB),
+        // While a.bin is being copied its bytes are both on disk and reserved: b.bin
+        // must still pass with a.bin counted twice (15 - 1.5 - 1.5 - 1.5 >= 10).
+        ("a.bin", 3 * MIB / 2),
+        ("b.bin", 3 * MIB / 2),
         ("big.bin", 5 * MIB + MIB / 2),
         ("c.bin", MIB),
     ]
