@@ -19,21 +19,18 @@ pub const EXIT_LOCKED: u8 = 3;
 const CONFIG_HEADING: &str =
     "Configuration (each flag overrides the config file key of the same name)";
 
+/// Boolean keys take `true`/`false` or stand alone as a flag (`--throttle`).
 fn is_bool_key(name: &str) -> bool {
-    matches!(
-        name,
-        "delete_source_files_after_copying"
-            | "on_demand_clam_av"
-            | "on_demand_defender"
-            | "defender_handles_suspect_files"
-            | "throttle"
-            | "skip_stability_check"
-            | "canary"
-            | "notify"
-            | "notify_summary"
-            | "use_tls"
-    )
+    keys::lookup(name).is_some_and(|k| k.kind() == keys::Kind::Bool)
 }
+
+/// `shuttle --version`: the version and the commit it was built from.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("SHUTTLE_COMMIT"),
+    ")"
+);
 
 /// The clap command tree.
 pub fn command() -> Command {
@@ -43,7 +40,7 @@ pub fn command() -> Command {
         .value_parser(clap::value_parser!(PathBuf))
         .help("Write the run's figures as JSON to FILE");
     let mut cmd = Command::new("shuttle")
-        .version(env!("CARGO_PKG_VERSION"))
+        .version(VERSION)
         .about("Scanning file-transfer gateway: drop directory -> quarantine -> malware scan -> destination")
         .arg(
             Arg::new("config")
@@ -115,7 +112,10 @@ fn command_line(m: &ArgMatches) -> CommandLine {
 
 /// Parses the command line and runs the command; returns the process exit code.
 pub fn main() -> u8 {
-    let matches = match command().try_get_matches() {
+    let matches = match command()
+        .subcommand(crate::generate::command())
+        .try_get_matches()
+    {
         Ok(m) => m,
         Err(e) => {
             let _ = e.print();
@@ -128,6 +128,7 @@ pub fn main() -> u8 {
         "check" => u8::try_from(check::check(&cli)).unwrap_or(EXIT_USAGE),
         "status" => crate::status::main(&cli, sub.get_flag("json")),
         "defender-test" => crate::defender_test::main(&cli),
+        "generate" => crate::generate::main(sub),
         "hazard" => match sub.subcommand() {
             Some(("list", list)) => hazard_list(&command_line(list), list.get_flag("json")),
             _ => EXIT_USAGE,
