@@ -1,6 +1,8 @@
 //! `shuttle check` (DESIGN §6): validate configuration, directories, scanners and
 //! keys without touching a file; print every problem; exit 0 or 2.
 
+use std::path::Path;
+
 use crate::config::{self, CommandLine};
 use crate::hazard::{self, HazardArchive, HazardError};
 use crate::scan::{self, Scanners};
@@ -39,6 +41,7 @@ pub fn check(cli: &CommandLine) -> i32 {
     if let Some(parent) = cfg.lock_path.parent()
         && !parent.as_os_str().is_empty()
         && !parent.is_dir()
+        && cfg.lock_path != Path::new(crate::config::DEFAULT_LOCK_PATH)
     {
         problems.push(format!(
             "lock_path {}: directory {} does not exist",

@@ -19,25 +19,18 @@ pub const EXIT_LOCKED: u8 = 3;
 const CONFIG_HEADING: &str =
     "Configuration (each flag overrides the config file key of the same name)";
 
+/// Boolean keys take `true`/`false` or stand alone as a flag (`--throttle`).
 fn is_bool_key(name: &str) -> bool {
-    matches!(
-        name,
-        "delete_source_files_after_copying"
-            | "on_demand_clam_av"
-            | "on_demand_defender"
-            | "defender_handles_suspect_files"
-            | "throttle"
-            | "skip_stability_check"
-            | "canary"
-            | "block_encrypted_archives"
-            | "notify"
-            | "notify_summary"
-            | "use_tls"
-            | "allow_hidden_names"
-            | "allow_special_characters"
-            | "allow_double_dots"
-    )
+    keys::lookup(name).is_some_and(|k| k.kind() == keys::Kind::Bool)
 }
+
+/// `shuttle --version`: the version and the commit it was built from.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("SHUTTLE_COMMIT"),
+    ")"
+);
 
 /// The clap command tree.
 pub fn command() -> Command {
@@ -47,7 +40,7 @@ pub fn command() -> Command {
         .value_parser(clap::value_parser!(PathBuf))
         .help("Write the run's figures as JSON to FILE");
     let mut cmd = Command::new("shuttle")
-        .version(env!("CARGO_PKG_VERSION"))
+        .version(VERSION)
         .about("Scanning file-transfer gateway: drop directory -> quarantine -> malware scan -> destination")
         .arg(
             Arg::new("config")
@@ -156,7 +149,10 @@ pub fn main() -> u8 {
     // before anything (the log file first) is created.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o007));
     let args = args_for_invocation(std::env::args_os().collect());
-    let matches = match command().try_get_matches_from(args) {
+    let matches = match command()
+        .subcommand(crate::generate::command())
+        .try_get_matches_from(args)
+    {
         Ok(m) => m,
         Err(e) => {
             let _ = e.print();
@@ -174,6 +170,7 @@ pub fn main() -> u8 {
             sub.get_one::<String>("name").map_or("", String::as_str),
             sub.get_flag("json"),
         ),
+        "generate" => crate::generate::main(sub),
         "hazard" => match sub.subcommand() {
             Some(("list", list)) => hazard_list(&command_line(list), list.get_flag("json")),
             _ => EXIT_USAGE,

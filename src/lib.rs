@@ -14,6 +14,7 @@ pub mod defender_test;
 pub mod deliver;
 pub mod discover;
 pub mod fsx;
+pub mod generate;
 pub mod hazard;
 pub mod history;
 pub mod journal;

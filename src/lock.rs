@@ -32,8 +32,19 @@ pub struct InstanceLock {
     _file: File,
 }
 
-/// Takes the lock or reports who holds it.
+/// Takes the lock or reports who holds it. The default lock directory (`/run/shuttle`,
+/// made by systemd's `RuntimeDirectory=` for the units) is created when missing, as a
+/// run started by hand or from cron would otherwise find no directory after a reboot
+/// (`/run` is a tmpfs); any other missing directory is an error.
 pub fn acquire(path: &Path) -> Result<InstanceLock, LockError> {
+    if path == Path::new(crate::config::DEFAULT_LOCK_PATH)
+        && let Some(dir) = path.parent()
+        && !dir.is_dir()
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        // Errors show up as the open's error just below.
+        let _ = std::fs::DirBuilder::new().mode(0o770).create(dir);
+    }
     let mut file = OpenOptions::new()
         .read(true)
         .write(true)

@@ -76,3 +76,59 @@ pub fn init(level: &str, dir: Option<&Path>) -> std::io::Result<LogGuard> {
         .try_init();
     Ok(LogGuard { _file: guard, file })
 }
+
+/// Removes the per-run log files (`shuttle_*.log`, and their rotated or compressed
+/// forms `shuttle_*.log.1`, `shuttle_*.log.2.gz`, …) in `dir` last modified more than
+/// `days` days ago; `days == 0` keeps everything. Each run writes its own file, which
+/// logrotate cannot expire (it would rotate every file into an empty one plus a `.1`
+/// kept forever), so Shuttle expires them itself. A file being written (a `watch`'s)
+/// is modified on every pass and never old enough. Returns how many were removed;
+/// failures are logged, never fatal.
+pub fn prune_old_logs(dir: &Path, days: u64) -> usize {
+    if days == 0 {
+        return 0;
+    }
+    let Some(cutoff) = std::time::SystemTime::now()
+        .checked_sub(std::time::Duration::from_secs(days.saturating_mul(86_400)))
+    else {
+        return 0;
+    };
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!("log retention: cannot list {}: {e}", dir.display());
+            return 0;
+        }
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if !(name.starts_with("shuttle_") && name.contains(".log")) {
+            continue;
+        }
+        // DirEntry::metadata does not follow symlinks: only regular files are removed.
+        let old = entry
+            .metadata()
+            .ok()
+            .filter(|m| m.is_file())
+            .and_then(|m| m.modified().ok().map(|t| t < cutoff));
+        if old != Some(true) {
+            continue;
+        }
+        match std::fs::remove_file(entry.path()) {
+            Ok(()) => removed += 1,
+            Err(e) => tracing::warn!(
+                "log retention: cannot remove {}: {e}",
+                entry.path().display()
+            ),
+        }
+    }
+    if removed > 0 {
+        tracing::info!(
+            "log retention: removed {removed} log file(s) older than {days} days from {}",
+            dir.display()
+        );
+    }
+    removed
+}

@@ -3,10 +3,17 @@
 //!
 //! Written at the end of every run (every `watch` pass) through a temp file in the same
 //! directory and a rename, so the collector never reads half a file. The figures are
-//! those of the last run; `shuttle_last_success_timestamp_seconds` survives failed
-//! runs (read back from the previous file, else from the journal) so an alert can
-//! fire on "no successful run for N hours".
+//! those of the last run (gauges, `shuttle_run_*`), beside counters that add up every
+//! run and `watch` pass (`shuttle_files_total{outcome}`, `shuttle_bytes_total{outcome}`,
+//! `shuttle_scans_total`, `shuttle_errors_total`, `shuttle_passes_total`): each write
+//! reads the counters of the previous file and adds the pass's figures, so they survive
+//! across processes. A lost or unreadable file starts them from zero again, which
+//! Prometheus' `rate()` and `increase()` treat as a counter reset.
+//! `shuttle_last_success_timestamp_seconds` survives failed runs the same way (read
+//! back from the previous file, else from the journal) so an alert can fire on "no
+//! successful run for N hours".
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::Path;
@@ -39,7 +46,9 @@ pub fn write(cfg: &Config, report: &Report, duration: std::time::Duration) {
     } else {
         previous_success(path).or_else(|| journal_success(cfg))
     };
-    let text = render(cfg, report, duration, now, last_success);
+    let previous = std::fs::read_to_string(path).unwrap_or_default();
+    let mut text = render(cfg, report, duration, now, last_success);
+    text.push_str(&render_counters(&counters(&previous, report)));
     match write_atomic(path, &text) {
         Ok(()) => tracing::debug!("metrics written to {}", path.display()),
         Err(e) => tracing::error!("{e}"),
@@ -55,23 +64,12 @@ pub fn render(
     last_success: Option<i64>,
 ) -> String {
     let mut s = String::new();
-    let f = &report.files;
     head(
         &mut s,
         "shuttle_run_files",
         "Files of the last run by outcome",
     );
-    for (outcome, n) in [
-        ("discovered", f.discovered),
-        ("skipped", f.skipped),
-        ("admitted", f.admitted),
-        ("clean", f.clean),
-        ("suspect", f.suspect),
-        ("failed", f.failed),
-        ("unscannable", f.unscannable),
-        ("too_large", f.too_large),
-        ("deferred", f.deferred),
-    ] {
+    for (outcome, n) in file_outcomes(report) {
         let _ = writeln!(s, "shuttle_run_files{{outcome=\"{outcome}\"}} {n}");
     }
     head(
@@ -79,10 +77,7 @@ pub fn render(
         "shuttle_run_bytes",
         "Bytes of the last run by outcome",
     );
-    for (outcome, n) in [
-        ("clean", report.bytes.clean),
-        ("suspect", report.bytes.suspect),
-    ] {
+    for (outcome, n) in byte_outcomes(report) {
         let _ = writeln!(s, "shuttle_run_bytes{{outcome=\"{outcome}\"}} {n}");
     }
     head(
@@ -209,6 +204,114 @@ pub fn render(
     s
 }
 
+/// Files of a pass by outcome: the `outcome` label values of `shuttle_run_files` and
+/// `shuttle_files_total`.
+pub fn file_outcomes(report: &Report) -> Vec<(&'static str, u64)> {
+    let f = &report.files;
+    vec![
+        ("discovered", f.discovered),
+        ("skipped", f.skipped),
+        ("admitted", f.admitted),
+        ("clean", f.clean),
+        ("suspect", f.suspect),
+        ("failed", f.failed),
+        ("unscannable", f.unscannable),
+        ("too_large", f.too_large),
+        ("deferred", f.deferred),
+    ]
+}
+
+/// Bytes of a pass by outcome: the `outcome` label values of `shuttle_run_bytes` and
+/// `shuttle_bytes_total`.
+pub fn byte_outcomes(report: &Report) -> Vec<(&'static str, u64)> {
+    vec![
+        ("clean", report.bytes.clean),
+        ("suspect", report.bytes.suspect),
+    ]
+}
+
+/// The counters (metric name, then label text or "") and their help.
+const COUNTERS: &[(&str, &str)] = &[
+    (
+        "shuttle_files_total",
+        "Files handled by every run and watch pass since the metrics file was first written, by outcome",
+    ),
+    (
+        "shuttle_bytes_total",
+        "Bytes handled by every run and watch pass, by outcome",
+    ),
+    (
+        "shuttle_scans_total",
+        "Files that every enabled engine scanned to a verdict (clean or suspect)",
+    ),
+    (
+        "shuttle_errors_total",
+        "Failed files plus run-level errors (scanner down, disk full, circuit breaker)",
+    ),
+    ("shuttle_passes_total", "Runs and watch passes"),
+];
+
+/// Counter series (`name{labels}` → value): those of `previous` (the earlier metrics
+/// file's text) plus this pass's figures. Series of the earlier file this version does
+/// not produce are kept as they were.
+pub fn counters(previous: &str, report: &Report) -> BTreeMap<String, u64> {
+    let mut c: BTreeMap<String, u64> = BTreeMap::new();
+    for line in previous.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let name = series.split('{').next().unwrap_or(series);
+        if !COUNTERS.iter().any(|(n, _)| *n == name) {
+            continue;
+        }
+        if let Ok(v) = value.trim().parse::<f64>()
+            && v.is_finite()
+            && v >= 0.0
+        {
+            // Counters are whole numbers; the cast saturates.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            c.insert(series.to_string(), v as u64);
+        }
+    }
+    let mut add = |series: String, n: u64| {
+        let v = c.entry(series).or_insert(0);
+        *v = v.saturating_add(n);
+    };
+    for (outcome, n) in file_outcomes(report) {
+        add(format!("shuttle_files_total{{outcome=\"{outcome}\"}}"), n);
+    }
+    for (outcome, n) in byte_outcomes(report) {
+        add(format!("shuttle_bytes_total{{outcome=\"{outcome}\"}}"), n);
+    }
+    add(
+        "shuttle_scans_total".into(),
+        report.files.clean + report.files.suspect,
+    );
+    let errors = report.files.failed + report.errors.len() as u64;
+    add("shuttle_errors_total".into(), errors);
+    add("shuttle_passes_total".into(), 1);
+    c
+}
+
+/// The counters' text, each metric's series under its HELP and TYPE lines.
+pub fn render_counters(c: &BTreeMap<String, u64>) -> String {
+    let mut s = String::new();
+    for (name, help) in COUNTERS {
+        let series: Vec<_> = c
+            .iter()
+            .filter(|(k, _)| k.split('{').next() == Some(*name))
+            .collect();
+        if series.is_empty() {
+            continue;
+        }
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (k, v) in series {
+            let _ = writeln!(s, "{k} {v}");
+        }
+    }
+    s
+}
+
 fn head(s: &mut String, name: &str, help: &str) {
     let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge");
 }
@@ -291,6 +394,22 @@ mod tests {
     fn escapes_label_values() {
         assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
         assert!(!escape("dir\u{202e}x\u{1b}").contains(['\u{202e}', '\u{1b}']));
+    }
+
+    #[test]
+    fn counters_add_up_and_keep_unknown_series() {
+        let mut r = Report::default();
+        r.files.clean = 3;
+        r.files.failed = 1;
+        r.bytes.clean = 300;
+        let first = render_counters(&counters("", &r));
+        let with_foreign = format!("{first}shuttle_files_total{{outcome=\"future\"}} 7\n");
+        let second = counters(&with_foreign, &r);
+        assert_eq!(second["shuttle_files_total{outcome=\"clean\"}"], 6);
+        assert_eq!(second["shuttle_bytes_total{outcome=\"clean\"}"], 600);
+        assert_eq!(second["shuttle_errors_total"], 2);
+        assert_eq!(second["shuttle_passes_total"], 2);
+        assert_eq!(second["shuttle_files_total{outcome=\"future\"}"], 7);
     }
 
     #[test]

@@ -11,7 +11,71 @@ pub struct Key {
     /// Sections where the key belongs. Found elsewhere it is accepted with a warning.
     pub sections: &'static [&'static str],
     pub aliases: &'static [&'static str],
+    /// What the key does; ends in `[default: …]` when it has a default.
     pub help: &'static str,
+    /// The default as a config file would spell it, where it is one value.
+    pub default: DefaultValue,
+}
+
+/// A key's default value, as the generated config template and documentation show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefaultValue {
+    /// Whatever the help's `[default: X]` suffix says: X is the value when it is a
+    /// single word (`2`, `true`, `/etc/clamav/clamd.conf`); no suffix means no default.
+    FromHelp,
+    /// This value.
+    Value(&'static str),
+    /// No single value: the help's `[default: …]` describes how it is derived.
+    Derived,
+}
+
+/// How a key's value is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Bool,
+    Number,
+    Text,
+}
+
+impl Key {
+    /// The `[default: …]` text of the help, if any (a value or a description).
+    pub fn default_text(&self) -> Option<&'static str> {
+        if let DefaultValue::Value(v) = self.default {
+            return Some(v);
+        }
+        let start = self.help.rfind("[default: ")?;
+        let rest = &self.help[start + "[default: ".len()..];
+        rest.strip_suffix(']')
+    }
+
+    /// The default as one config-file value, when there is one.
+    pub fn default_value(&self) -> Option<&'static str> {
+        match self.default {
+            DefaultValue::Value(v) => Some(v),
+            DefaultValue::Derived => None,
+            DefaultValue::FromHelp => self
+                .default_text()
+                .filter(|v| !v.is_empty() && !v.contains(char::is_whitespace) && !v.contains(',')),
+        }
+    }
+
+    /// The help without its `[default: …]` suffix.
+    pub fn meaning(&self) -> &'static str {
+        match self.help.rfind("[default: ") {
+            Some(i) if self.help.ends_with(']') => self.help[..i].trim_end(),
+            _ => self.help,
+        }
+    }
+
+    /// Boolean keys take `true`/`false` and may be given as a bare flag; a key is boolean
+    /// when its default is `true` or `false`.
+    pub fn kind(&self) -> Kind {
+        match self.default_value() {
+            Some("true" | "false") => Kind::Bool,
+            Some(v) if v.parse::<f64>().is_ok() => Kind::Number,
+            _ => Kind::Text,
+        }
+    }
 }
 
 const P: &[&str] = &["paths"];
@@ -19,12 +83,31 @@ const S: &[&str] = &["settings"];
 const SC: &[&str] = &["scanning"];
 const N: &[&str] = &["notifications"];
 
+/// `key!(name, sections, [aliases], help)`: the default is read from the help's
+/// `[default: X]` suffix. `key!(name, sections, [aliases], default = Derived, help)` (or
+/// `Value("x")`) says it outright. The aliases may be left out.
 macro_rules! key {
     ($name:literal, $sec:expr, $help:literal) => {
-        Key { name: $name, sections: $sec, aliases: &[], help: $help }
+        key!($name, $sec, [], default = FromHelp, $help)
     };
     ($name:literal, $sec:expr, [$($alias:literal),*], $help:literal) => {
-        Key { name: $name, sections: $sec, aliases: &[$($alias),*], help: $help }
+        key!($name, $sec, [$($alias),*], default = FromHelp, $help)
+    };
+    ($name:literal, $sec:expr, default = $default:expr, $help:literal) => {
+        key!($name, $sec, [], default = $default, $help)
+    };
+    ($name:literal, $sec:expr, [$($alias:literal),*], default = $default:expr, $help:literal) => {
+        Key {
+            name: $name,
+            sections: $sec,
+            aliases: &[$($alias),*],
+            help: $help,
+            default: {
+                #[allow(unused_imports)]
+                use DefaultValue::*;
+                $default
+            },
+        }
     };
 }
 
@@ -66,7 +149,12 @@ pub const KEYS: &[Key] = &[
         "lock_path",
         P,
         ["lock_file"],
-        "Single-instance lock file [default: /tmp/shuttle.lock]"
+        "Single-instance lock file [default: /run/shuttle/shuttle.lock]"
+    ),
+    key!(
+        "log_retention_days",
+        &["paths", "logging"],
+        "Per-run log files (shuttle_*.log*) in log_path older than this many days are removed at the start of each run, 0 = keep all [default: 30]"
     ),
     key!(
         "tracking_data_path",
@@ -119,16 +207,19 @@ pub const KEYS: &[Key] = &[
     key!(
         "quarantine_free_space_mb",
         S,
+        default = Derived,
         "MiB that must stay free for the quarantine [default: throttle_free_space_mb]"
     ),
     key!(
         "destination_free_space_mb",
         S,
+        default = Derived,
         "MiB that must stay free for the destination [default: throttle_free_space_mb]"
     ),
     key!(
         "hazard_free_space_mb",
         S,
+        default = Derived,
         "MiB that must stay free for the hazard archive [default: throttle_free_space_mb]"
     ),
     key!(
@@ -286,6 +377,7 @@ pub const KEYS: &[Key] = &[
     key!(
         "sender_email",
         N,
+        default = DefaultValue::Derived,
         "From address [default: shuttle@<hostname>]"
     ),
     key!("smtp_server", N, "SMTP server host"),

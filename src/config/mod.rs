@@ -218,6 +218,12 @@ impl NotifyConfig {
     }
 }
 
+/// Where the single-instance lock lives unless `lock_path` says otherwise: under
+/// `/run/shuttle`, which the systemd units create (`RuntimeDirectory=shuttle`) and which,
+/// unlike `/tmp`, is the same directory for every unit (`PrivateTmp` gives each its own
+/// `/tmp`).
+pub const DEFAULT_LOCK_PATH: &str = "/run/shuttle/shuttle.lock";
+
 /// The validated configuration of one Shuttle invocation.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -230,6 +236,8 @@ pub struct Config {
     pub hazard_encryption_key_path: Option<PathBuf>,
     pub ledger_file_path: Option<PathBuf>,
     pub log_path: Option<PathBuf>,
+    /// Per-run log files older than this many days are removed; 0 keeps them all.
+    pub log_retention_days: u64,
     pub lock_path: PathBuf,
     pub tracking_data_path: PathBuf,
     pub metrics_path: Option<PathBuf>,
@@ -658,9 +666,10 @@ fn build(r: &mut Reader, file: Option<PathBuf>, warnings: &mut Vec<String>) -> C
         hazard_encryption_key_path: r.path("hazard_encryption_key_path"),
         ledger_file_path: r.path("ledger_file_path"),
         log_path,
+        log_retention_days: r.number("log_retention_days", 30, 0),
         lock_path: r
             .path("lock_path")
-            .unwrap_or_else(|| PathBuf::from("/tmp/shuttle.lock")),
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_LOCK_PATH)),
         tracking_data_path,
         metrics_path: r.path("metrics_path"),
         delete_source_files: r.bool("delete_source_files_after_copying", false),
@@ -980,6 +989,38 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("throttle_free_space_mb"));
+    }
+
+    /// Every default the key table states as a value (and so the generated config
+    /// template and docs/configuration.md) is what parsing yields when the key is unset.
+    #[test]
+    fn key_table_defaults_are_the_parsed_defaults() {
+        let debug = |loaded: Loaded| {
+            // The two loads read different temp files: compare everything else.
+            let mut c = loaded.config;
+            c.file = None;
+            format!("{c:?}")
+        };
+        let base = debug(load_text(BASE, vec![]).unwrap());
+        let mut checked = 0;
+        for key in keys::KEYS {
+            let Some(value) = key.default_value() else {
+                continue;
+            };
+            let section = key.sections[0];
+            let text = format!("{BASE}[{section}]\n{} = {value}\n", key.name);
+            let loaded = load_text(&text, vec![]).unwrap_or_else(|e| {
+                panic!("{} = {value} (its table default) is refused: {e}", key.name)
+            });
+            assert_eq!(
+                debug(loaded),
+                base,
+                "key {}: the key table says its default is {value:?}, but setting that differs from leaving it unset",
+                key.name
+            );
+            checked += 1;
+        }
+        assert!(checked > 25, "only {checked} defaults checked");
     }
 
     #[test]

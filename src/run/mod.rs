@@ -84,6 +84,9 @@ pub fn pass(cfg: &Config, opts: &RunOptions) -> Report {
     let clock = std::time::Instant::now();
     // 4. umask 007: everything Shuttle creates is group- but never world-accessible.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o007));
+    if let Some(dir) = &cfg.log_path {
+        crate::logging::prune_old_logs(dir, cfg.log_retention_days);
+    }
 
     let notifier = Notifier::with_memory(&cfg.notifications, opts.memory.clone());
     let mut report = Report {
