@@ -1,4 +1,4 @@
-//! `shuttle check` (DESIGN §6): validate configuration, directories, scanners and
+//! `shuttle check` (docs/design.md §6): validate configuration, directories, scanners and
 //! keys without touching a file; print every problem; exit 0 or 2.
 
 use std::path::Path;

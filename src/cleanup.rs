@@ -1,4 +1,4 @@
-//! Source removal and end-of-run cleanup (DESIGN §1.10, §1.11).
+//! Source removal and end-of-run cleanup (docs/design.md §1.10, §1.11).
 //!
 //! A source is removed only after its clean copy is durable and verified in the
 //! destination (or its suspect copy durable in the hazard archive, or deliberately

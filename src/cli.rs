@@ -10,7 +10,7 @@ use crate::lock::LockError;
 use crate::run::{self, RunError, RunOptions};
 use crate::{check, logging};
 
-/// Exit codes (DESIGN §1).
+/// Exit codes (docs/design.md §1).
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;

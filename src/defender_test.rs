@@ -1,4 +1,4 @@
-//! `shuttle defender-test` (DESIGN §6): proves that the installed Microsoft Defender
+//! `shuttle defender-test` (docs/design.md §6): proves that the installed Microsoft Defender
 //! still detects EICAR and still prints a clean result Shuttle recognises, and
 //! records the outcome for its version in the ledger (see [`crate::ledger`]), which
 //! `run` and `check` consult before they use Defender.

@@ -1,4 +1,4 @@
-//! Delivery (DESIGN §1.9, clean branch): the scanned quarantine copy becomes
+//! Delivery (docs/design.md §1.9, clean branch): the scanned quarantine copy becomes
 //! `destination_path/<relative path>`.
 //!
 //! On the same filesystem the copy itself is renamed (after checking it is still the

@@ -84,7 +84,7 @@ pub fn space(path: &Path) -> io::Result<Space> {
     })
 }
 
-/// Bytes → MiB for messages (DESIGN: MB means MiB).
+/// Bytes → MiB for messages (MB means MiB throughout).
 pub fn mib(bytes: u64) -> f64 {
     bytes as f64 / 1_048_576.0
 }

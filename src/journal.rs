@@ -1,4 +1,4 @@
-//! The journal (DESIGN §4): an SQLite database recording every file's lifecycle, each
+//! The journal (docs/design.md §4): an SQLite database recording every file's lifecycle, each
 //! run's totals, throttle decisions and per-target free space.
 //!
 //! It is the source of truth for daily limits, `shuttle status` and crash recovery. The
@@ -96,7 +96,7 @@ pub struct Unfinished {
     pub rel_path: String,
 }
 
-/// A suspect file durably encrypted into the hazard archive (DESIGN §1.9).
+/// A suspect file durably encrypted into the hazard archive (docs/design.md §1.9).
 #[derive(Debug, Clone)]
 pub struct HazardRow {
     pub file_id: i64,

@@ -1,4 +1,4 @@
-//! The ledger of tested Microsoft Defender versions (DESIGN §1.8, §6).
+//! The ledger of tested Microsoft Defender versions (docs/design.md §1.8, §6).
 //!
 //! Defender's scan output is plain text whose format Microsoft may change with any
 //! update. `shuttle defender-test` proves a version still prints what
@@ -284,7 +284,7 @@ pub enum GateError {
     },
 }
 
-/// The gate of `run` and `check` (DESIGN §1.8): with Defender on and
+/// The gate of `run` and `check` (docs/design.md §1.8): with Defender on and
 /// `ledger_file_path` set, the installed Defender (`mdatp version`) must be recorded
 /// as passed. Returns the problem as one line naming the ledger and the version.
 pub fn gate(cfg: &crate::config::Config) -> Result<(), String> {

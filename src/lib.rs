@@ -2,7 +2,7 @@
 //!
 //! Files move from an untrusted drop directory through a quarantine, are scanned by
 //! ClamAV (and/or Microsoft Defender), and clean files are delivered to a protected
-//! destination. The modules are named after the steps of a run (DESIGN §1); [`run`]
+//! destination. The modules are named after the steps of a run (docs/design.md §1); [`run`]
 //! puts them in order.
 
 pub mod check;

@@ -1,4 +1,4 @@
-//! Single instance (DESIGN §1.2): an exclusive `flock` on the lock file.
+//! Single instance (docs/design.md §1.2): an exclusive `flock` on the lock file.
 //!
 //! The kernel drops a `flock` when its holder dies, so a run killed with SIGKILL never
 //! leaves a stale lock; the PID written into the file is only for the message.

@@ -1,4 +1,4 @@
-//! Logging (DESIGN §8): stderr plus one log file per run in `log_path`
+//! Logging (docs/design.md §8): stderr plus one log file per run in `log_path`
 //! (`shuttle_YYYYMMDD_HHMMSS_<pid>.log`), written by one buffered background writer
 //! so that logging rarely waits on the disk in the middle of a file's handling.
 //!

@@ -1,4 +1,4 @@
-//! The Prometheus text-format metrics file (DESIGN §8, `metrics_path`), for
+//! The Prometheus text-format metrics file (docs/design.md §8, `metrics_path`), for
 //! node_exporter's textfile collector.
 //!
 //! Written at the end of every run (every `watch` pass) through a temp file in the same

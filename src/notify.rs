@@ -1,4 +1,4 @@
-//! Notifications (DESIGN §7): errors, hazards and summaries for the administrator,
+//! Notifications (docs/design.md §7): errors, hazards and summaries for the administrator,
 //! by email over SMTP.
 //!
 //! Every event goes through [`Notifier::send`], which only queues the message: one
@@ -37,7 +37,7 @@ pub const SMTP_TIMEOUT: Duration = Duration::from_secs(10);
 /// same throttle stop or dead scanner on every pass.
 pub const HOLD_DOWN: Duration = Duration::from_secs(3600);
 
-/// The three kinds of notification, each with its own recipient (DESIGN §7).
+/// The three kinds of notification, each with its own recipient (docs/design.md §7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
     Error,
@@ -264,7 +264,7 @@ pub fn off_when_unusable(c: &mut NotifyConfig) {
     }
 }
 
-/// The recipient of `kind`, falling back to `recipient_email` (DESIGN §7).
+/// The recipient of `kind`, falling back to `recipient_email` (docs/design.md §7).
 pub fn recipient(c: &NotifyConfig, kind: Kind) -> Option<&str> {
     let own = match kind {
         Kind::Error => &c.recipient_email_error,
@@ -296,7 +296,7 @@ fn deliver(t: &SmtpTransport, c: &NotifyConfig, mail: &Mail) -> Result<(), MailE
     Ok(())
 }
 
-/// The mails due at the end of a run (DESIGN §7): one error mail listing the failed
+/// The mails due at the end of a run (docs/design.md §7): one error mail listing the failed
 /// files, and the summary: only for a run that handled, failed or throttled
 /// something — with `notify_summary` for any of these, without it when a file failed
 /// or admission was throttled. A run (or `watch` pass) that found nothing to do sends

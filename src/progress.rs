@@ -1,4 +1,4 @@
-//! The progress bar (DESIGN §8): on an interactive terminal only, files and bytes
+//! The progress bar (docs/design.md §8): on an interactive terminal only, files and bytes
 //! done out of admitted, and throughput. When stderr is not a terminal (cron,
 //! systemd, a pipe) nothing is drawn at all, so logs stay clean.
 

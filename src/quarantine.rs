@@ -1,4 +1,4 @@
-//! Quarantine (DESIGN §1.7): copy a source file into `quarantine_path/<relative path>`
+//! Quarantine (docs/design.md §1.7): copy a source file into `quarantine_path/<relative path>`
 //! through a temp name, computing its SHA-256 in the same pass.
 //!
 //! The copy is owner-only (0600) while it is unscanned; the source's permission bits
@@ -110,7 +110,7 @@ impl QuarantineError {
 }
 
 /// Permission bits a delivered file may carry: no setuid/setgid/sticky, no world bits
-/// (DESIGN §1.4, umask 007).
+/// (docs/design.md §1.4, umask 007).
 pub fn delivered_mode(source_mode: u32) -> u32 {
     source_mode & 0o770
 }

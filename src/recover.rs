@@ -1,4 +1,4 @@
-//! Recovery (DESIGN §1.3): reconcile what an interrupted earlier run left behind.
+//! Recovery (docs/design.md §1.3): reconcile what an interrupted earlier run left behind.
 //!
 //! Nothing an interrupted run left can be the only copy of a file: a source is removed
 //! only after its copy is durable elsewhere. So recovery removes the dead run's temp
@@ -51,7 +51,11 @@ pub fn reconcile(
             }
         }
         if let Some(h) = &hazard {
-            remove(h, Path::new(&format!("{}{}", fsx::TEMP_PREFIX, f.id)), &mut out.removed);
+            remove(
+                h,
+                Path::new(&format!("{}{}", fsx::TEMP_PREFIX, f.id)),
+                &mut out.removed,
+            );
         }
         journal.mark_interrupted(
             f.id,

@@ -1,4 +1,4 @@
-//! The run's figures (DESIGN §8): one summary line in the log and `--report-json`.
+//! The run's figures (docs/design.md §8): one summary line in the log and `--report-json`.
 
 use std::collections::BTreeMap;
 use std::io::Write;

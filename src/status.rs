@@ -1,4 +1,4 @@
-//! `shuttle status` (DESIGN §6, §2 "space trends"): today's counts against the limits,
+//! `shuttle status` (docs/design.md §6, §2 "space trends"): today's counts against the limits,
 //! free space per target against its threshold, consumption and a projection of the
 //! days left before the threshold is reached, the last runs, the hazard archive size.
 //!

@@ -1,4 +1,4 @@
-//! Admission and throttling (DESIGN §2, the seed document): may the next file be
+//! Admission and throttling (docs/design.md §2): may the next file be
 //! admitted without filling a disk or breaking a daily or per-run limit?
 //!
 //! Free space is `statvfs` f_bavail, read fresh for every admitted file (once per
@@ -36,7 +36,7 @@ struct FsGroup {
     reserved: u64,
 }
 
-/// Why admission stopped (DESIGN §2 "On denial").
+/// Why admission stopped (docs/design.md §2 "On denial").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Denial {
     DiskSpace { message: String, path: PathBuf },
@@ -395,7 +395,7 @@ fn samples_of(targets: &[Target]) -> Vec<(SpaceSample, u64)> {
         .collect()
 }
 
-/// What Shuttle-owned data occupies a full filesystem, largest first (DESIGN §2,
+/// What Shuttle-owned data occupies a full filesystem, largest first (docs/design.md §2,
 /// "cleanup recommendations"). Computed only when admission stops, never per file.
 pub fn recommendations(cfg: &Config, full: &Path, delivered_last_7_days: u64) -> Vec<String> {
     let dev = std::fs::metadata(full).ok().map(|m| m.dev());

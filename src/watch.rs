@@ -1,4 +1,4 @@
-//! `shuttle watch` (DESIGN §6): keep running, react to new files and rescan
+//! `shuttle watch` (docs/design.md §6): keep running, react to new files and rescan
 //! periodically, with the same rules as `run`.
 //!
 //! The watch is a loop of passes; each pass is exactly a `run` ([`run::pass`]) with

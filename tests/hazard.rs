@@ -1,4 +1,4 @@
-//! The hazard archive (DESIGN §1.9, issue 4), driven through the CLI against a real
+//! The hazard archive (docs/design.md §1.9), driven through the CLI against a real
 //! clamd, with real GnuPG keys; every archive is decrypted with stock `gpg`.
 
 mod common;

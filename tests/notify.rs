@@ -1,4 +1,4 @@
-//! Notifications (DESIGN §7), metrics (§8) and the progress bar, against a real SMTP
+//! Notifications (docs/design.md §7), metrics (§8) and the progress bar, against a real SMTP
 //! server on 127.0.0.1 (tests/common/smtp.rs) and a real clamd.
 
 mod common;
@@ -360,10 +360,16 @@ fn parse_metrics(text: &str) -> Vec<(String, String, f64)> {
             None => (series, ""),
         };
         assert!(name.starts_with("shuttle_"), "{name}");
+        // Counters (`_total`, kept across runs) beside the last run's gauges.
+        let kind = if name.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        };
         assert!(
             text.contains(&format!("# HELP {name} "))
-                && text.contains(&format!("# TYPE {name} gauge")),
-            "HELP/TYPE for {name}"
+                && text.contains(&format!("# TYPE {name} {kind}")),
+            "HELP/TYPE {kind} for {name}"
         );
         out.push((
             name.to_string(),

@@ -1,4 +1,4 @@
-//! Disk-space throttling and limits (DESIGN §2) on real small tmpfs mounts.
+//! Disk-space throttling and limits (docs/design.md §2) on real small tmpfs mounts.
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! `shuttle watch` (DESIGN §6): inotify-driven passes, stability, SIGTERM.
+//! `shuttle watch` (docs/design.md §6): inotify-driven passes, stability, SIGTERM.
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! The table of every configuration key Shuttle knows (DESIGN §5).
+//! The table of every configuration key Shuttle knows (docs/design.md §5).
 //!
 //! One table drives the INI reader, the `--kebab-case` command-line flags and the
 //! unknown-key warnings, so a key cannot exist in one place and be forgotten in another.

@@ -1,4 +1,4 @@
-//! Configuration: command-line flags > config file > defaults (DESIGN §1.1, §5).
+//! Configuration: command-line flags > config file > defaults (docs/design.md §1.1, §5).
 //!
 //! Every value remembers where it came from, so that a wrong value is reported with
 //! the key, the value and its origin (`/etc/shuttle/config.conf line 12`, `flag
@@ -82,7 +82,7 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
-/// Admission order (DESIGN §2, "priority when space is limited").
+/// Admission order (docs/design.md §2, "priority when space is limited").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Priority {
     Oldest,
@@ -284,7 +284,7 @@ pub struct CommandLine {
     pub flags: Vec<(&'static str, String)>,
 }
 
-/// Default config file locations, in search order (DESIGN §1.1).
+/// Default config file locations, in search order (docs/design.md §1.1).
 fn default_locations() -> Vec<PathBuf> {
     let mut v = Vec::new();
     if let Some(home) = home_dir() {

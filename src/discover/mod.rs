@@ -1,9 +1,9 @@
-//! Discovery (DESIGN §1.5): which files under `source_path` may be handled this run.
+//! Discovery (docs/design.md §1.5): which files under `source_path` may be handled this run.
 //!
 //! Symlinks are never followed; FIFOs, sockets and devices are never opened; files
 //! still being written (recently modified, or open in some process), unsafe names and
 //! Shuttle's own temp files are skipped for this run, each with a logged reason.
-//! A candidate costs only its relative path and a few numbers (DESIGN §3), packed,
+//! A candidate costs only its relative path and a few numbers (docs/design.md §3), packed,
 //! and spilled to disk in sorted runs beyond a fixed budget ([`queue`]).
 //!
 //! Name rules ([`unsafe_name`]), applied to every file and directory name: never

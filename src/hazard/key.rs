@@ -1,5 +1,5 @@
 //! The hazard archive's recipient: loading and validating the OpenPGP public key in
-//! `hazard_encryption_key_path` (DESIGN §5: "a key file holding an encryption-capable
+//! `hazard_encryption_key_path` (docs/design.md §5: "a key file holding an encryption-capable
 //! OpenPGP public key").
 //!
 //! rPGP parses keys but leaves their semantics (which self-signature is current,

@@ -1,4 +1,4 @@
-//! Suspect files (DESIGN §1.9, suspect branch) and the hazard archive.
+//! Suspect files (docs/design.md §1.9, suspect branch) and the hazard archive.
 //!
 //! With `hazard_archive_path` set, a suspect file is encrypted to the OpenPGP public
 //! key in `hazard_encryption_key_path` as

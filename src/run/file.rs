@@ -356,7 +356,7 @@ fn set_aside(
     finish(run, r, outcome, "left_in_source", Some(why))
 }
 
-/// After disposal: may the source be removed (DESIGN §1.10)?
+/// After disposal: may the source be removed (docs/design.md §1.10)?
 enum Disposed {
     /// The copy is durable in the destination or hazard archive, or deliberately
     /// deleted as suspect.
@@ -560,7 +560,7 @@ fn dispose_suspect(
 /// With `defender_handles_suspect_files` and Defender the remover, that is expected:
 /// once the copy is confirmed gone, the source is the suspect copy, provided it is
 /// still the file that was copied and hashes to what was scanned; it is then
-/// disposed of like a suspect copy and removed per DESIGN §1.10. In every other case
+/// disposed of like a suspect copy and removed per docs/design.md §1.10. In every other case
 /// (flag off, another engine, source changed) nothing is delivered and the source
 /// stays where it is, for the administrator.
 #[allow(clippy::too_many_arguments)]
@@ -600,7 +600,7 @@ fn removed_by_engine(
         Ok(source) => {
             // The source (open, identity- and SHA-256-verified against q.sha256) is
             // the suspect copy now: it is what gets archived. The source itself is
-            // removed in step 10 only per DESIGN §1.10 (hash re-checked).
+            // removed in step 10 only per docs/design.md §1.10 (hash re-checked).
             dispose_suspect(run, r, q, id, detections, engines, Some((engine, source)))
         }
         Err(why) => {

@@ -1,4 +1,4 @@
-//! One run, step by step (DESIGN §1). Each step is a call into the module named after
+//! One run, step by step (docs/design.md §1). Each step is a call into the module named after
 //! it; this file only orders them and keeps the run's figures.
 
 mod file;
@@ -22,7 +22,7 @@ use crate::scan::{self, Scanner, Scanners};
 use crate::throttle::Admission;
 use crate::{cleanup, recover};
 
-/// Source subdirectories are removed once empty and untouched this long (DESIGN §1.11).
+/// Source subdirectories are removed once empty and untouched this long (docs/design.md §1.11).
 const EMPTY_DIR_AGE: Duration = Duration::from_secs(5 * 60);
 
 #[derive(Debug, Default, Clone)]
@@ -138,7 +138,7 @@ pub fn pass(cfg: &Config, opts: &RunOptions) -> Report {
 
 /// 0 = finished (files may be suspect, admission may be throttled); 1 = a file failed,
 /// a file was newly set aside (unscannable, too large: reported once, so a later run
-/// that only finds it again exits 0), or the run hit a runtime error (DESIGN §1).
+/// that only finds it again exits 0), or the run hit a runtime error (docs/design.md §1).
 fn exit_code(r: &Report) -> i32 {
     let f = &r.files;
     if f.failed > 0 || f.unscannable > 0 || f.too_large > 0 || !r.errors.is_empty() {

@@ -1,5 +1,5 @@
 //! Steps 6–10 for all files: `max_scan_threads` workers, each admitting its own next
-//! file in priority order (DESIGN §3), and a committer thread making batches of
+//! file in priority order (docs/design.md §3), and a committer thread making batches of
 //! deliveries durable before their sources are removed (group commit).
 //!
 //! A waiting file is only its [`Candidate`] record. A worker takes the next one under
@@ -399,7 +399,7 @@ impl Books<'_, '_> {
     }
 }
 
-/// The committer thread: group commit (issue 7) for batch after batch, while the
+/// The committer thread: group commit for batch after batch, while the
 /// workers go on with the next files. One `syncfs` makes every delivery of a batch
 /// durable, one journal transaction records them, and only then are their sources
 /// removed (each still re-hashed against what was scanned). Nothing is weaker than

@@ -1,4 +1,4 @@
-//! Microsoft Defender for Endpoint through its command-line client (DESIGN §1.8):
+//! Microsoft Defender for Endpoint through its command-line client (docs/design.md §1.8):
 //! `mdatp scan custom --ignore-exclusions --path FILE`, one process per file.
 //!
 //! mdatp has no machine-readable scan output, so the verdict is read from its text:

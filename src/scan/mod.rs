@@ -1,4 +1,4 @@
-//! Scanning (DESIGN §1.8): every enabled engine scans the quarantine copy; a file is
+//! Scanning (docs/design.md §1.8): every enabled engine scans the quarantine copy; a file is
 //! clean only if every engine says clean.
 //!
 //! Each engine lives in its own file behind the [`Scanner`] trait. What is common to
@@ -191,7 +191,7 @@ impl FileScan {
     }
 }
 
-/// Timeouts and retries (DESIGN §1.8).
+/// Timeouts and retries (docs/design.md §1.8).
 #[derive(Debug, Clone)]
 pub struct Policy {
     pub base: Duration,
