@@ -175,7 +175,7 @@ pub fn man_pages(cmd: Command, dir: &Path) -> std::io::Result<()> {
     clap_mangen::generate_to(cmd, dir)
 }
 
-/// Writes bash (`shuttle`), zsh (`_shuttle`) and fish (`shuttle.fish`) completions
+/// Writes bash (`shuttle.bash`), zsh (`_shuttle`) and fish (`shuttle.fish`) completions
 /// into `dir`.
 pub fn completions(mut cmd: Command, dir: &Path) -> std::io::Result<()> {
     use clap_complete::Shell;
