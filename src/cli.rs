@@ -195,21 +195,13 @@ fn run_command(cli: &CommandLine, report_json: Option<PathBuf>, watch: bool) -> 
         }
     };
     let mut cfg = loaded.config;
-    let _log = match logging::init(&cfg.log_level, cfg.log_path.as_deref()) {
+    let _log = match logging::start(&cfg, &loaded.warnings) {
         Ok(g) => g,
-        Err(e) => {
-            let dir = cfg
-                .log_path
-                .as_deref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default();
-            eprintln!("configuration error: log_path {dir}: cannot create the log file: {e}");
+        Err(line) => {
+            eprintln!("{line}");
             return EXIT_USAGE;
         }
     };
-    for w in &loaded.warnings {
-        tracing::warn!("config: {w}");
-    }
     crate::notify::off_when_unusable(&mut cfg.notifications);
     if let Some(f) = &cfg.file {
         tracing::info!("config file {}", f.display());

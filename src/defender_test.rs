@@ -32,21 +32,13 @@ pub fn main(cli: &CommandLine) -> u8 {
         }
     };
     let mut cfg = loaded.config;
-    let _log = match crate::logging::init(&cfg.log_level, cfg.log_path.as_deref()) {
+    let _log = match crate::logging::start(&cfg, &loaded.warnings) {
         Ok(g) => g,
-        Err(e) => {
-            let dir = cfg
-                .log_path
-                .as_deref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default();
-            eprintln!("configuration error: log_path {dir}: cannot create the log file: {e}");
+        Err(line) => {
+            eprintln!("{line}");
             return 2;
         }
     };
-    for w in &loaded.warnings {
-        tracing::warn!("config: {w}");
-    }
     notify::off_when_unusable(&mut cfg.notifications);
     let cfg = &cfg;
     tracing::info!(

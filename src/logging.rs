@@ -77,6 +77,24 @@ pub fn init(level: &str, dir: Option<&Path>) -> std::io::Result<LogGuard> {
     Ok(LogGuard { _file: guard, file })
 }
 
+/// Starts logging for a command with its configuration loaded: stderr plus the
+/// per-run log file in `log_path`, then the configuration's warnings as the first
+/// lines. `Err` is the one line to print on stderr (a configuration error, exit 2).
+pub fn start(cfg: &crate::config::Config, warnings: &[String]) -> Result<LogGuard, String> {
+    let guard = init(&cfg.log_level, cfg.log_path.as_deref()).map_err(|e| {
+        let dir = cfg
+            .log_path
+            .as_deref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        format!("configuration error: log_path {dir}: cannot create the log file: {e}")
+    })?;
+    for w in warnings {
+        tracing::warn!("config: {w}");
+    }
+    Ok(guard)
+}
+
 /// Removes the per-run log files (`shuttle_*.log`, and their rotated or compressed
 /// forms `shuttle_*.log.1`, `shuttle_*.log.2.gz`, …) in `dir` last modified more than
 /// `days` days ago; `days == 0` keeps everything. Each run writes its own file, which

@@ -66,6 +66,10 @@ pub struct Quarantined {
     pub source: Stamp,
     /// Permission bits to give the delivered file.
     pub mode: u32,
+    /// The copy's first bytes look like an archive (`scan::archive::looks_like_archive`),
+    /// judged from the copy buffer, so that other files are not opened again to be
+    /// inspected.
+    pub maybe_archive: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -164,40 +168,47 @@ pub fn copy_in(
     crate::crashpoint::here("quarantine: temp created");
 
     let copied = copy_hashing(&mut src, &mut out, buf, &src_path, &temp);
-    let result = copied.and_then(|(sha256, n)| {
-        let after = src
-            .metadata()
-            .map_err(QuarantineError::io("stat source", &src_path))?;
-        if !Stamp::of(&after).unchanged(&before) || n != before.size {
-            return Err(QuarantineError::Changed(
-                "source was modified during the copy",
-            ));
-        }
-        let mtime = rustix::fs::Timespec {
-            tv_sec: before.mtime_ns.div_euclid(1_000_000_000),
-            tv_nsec: before.mtime_ns.rem_euclid(1_000_000_000) as _,
-        };
-        let times = rustix::fs::Timestamps {
-            last_access: mtime,
-            last_modification: mtime,
-        };
-        rustix::fs::futimens(&out, &times)
-            .map_err(|e| QuarantineError::io("set mtime of", &temp)(e.into()))?;
-        let copy = Stamp::of(&out.metadata().map_err(QuarantineError::io("stat", &temp))?);
-        crate::crashpoint::here("quarantine: copied, before rename");
-        qdir.rename_to(temp_name.as_ref(), &qdir, name, false)
-            .map_err(QuarantineError::io("rename into", &final_path))?;
-        Ok(Quarantined {
-            path: final_path.clone(),
-            root: quarantine.clone(),
-            rel: rel.to_path_buf(),
-            sha256,
-            size: n,
-            copy,
-            source: before,
-            mode: delivered_mode(source_mode),
-        })
-    });
+    let result = copied.and_then(
+        |Copied {
+             sha256,
+             n,
+             maybe_archive,
+         }| {
+            let after = src
+                .metadata()
+                .map_err(QuarantineError::io("stat source", &src_path))?;
+            if !Stamp::of(&after).unchanged(&before) || n != before.size {
+                return Err(QuarantineError::Changed(
+                    "source was modified during the copy",
+                ));
+            }
+            let mtime = rustix::fs::Timespec {
+                tv_sec: before.mtime_ns.div_euclid(1_000_000_000),
+                tv_nsec: before.mtime_ns.rem_euclid(1_000_000_000) as _,
+            };
+            let times = rustix::fs::Timestamps {
+                last_access: mtime,
+                last_modification: mtime,
+            };
+            rustix::fs::futimens(&out, &times)
+                .map_err(|e| QuarantineError::io("set mtime of", &temp)(e.into()))?;
+            let copy = Stamp::of(&out.metadata().map_err(QuarantineError::io("stat", &temp))?);
+            crate::crashpoint::here("quarantine: copied, before rename");
+            qdir.rename_to(temp_name.as_ref(), &qdir, name, false)
+                .map_err(QuarantineError::io("rename into", &final_path))?;
+            Ok(Quarantined {
+                path: final_path.clone(),
+                root: quarantine.clone(),
+                rel: rel.to_path_buf(),
+                sha256,
+                size: n,
+                copy,
+                source: before,
+                mode: delivered_mode(source_mode),
+                maybe_archive,
+            })
+        },
+    );
     if result.is_err() {
         drop(out);
         let _ = qdir.remove(temp_name.as_ref());
@@ -214,15 +225,24 @@ fn split(rel: &Path) -> Result<(&Path, &std::ffi::OsStr), QuarantineError> {
 }
 
 /// Copies `src` to `out`, returning the hex SHA-256 and the byte count.
+/// What one copy pass learned about the bytes.
+struct Copied {
+    sha256: String,
+    n: u64,
+    maybe_archive: bool,
+}
+
 fn copy_hashing(
     src: &mut File,
     out: &mut File,
     buf: &mut [u8],
     src_path: &Path,
     out_path: &Path,
-) -> Result<(String, u64), QuarantineError> {
+) -> Result<Copied, QuarantineError> {
     let mut hasher = Sha256::new();
     let mut n: u64 = 0;
+    // Judged from the first read; a first read too short to tell counts as maybe.
+    let mut maybe_archive = false;
     loop {
         let got = match src.read(buf) {
             Ok(0) => break,
@@ -235,10 +255,17 @@ fn copy_hashing(
             .map_err(QuarantineError::io("write", out_path))?;
         n += got as u64;
         if n == got as u64 {
+            maybe_archive = crate::scan::archive::looks_like_archive(&buf[..got]);
             crate::crashpoint::here("quarantine: mid-copy");
+        } else if (n - got as u64) < crate::scan::archive::PEEK as u64 {
+            maybe_archive = true;
         }
     }
-    Ok((hex::encode(hasher.finalize()), n))
+    Ok(Copied {
+        sha256: hex::encode(hasher.finalize()),
+        n,
+        maybe_archive,
+    })
 }
 
 /// SHA-256 of an open file, reading it from its current position to the end.

@@ -52,11 +52,17 @@ pub struct Pending {
 
 impl FileResult {
     fn new(job: &Job) -> FileResult {
+        let rel = job.candidate.rel.to_string_lossy().into_owned();
+        FileResult::blank(job.id, rel, job.candidate.size, Outcome::Failed)
+    }
+
+    /// A file's result before anything is known about it beyond its identity.
+    fn blank(id: i64, rel: String, size: u64, outcome: Outcome) -> FileResult {
         FileResult {
-            id: job.id,
-            rel: job.candidate.rel.to_string_lossy().into_owned(),
-            size: job.candidate.size,
-            outcome: Outcome::Failed,
+            id,
+            rel,
+            size,
+            outcome,
             sha256: None,
             destination: None,
             detections: Vec::new(),
@@ -82,20 +88,8 @@ impl FileResult {
     /// A file set aside before it was admitted (never copied).
     pub fn set_aside(id: i64, rel: String, size: u64, outcome: Outcome, why: String) -> FileResult {
         FileResult {
-            id,
-            rel,
-            size,
-            outcome,
-            sha256: None,
-            destination: None,
-            detections: Vec::new(),
             error: Some(why),
-            scanners: serde_json::Value::Null,
-            kept: None,
-            fatal: None,
-            verdict: None,
-            pending: None,
-            figures: String::new(),
+            ..FileResult::blank(id, rel, size, outcome)
         }
     }
 
@@ -308,6 +302,9 @@ fn verdict_label(v: &FileVerdict) -> &'static str {
 /// archive allowed by `block_encrypted_archives = false`; `Err`: unscannable, why.
 fn inspect_archive(run: &Run, q: &Quarantined) -> Result<bool, String> {
     use crate::scan::archive::{self, Finding};
+    if !q.maybe_archive {
+        return Ok(false);
+    }
     let mut f = q
         .reopen()
         .map_err(|e| format!("quarantine copy cannot be opened for inspection: {e}"))?;

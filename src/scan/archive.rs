@@ -29,7 +29,8 @@ use std::io::{self, Cursor, Read, Seek};
 /// A nested zip up to this size is read in memory through its central directory.
 pub const NESTED_ZIP_IN_MEMORY: u64 = 64 << 20;
 /// How much of a stream is looked at to recognise an archive format.
-const PEEK: usize = 512;
+/// How many leading bytes decide whether a file is an archive.
+pub const PEEK: usize = 512;
 
 /// The limits an archive must stay within (0: no limit).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,6 +66,12 @@ enum Format {
     Tar,
     /// Unpacked by clamd, not walked by Shuttle.
     Other(&'static str),
+}
+
+/// Whether a file starting with `head` (at least [`PEEK`] bytes, or the whole file)
+/// is a format Shuttle inspects or must refuse: the same test [`inspect`] starts with.
+pub fn looks_like_archive(head: &[u8]) -> bool {
+    detect(&head[..head.len().min(PEEK)]).is_some()
 }
 
 fn detect(head: &[u8]) -> Option<Format> {
