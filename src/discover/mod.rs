@@ -151,13 +151,17 @@ pub fn unsafe_name(name: &std::ffi::OsStr, rules: &NameRules) -> Option<&'static
     }
     // Shuttle's own temp names start with a dot too: they are skipped as such later.
     if !rules.allow_hidden && s.starts_with('.') && !fsx::is_temp_name(s) {
-        return Some("hidden name (starts with '.'; allowed by allow_hidden_names)");
+        return Some(
+            "hidden name (starts with '.'; set allow_hidden_names = true to take such files)",
+        );
     }
     if !rules.allow_special && s.contains(SPECIAL_CHARACTERS) {
-        return Some("contains one of \\ > < | * $ & ; ` (allowed by allow_special_characters)");
+        return Some(
+            "contains one of \\ > < | * $ & ; ` (set allow_special_characters = true to take such files)",
+        );
     }
     if !rules.allow_double_dots && s.contains("..") {
-        return Some("contains '..' (allowed by allow_double_dots)");
+        return Some("contains '..' (set allow_double_dots = true to take such files)");
     }
     None
 }
