@@ -16,6 +16,7 @@ pub mod discover;
 pub mod fsx;
 pub mod hazard;
 pub mod journal;
+pub mod lease;
 pub mod ledger;
 pub mod lock;
 pub mod logging;

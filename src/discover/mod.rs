@@ -35,6 +35,9 @@ pub enum SkipReason {
     OwnTempFile,
     RecentlyModified,
     OpenByProcess,
+    /// More than one hard link (and `allow_hard_links` off): another name may lead
+    /// to it from outside the drop directory.
+    HardLinked(u64),
     Unreadable(String),
 }
 
@@ -48,6 +51,7 @@ impl SkipReason {
             SkipReason::OwnTempFile => "temp_file",
             SkipReason::RecentlyModified => "recently_modified",
             SkipReason::OpenByProcess => "open_by_process",
+            SkipReason::HardLinked(_) => "hard_linked",
             SkipReason::Unreadable(_) => "unreadable",
         }
     }
@@ -62,6 +66,10 @@ impl std::fmt::Display for SkipReason {
             SkipReason::OwnTempFile => write!(f, "Shuttle temp file"),
             SkipReason::RecentlyModified => write!(f, "modified too recently (stability check)"),
             SkipReason::OpenByProcess => write!(f, "open in another process"),
+            SkipReason::HardLinked(n) => write!(
+                f,
+                "has {n} hard links, one may lie outside the drop directory (allow_hard_links = true takes such files)"
+            ),
             SkipReason::Unreadable(e) => write!(f, "cannot read: {e}"),
         }
     }
@@ -74,6 +82,8 @@ pub struct Rules {
     pub stability: Option<Duration>,
     pub priority: Priority,
     pub priority_paths: Vec<PathBuf>,
+    /// Take files with more than one hard link.
+    pub allow_hard_links: bool,
 }
 
 /// What one walk of the source found.
@@ -191,6 +201,10 @@ pub fn discover(source: &Path, rules: &Rules, open: &OpenFiles) -> Discovery {
                 out.skip(&rel, SkipReason::RecentlyModified);
                 continue;
             }
+            if !rules.allow_hard_links && meta.nlink() > 1 {
+                out.skip(&rel, SkipReason::HardLinked(meta.nlink()));
+                continue;
+            }
             if open.is_open(meta.dev(), meta.ino()) {
                 out.skip(&rel, SkipReason::OpenByProcess);
                 continue;
@@ -268,6 +282,7 @@ mod tests {
             stability: None,
             priority: Priority::Largest,
             priority_paths: vec!["urgent".into()],
+            allow_hard_links: false,
         };
         order(&mut v, &rules);
         let names: Vec<_> = v.iter().map(|c| c.rel.to_str().unwrap()).collect();

@@ -38,6 +38,8 @@ pub struct FileResult {
     /// Delivered but not yet durable: the admission thread commits it with its batch
     /// (one syncfs, one journal transaction) and only then removes the source.
     pub pending: Option<Pending>,
+    /// Skipped: the report's `skipped_by_reason` label.
+    pub skip_label: Option<&'static str>,
 }
 
 /// A clean delivery waiting for its batch's commit.
@@ -50,6 +52,7 @@ pub struct Pending {
 impl FileResult {
     fn new(job: &Job) -> FileResult {
         FileResult {
+            skip_label: None,
             id: job.id,
             rel: job.candidate.rel.to_string_lossy().into_owned(),
             size: job.candidate.size,
@@ -157,15 +160,29 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
         rel,
         job.id,
         expected,
+        run.roots.checks,
         buf,
     ) {
         Ok(q) => q,
         Err(
             e @ (QuarantineError::Changed(_)
             | QuarantineError::Vanished
-            | QuarantineError::NotRegular),
+            | QuarantineError::NotRegular
+            | QuarantineError::OpenForWriting(_)
+            | QuarantineError::CannotTell(_)
+            | QuarantineError::HardLinked(_)),
         ) => {
-            tracing::info!("skipped {:?}: {e}", rel);
+            r.skip_label = Some(match e {
+                QuarantineError::OpenForWriting(_) => "open_by_process",
+                QuarantineError::CannotTell(_) => "writer_unknown",
+                QuarantineError::HardLinked(_) => "hard_linked",
+                _ => "changed_or_conflict",
+            });
+            if matches!(e, QuarantineError::CannotTell(_)) {
+                tracing::warn!("skipped {:?}: {e}", rel);
+            } else {
+                tracing::info!("skipped {:?}: {e}", rel);
+            }
             return finish(
                 run,
                 r,
@@ -222,7 +239,7 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
 /// Step 10 for one file: removes its source if it still holds the scanned bytes.
 /// `Ok(false)`: it was already gone; `Err`: kept, and why.
 pub fn remove_source(run: &Run, q: &Quarantined, buf: &mut [u8]) -> Result<bool, KeptSource> {
-    match cleanup::remove_source(&run.roots.source, &q.rel, q, buf) {
+    match cleanup::remove_source(&run.roots.source, &q.rel, q, run.roots.checks.writers, buf) {
         Ok(()) => Ok(true),
         Err(SourceKept::Gone) => Ok(false),
         Err(kept) => {
