@@ -18,19 +18,30 @@ pub enum SourceKept {
     Changed { now: String },
     #[error("source is no longer the file that was copied (replaced or renamed); kept")]
     Replaced,
+    #[error("source is open for writing in another process; kept")]
+    OpenForWriting,
+    #[error("cannot tell whether another process is writing the source (no read lease: {0}); kept")]
+    CannotTell(String),
     #[error("source already gone")]
     Gone,
     #[error("cannot remove source {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
 }
 
-/// Removes `source_root/rel` if it still holds the quarantined bytes. Everything goes
-/// through a directory handle beneath the source: a symlink planted meanwhile is
-/// never followed.
+/// Removes `source_root/rel` if it still holds the quarantined bytes and no process
+/// has it open for writing. Everything goes through a directory handle beneath the
+/// source: a symlink planted meanwhile is never followed.
+///
+/// The source is hashed and unlinked under a read lease ([`crate::lease`]): the
+/// kernel grants it only while no process has the file open for writing, and any
+/// open for writing meanwhile breaks it, which is checked right before the unlink.
+/// Where no lease can be had, `/proc` decides if it showed every process at the
+/// start of the run; otherwise the source is kept.
 pub fn remove_source(
     sources: &fsx::Beneath,
     rel: &Path,
     q: &Quarantined,
+    writers: crate::lease::WriterCheck,
     buf: &mut [u8],
 ) -> Result<(), SourceKept> {
     let path = sources.path().join(rel);
@@ -57,6 +68,16 @@ pub fn remove_source(
     if (before.dev, before.ino) != (q.source.dev, q.source.ino) {
         return Err(SourceKept::Replaced);
     }
+    let leased = match crate::lease::take(&f) {
+        crate::lease::Taken::Held => true,
+        crate::lease::Taken::Writer => return Err(SourceKept::OpenForWriting),
+        crate::lease::Taken::Unavailable(e) => match writers {
+            crate::lease::WriterCheck::LeaseOrProc => false,
+            crate::lease::WriterCheck::LeaseOnly => {
+                return Err(SourceKept::CannotTell(e.to_string()));
+            }
+        },
+    };
     let (now, _) = hash_file(&mut f, buf).map_err(io)?;
     if now != q.sha256 {
         return Err(SourceKept::Changed { now });
@@ -71,6 +92,9 @@ pub fn remove_source(
     match dir.stat(name) {
         Ok(st) if (st.st_dev, st.st_ino) == (after.dev, after.ino) => {}
         _ => return Err(SourceKept::Replaced),
+    }
+    if leased && !crate::lease::still_held(&f) {
+        return Err(SourceKept::OpenForWriting);
     }
     crate::crashpoint::here("source: verified, before unlink");
     dir.remove(name).map_err(io)?;

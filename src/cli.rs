@@ -162,6 +162,12 @@ pub fn main() -> u8 {
     let (name, sub) = matches.subcommand().unwrap_or(("run", &matches));
     let cli = command_line(sub);
     match name {
+        // These only print: a reader that goes away (`shuttle status | head -1`)
+        // ends them quietly, the way SIGPIPE ends any other command-line tool.
+        "status" | "hazard" => restore_sigpipe(),
+        _ => {}
+    }
+    match name {
         "check" => u8::try_from(check::check(&cli)).unwrap_or(EXIT_USAGE),
         "status" => crate::status::main(&cli, sub.get_flag("json")),
         "defender-test" => crate::defender_test::main(&cli),
@@ -185,6 +191,19 @@ pub fn main() -> u8 {
     }
 }
 
+/// Gives SIGPIPE back its default action (end the process), which the Rust runtime
+/// sets to "ignore" so that writes to a closed pipe fail with `BrokenPipe` and
+/// `println!` panics. Only for commands that write to stdout and open no sockets:
+/// `run` and `check` talk to clamd and mail servers, whose closed connections must be
+/// errors, not a silent death.
+pub fn restore_sigpipe() {
+    // SAFETY: signal() with SIG_DFL installs no handler; it is called before any
+    // thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// `run` (one pass) or `watch` (passes until SIGTERM/SIGINT).
 fn run_command(cli: &CommandLine, report_json: Option<PathBuf>, watch: bool) -> u8 {
     let loaded = match config::load(cli) {
@@ -203,6 +222,9 @@ fn run_command(cli: &CommandLine, report_json: Option<PathBuf>, watch: bool) -> 
         }
     };
     crate::notify::off_when_unusable(&mut cfg.notifications);
+    for w in &loaded.unknown_keys {
+        tracing::warn!("config: {w}");
+    }
     if let Some(f) = &cfg.file {
         tracing::info!("config file {}", f.display());
     }

@@ -2,8 +2,9 @@
 //! `destination_path/<relative path>`.
 //!
 //! On the same filesystem the copy itself is renamed (after checking it is still the
-//! inode that was written, hashed and scanned); across filesystems it is copied to a
-//! temp name while hashing, compared with the quarantine hash, fsynced and renamed.
+//! inode that was written, hashed and scanned); across filesystems, or when the rename
+//! fails with `EXDEV` (two mounts of one filesystem, as bind mounts make), it is copied
+//! to a temp name while hashing, compared with the quarantine hash, fsynced and renamed.
 //! Final names are taken with `RENAME_NOREPLACE`, so an existing file is never
 //! overwritten by accident; `on_conflict` decides what happens then.
 
@@ -141,32 +142,41 @@ pub fn deliver(
     })?;
 
     let temp_name: OsString = fsx::temp_name(id).into();
-    let (staged_dir, staged_name, how) = if target.same_fs {
+    // Same filesystem: the scanned copy itself is renamed into place. A rename can
+    // still fail with EXDEV when the two are different mounts of one filesystem (a
+    // bind mount, e.g. systemd's ReadWritePaths=): then the verified copy below.
+    let mut renamed = None;
+    if target.same_fs {
         copy.set_permissions(std::fs::Permissions::from_mode(q.mode))
             .map_err(io_err("chmod", &q.path))?;
         if target.durable {
             copy.sync_all().map_err(io_err("fsync", &q.path))?;
         }
-        (&qdir, name.to_os_string(), How::Renamed)
-    } else {
-        let _ = ddir.remove(&temp_name);
-        if let Err(e) = copy_verified(&mut copy, &ddir, &temp_name, q, target.durable, buf) {
-            let _ = ddir.remove(&temp_name);
-            return Err(e);
+        crate::crashpoint::here("deliver: staged, before rename");
+        match place(&qdir, name, &ddir, name, q, target.on_conflict, buf) {
+            Err(DeliverError::Io { source, .. }) if is_cross_device(&source) => {
+                tracing::debug!(
+                    "{} and {} are different mounts: copying instead of renaming",
+                    q.path.display(),
+                    dir_path.display()
+                );
+            }
+            other => renamed = Some(other),
         }
-        (&ddir, temp_name.clone(), How::Copied)
+    }
+    let (placed, how, staged_temp) = match renamed {
+        Some(placed) => (placed, How::Renamed, false),
+        None => {
+            let _ = ddir.remove(&temp_name);
+            if let Err(e) = copy_verified(&mut copy, &ddir, &temp_name, q, target.durable, buf) {
+                let _ = ddir.remove(&temp_name);
+                return Err(e);
+            }
+            crate::crashpoint::here("deliver: staged, before rename");
+            let placed = place(&ddir, &temp_name, &ddir, name, q, target.on_conflict, buf);
+            (placed, How::Copied, true)
+        }
     };
-
-    crate::crashpoint::here("deliver: staged, before rename");
-    let placed = place(
-        staged_dir,
-        &staged_name,
-        &ddir,
-        name,
-        q,
-        target.on_conflict,
-        buf,
-    );
     crate::crashpoint::here("deliver: placed, before directory fsync");
     let result = placed.and_then(|(placed_name, placed_how)| {
         if target.durable {
@@ -184,13 +194,18 @@ pub fn deliver(
     });
     // The staged temp must not linger; on success the quarantine copy is done with
     // (renamed away already, or a duplicate of what is delivered).
-    if !target.same_fs {
+    if staged_temp {
         let _ = ddir.remove(&temp_name);
     }
     if result.is_ok() {
         let _ = qdir.remove(name);
     }
     result
+}
+
+/// `EXDEV`: source and target of a rename are on different mounts.
+fn is_cross_device(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(rustix::io::Errno::XDEV.raw_os_error())
 }
 
 /// Copies the open quarantine copy to `temp` in `dir`, hashing; refuses a mismatch.

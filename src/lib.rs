@@ -18,6 +18,7 @@ pub mod generate;
 pub mod hazard;
 pub mod history;
 pub mod journal;
+pub mod lease;
 pub mod ledger;
 pub mod legacy;
 pub mod lock;

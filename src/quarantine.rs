@@ -79,6 +79,19 @@ pub enum QuarantineError {
     Changed(&'static str),
     #[error("source is no longer a regular file")]
     NotRegular,
+    /// Some process has the source open for writing (or opened it during the copy).
+    #[error("source is open for writing in another process{0}; left for a later run")]
+    OpenForWriting(&'static str),
+    /// No lease could be had and `/proc` does not show every process: nothing can
+    /// tell whether the source is still being written.
+    #[error(
+        "cannot tell whether another process is writing the source (no read lease: {0}; this user cannot see other users' open files): left in place. Give Shuttle CAP_LEASE, or run it as the files' owner"
+    )]
+    CannotTell(String),
+    #[error(
+        "source has {0} hard links, one may lie outside the drop directory: left in place (allow_hard_links = true takes such files)"
+    )]
+    HardLinked(u64),
     #[error("source vanished before it could be copied")]
     Vanished,
     #[error("disk full writing quarantine copy {path}: {source}")]
@@ -119,14 +132,30 @@ pub fn delivered_mode(source_mode: u32) -> u32 {
     source_mode & 0o770
 }
 
+/// What a source must pass before it is copied.
+#[derive(Debug, Clone, Copy)]
+pub struct SourceChecks {
+    pub writers: crate::lease::WriterCheck,
+    pub allow_hard_links: bool,
+}
+
 /// Copies `source_root/rel` to `quarantine_root/rel` via the temp name for `id`.
 /// `expected` is the size and mtime discovery saw.
+///
+/// The source is read under a read lease (see [`crate::lease`]): a source some
+/// process holds open for writing is not copied, and one that any process opens for
+/// writing during the copy is given up. Where no lease can be had, discovery's
+/// `/proc` scan decided, if it saw every process ([`WriterCheck::LeaseOrProc`]);
+/// otherwise the file is left alone.
+///
+/// [`WriterCheck::LeaseOrProc`]: crate::lease::WriterCheck::LeaseOrProc
 pub fn copy_in(
     sources: &fsx::Beneath,
     quarantine: &std::sync::Arc<fsx::Beneath>,
     rel: &Path,
     id: i64,
     expected: (u64, i64),
+    checks: SourceChecks,
     buf: &mut [u8],
 ) -> Result<Quarantined, QuarantineError> {
     let src_path = sources.path().join(rel);
@@ -145,6 +174,19 @@ pub fn copy_in(
         return Err(QuarantineError::NotRegular);
     }
     let source_mode = before.mode();
+    if !checks.allow_hard_links && before.nlink() > 1 {
+        return Err(QuarantineError::HardLinked(before.nlink()));
+    }
+    let leased = match crate::lease::take(&src) {
+        crate::lease::Taken::Held => true,
+        crate::lease::Taken::Writer => return Err(QuarantineError::OpenForWriting("")),
+        crate::lease::Taken::Unavailable(e) => match checks.writers {
+            crate::lease::WriterCheck::LeaseOrProc => false,
+            crate::lease::WriterCheck::LeaseOnly => {
+                return Err(QuarantineError::CannotTell(e.to_string()));
+            }
+        },
+    };
     let before = Stamp::of(&before);
     if (before.size, before.mtime_ns) != expected {
         return Err(QuarantineError::Changed(
@@ -167,7 +209,7 @@ pub fn copy_in(
         .map_err(QuarantineError::io("create", &temp))?;
     crate::crashpoint::here("quarantine: temp created");
 
-    let copied = copy_hashing(&mut src, &mut out, buf, &src_path, &temp);
+    let copied = copy_hashing(&mut src, &mut out, leased, buf, &src_path, &temp);
     let result = copied.and_then(
         |Copied {
              sha256,
@@ -181,6 +223,9 @@ pub fn copy_in(
                 return Err(QuarantineError::Changed(
                     "source was modified during the copy",
                 ));
+            }
+            if leased && !crate::lease::still_held(&src) {
+                return Err(QuarantineError::OpenForWriting(" (opened during the copy)"));
             }
             let mtime = rustix::fs::Timespec {
                 tv_sec: before.mtime_ns.div_euclid(1_000_000_000),
@@ -224,7 +269,6 @@ fn split(rel: &Path) -> Result<(&Path, &std::ffi::OsStr), QuarantineError> {
     }
 }
 
-/// Copies `src` to `out`, returning the hex SHA-256 and the byte count.
 /// What one copy pass learned about the bytes.
 struct Copied {
     sha256: String,
@@ -232,9 +276,13 @@ struct Copied {
     maybe_archive: bool,
 }
 
+/// Copies `src` to `out`, returning the hex SHA-256 and the byte count.
+/// With `leased`, the lease on `src` is checked after every read: a writer that
+/// opens the file meanwhile waits for it, so the copy is given up at once.
 fn copy_hashing(
     src: &mut File,
     out: &mut File,
+    leased: bool,
     buf: &mut [u8],
     src_path: &Path,
     out_path: &Path,
@@ -250,6 +298,10 @@ fn copy_hashing(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(QuarantineError::io("read source", src_path)(e)),
         };
+        if leased && !crate::lease::still_held(src) {
+            crate::lease::release(src);
+            return Err(QuarantineError::OpenForWriting(" (opened during the copy)"));
+        }
         hasher.update(&buf[..got]);
         out.write_all(&buf[..got])
             .map_err(QuarantineError::io("write", out_path))?;

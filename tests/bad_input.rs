@@ -64,12 +64,28 @@ fn a_tree_100_levels_deep_and_empty_files_arrive_whole() {
 }
 
 #[test]
-fn hard_links_are_two_files_and_both_arrive() {
+fn hard_linked_files_stay_in_place_unless_allowed() {
     let env = Env::new();
     let a = env.drop_file("a/one.bin", &noise(10_000, 1));
     std::fs::create_dir_all(env.src.join("b")).unwrap();
     std::fs::hard_link(&a, env.src.join("b/two.bin")).unwrap();
     let r = env.run(&[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        Env::tree(&env.dst).is_empty(),
+        "a hard-linked file was taken"
+    );
+    assert_eq!(Env::tree(&env.src).len(), 2, "sources stay");
+    assert_eq!(env.report()["skipped_by_reason"]["hard_linked"], 2);
+}
+
+#[test]
+fn hard_links_are_two_files_and_both_arrive_when_allowed() {
+    let env = Env::new();
+    let a = env.drop_file("a/one.bin", &noise(10_000, 1));
+    std::fs::create_dir_all(env.src.join("b")).unwrap();
+    std::fs::hard_link(&a, env.src.join("b/two.bin")).unwrap();
+    let r = env.run(&["--allow-hard-links"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     // Removing one name changes the shared inode's ctime; if the other name was being
     // copied at that moment it counts as changed and waits for the next run.
@@ -80,7 +96,7 @@ fn hard_links_are_two_files_and_both_arrive() {
             env.log_text()
         );
         age(&env.src.join("b/two.bin"), 60);
-        let r = env.run(&[]);
+        let r = env.run(&["--allow-hard-links"]);
         assert_eq!(r.code, 0, "{}", r.stderr);
     }
     let dst = Env::tree(&env.dst);

@@ -243,6 +243,11 @@ pub const KEYS: &[Key] = &[
         "MiB per run, 0 = no limit [default: 1024]"
     ),
     key!(
+        "allow_hard_links",
+        S,
+        "Take files that have more than one hard link; by default they are left in place and logged, since another link may lead outside the drop directory [default: false]"
+    ),
+    key!(
         "skip_stability_check",
         S,
         "Do not wait for files to be stability_seconds old [default: false]"
@@ -403,6 +408,19 @@ pub const KEYS: &[Key] = &[
 pub fn lookup(name: &str) -> Option<&'static Key> {
     KEYS.iter()
         .find(|k| k.name == name || k.aliases.contains(&name))
+}
+
+/// The known key (or alias) closest to a mistyped `name`, if one is close enough to
+/// be what was meant (Damerau-Levenshtein distance, via `strsim`).
+pub fn closest(name: &str) -> Option<&'static str> {
+    let name = name.to_ascii_lowercase();
+    let limit = (name.len() / 3).max(2);
+    KEYS.iter()
+        .flat_map(|k| std::iter::once(k.name).chain(k.aliases.iter().copied()))
+        .map(|k| (strsim::damerau_levenshtein(&name, k), k))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| lookup(k).map_or(k, |key| key.name))
 }
 
 /// `--source-path` for `source_path`.

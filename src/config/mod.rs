@@ -245,6 +245,8 @@ pub struct Config {
     pub max_scan_threads: usize,
     pub throttle: ThrottleConfig,
     pub skip_stability_check: bool,
+    /// Take files with more than one hard link (default: leave them in place).
+    pub allow_hard_links: bool,
     pub stability_seconds: u64,
     pub priority: Priority,
     /// Source subdirectories admitted first, relative to `source_path`.
@@ -273,6 +275,10 @@ pub enum Needs {
 pub struct Loaded {
     pub config: Config,
     pub warnings: Vec<String>,
+    /// Keys the config file names that Shuttle does not know (a typo leaves the key
+    /// it meant at its default), each with the closest known key: a problem for
+    /// `check`, a warning for `run`.
+    pub unknown_keys: Vec<String>,
 }
 
 /// What the command line says about configuration.
@@ -433,13 +439,15 @@ pub fn load(cli: &CommandLine) -> Result<Loaded, ConfigErrors> {
 /// Like [`load`], checking only what `needs` asks for.
 pub fn load_for(cli: &CommandLine, needs: Needs) -> Result<Loaded, ConfigErrors> {
     let mut warnings = Vec::new();
+    let mut unknown_keys = Vec::new();
     let mut raw = Raw {
         values: HashMap::new(),
     };
 
     let file = locate_file(cli).map_err(|e| ConfigErrors(vec![e]))?;
     if let Some(path) = &file {
-        read_file(path, &mut raw, &mut warnings).map_err(|e| ConfigErrors(vec![e]))?;
+        read_file(path, &mut raw, &mut warnings, &mut unknown_keys)
+            .map_err(|e| ConfigErrors(vec![e]))?;
     }
     for (key, value) in &cli.flags {
         raw.values.insert(
@@ -471,7 +479,11 @@ pub fn load_for(cli: &CommandLine, needs: Needs) -> Result<Loaded, ConfigErrors>
     if !r.errors.is_empty() {
         return Err(ConfigErrors(r.errors));
     }
-    Ok(Loaded { config, warnings })
+    Ok(Loaded {
+        config,
+        warnings,
+        unknown_keys,
+    })
 }
 
 fn locate_file(cli: &CommandLine) -> Result<Option<PathBuf>, ConfigError> {
@@ -506,7 +518,12 @@ fn must_exist(path: PathBuf, named_by: &'static str) -> Result<PathBuf, ConfigEr
     }
 }
 
-fn read_file(path: &Path, raw: &mut Raw, warnings: &mut Vec<String>) -> Result<(), ConfigError> {
+fn read_file(
+    path: &Path,
+    raw: &mut Raw,
+    warnings: &mut Vec<String>,
+    unknown_keys: &mut Vec<String>,
+) -> Result<(), ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         named_by: "config file",
@@ -522,8 +539,12 @@ fn read_file(path: &Path, raw: &mut Raw, warnings: &mut Vec<String>) -> Result<(
             line: e.line,
         };
         let Some(key) = keys::lookup(&e.key) else {
-            warnings.push(format!(
-                "unknown key {:?} in [{}] ({origin}): ignored",
+            let hint = match keys::closest(&e.key) {
+                Some(k) => format!("did you mean {k}?"),
+                None => "see shuttle --help for the known keys".to_string(),
+            };
+            unknown_keys.push(format!(
+                "unknown key {:?} in [{}] ({origin}): ignored, so the setting it was meant for keeps its default; {hint}",
                 e.key, e.section
             ));
             continue;
@@ -676,6 +697,7 @@ fn build(r: &mut Reader, file: Option<PathBuf>, warnings: &mut Vec<String>) -> C
         max_scan_threads: usize::try_from(threads).unwrap_or(usize::MAX),
         throttle,
         skip_stability_check: r.bool("skip_stability_check", false),
+        allow_hard_links: r.bool("allow_hard_links", false),
         stability_seconds: r.number("stability_seconds", 5, 0),
         priority: r.choice(
             "priority",
@@ -975,9 +997,11 @@ mod tests {
         assert!(l.config.delete_source_files);
         assert_eq!(l.config.throttle.destination_free_mb, 42);
         assert!(
-            l.warnings.iter().any(|w| w.contains("unknown key \"foo\"")),
+            l.unknown_keys
+                .iter()
+                .any(|w| w.contains("unknown key \"foo\"")),
             "{:?}",
-            l.warnings
+            l.unknown_keys
         );
     }
 

@@ -51,6 +51,9 @@ pub enum SkipReason {
     OwnTempFile,
     RecentlyModified,
     OpenByProcess,
+    /// More than one hard link (and `allow_hard_links` off): another name may lead
+    /// to it from outside the drop directory.
+    HardLinked(u64),
     Unreadable(String),
 }
 
@@ -64,6 +67,7 @@ impl SkipReason {
             SkipReason::OwnTempFile => "temp_file",
             SkipReason::RecentlyModified => "recently_modified",
             SkipReason::OpenByProcess => "open_by_process",
+            SkipReason::HardLinked(_) => "hard_linked",
             SkipReason::Unreadable(_) => "unreadable",
         }
     }
@@ -78,6 +82,10 @@ impl std::fmt::Display for SkipReason {
             SkipReason::OwnTempFile => write!(f, "Shuttle temp file"),
             SkipReason::RecentlyModified => write!(f, "modified too recently (stability check)"),
             SkipReason::OpenByProcess => write!(f, "open in another process"),
+            SkipReason::HardLinked(n) => write!(
+                f,
+                "has {n} hard links, one may lie outside the drop directory (allow_hard_links = true takes such files)"
+            ),
             SkipReason::Unreadable(e) => write!(f, "cannot read: {e}"),
         }
     }
@@ -94,6 +102,8 @@ pub struct Rules {
     /// Where the list of waiting files spills to beyond its memory budget (an
     /// unnamed temporary file); `None`: the system's temporary directory.
     pub spill_dir: Option<PathBuf>,
+    /// Take files with more than one hard link.
+    pub allow_hard_links: bool,
 }
 
 /// The name rules a site may relax; all `false` (strict) by default.
@@ -248,6 +258,10 @@ pub fn discover(source: &Path, rules: &Rules, open: &OpenFiles) -> Discovery {
                 out.skip(&rel, SkipReason::RecentlyModified);
                 continue;
             }
+            if !rules.allow_hard_links && meta.nlink() > 1 {
+                out.skip(&rel, SkipReason::HardLinked(meta.nlink()));
+                continue;
+            }
             if open.is_open(meta.dev(), meta.ino()) {
                 out.skip(&rel, SkipReason::OpenByProcess);
                 continue;
@@ -330,6 +344,7 @@ mod tests {
             priority_paths: vec!["urgent".into()],
             names: NameRules::default(),
             spill_dir: None,
+            allow_hard_links: false,
         };
         order(&mut v, &rules);
         let names: Vec<_> = v.iter().map(|c| c.rel.to_str().unwrap()).collect();

@@ -452,6 +452,7 @@ mod tests {
             priority_paths: vec!["urgent".into(), "b/c".into()],
             spill_dir: Some(dir.to_path_buf()),
             names: Default::default(),
+            allow_hard_links: false,
         }
     }
 

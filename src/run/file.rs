@@ -41,6 +41,8 @@ pub struct FileResult {
     pub pending: Option<Pending>,
     /// Per-engine scan figures for the file's log line (empty until scanned).
     pub figures: String,
+    /// Skipped: the report's `skipped_by_reason` label.
+    pub skip_label: Option<&'static str>,
 }
 
 /// A clean delivery waiting for its batch's commit.
@@ -59,6 +61,7 @@ impl FileResult {
     /// A file's result before anything is known about it beyond its identity.
     fn blank(id: i64, rel: String, size: u64, outcome: Outcome) -> FileResult {
         FileResult {
+            skip_label: None,
             id,
             rel,
             size,
@@ -181,15 +184,29 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
         rel,
         job.id,
         expected,
+        run.roots.checks,
         buf,
     ) {
         Ok(q) => q,
         Err(
             e @ (QuarantineError::Changed(_)
             | QuarantineError::Vanished
-            | QuarantineError::NotRegular),
+            | QuarantineError::NotRegular
+            | QuarantineError::OpenForWriting(_)
+            | QuarantineError::CannotTell(_)
+            | QuarantineError::HardLinked(_)),
         ) => {
-            tracing::info!("skipped {:?}: {e}", shown(rel));
+            r.skip_label = Some(match e {
+                QuarantineError::OpenForWriting(_) => "open_by_process",
+                QuarantineError::CannotTell(_) => "writer_unknown",
+                QuarantineError::HardLinked(_) => "hard_linked",
+                _ => "changed_or_conflict",
+            });
+            if matches!(e, QuarantineError::CannotTell(_)) {
+                tracing::warn!("skipped {:?}: {e}", shown(rel));
+            } else {
+                tracing::info!("skipped {:?}: {e}", shown(rel));
+            }
             return finish(
                 run,
                 r,
@@ -263,7 +280,7 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
 /// Step 10 for one file: removes its source if it still holds the scanned bytes.
 /// `Ok(false)`: it was already gone; `Err`: kept, and why.
 pub fn remove_source(run: &Run, q: &Quarantined, buf: &mut [u8]) -> Result<bool, KeptSource> {
-    match cleanup::remove_source(&run.roots.source, &q.rel, q, buf) {
+    match cleanup::remove_source(&run.roots.source, &q.rel, q, run.roots.checks.writers, buf) {
         Ok(()) => {
             tracing::debug!("source {:?} removed", shown(&q.rel));
             Ok(true)

@@ -156,6 +156,23 @@ pub fn max_signature_age(cfg: &Config) -> Option<Duration> {
     }
 }
 
+/// Says at the start of a run how it tells files still being written, and what it
+/// cannot tell.
+fn say_writer_check(writers: crate::lease::WriterCheck, unreadable: usize) {
+    let cap = crate::lease::has_cap_lease();
+    match (writers, cap) {
+        (_, true) => tracing::info!(
+            "open-writer detection: read leases (CAP_LEASE held: any file, whoever owns it)"
+        ),
+        (crate::lease::WriterCheck::LeaseOrProc, false) => tracing::info!(
+            "open-writer detection: read leases on files this user owns, /proc for the others"
+        ),
+        (crate::lease::WriterCheck::LeaseOnly, false) => tracing::warn!(
+            "open-writer detection: without CAP_LEASE only files this user owns can be checked, and {unreadable} processes' open files are hidden in /proc; files owned by other users are left in place. Add AmbientCapabilities=CAP_LEASE to the unit (or run as the files' owner)"
+        ),
+    }
+}
+
 /// Records the run's end and totals in the journal.
 fn record_end(journal: &Journal, report: &Report) {
     let Some(run_id) = report.run_id else { return };
@@ -229,18 +246,15 @@ fn run_locked(
 
     // 5. Discover.
     let open = OpenFiles::scan();
-    if open.unreadable_processes > 0 {
-        tracing::debug!(
-            "{} processes' open files could not be read",
-            open.unreadable_processes
-        );
-    }
+    let writers = crate::lease::WriterCheck::new(open.unreadable_processes == 0);
+    say_writer_check(writers, open.unreadable_processes);
     let rules = Rules {
         stability: (!cfg.skip_stability_check).then(|| Duration::from_secs(cfg.stability_seconds)),
         priority: cfg.priority,
         priority_paths: cfg.priority_paths.clone(),
         names: cfg.name_rules,
         spill_dir: Some(cfg.tracking_data_path.clone()),
+        allow_hard_links: cfg.allow_hard_links,
     };
     let discovery = discover::discover(&cfg.source_path, &rules, &open);
     report.files.discovered = discovery.candidates.len() + discovery.skipped_total();
@@ -272,7 +286,7 @@ fn run_locked(
     drop(j);
     let fingerprint = format!("{};{}", limits.fingerprint(), admission.fingerprint());
     let dirs = discovery.dirs;
-    let roots = pipeline::Roots::open(cfg)
+    let roots = pipeline::Roots::open(cfg, writers)
         .context("cannot open the source, quarantine or destination directory")?;
     let run = pipeline::Run {
         roots: &roots,

@@ -48,10 +48,12 @@ pub struct Roots {
     pub destination: crate::fsx::Beneath,
     /// Quarantine and destination share a filesystem: delivery by rename.
     pub same_fs: bool,
+    /// What a source must pass before it is copied or removed.
+    pub checks: crate::quarantine::SourceChecks,
 }
 
 impl Roots {
-    pub fn open(cfg: &Config) -> std::io::Result<Roots> {
+    pub fn open(cfg: &Config, writers: crate::lease::WriterCheck) -> std::io::Result<Roots> {
         use std::os::unix::fs::MetadataExt;
         let same_fs = std::fs::metadata(&cfg.quarantine_path)?.dev()
             == std::fs::metadata(&cfg.destination_path)?.dev();
@@ -60,6 +62,10 @@ impl Roots {
             quarantine: std::sync::Arc::new(crate::fsx::Beneath::open(&cfg.quarantine_path)?),
             destination: crate::fsx::Beneath::open(&cfg.destination_path)?,
             same_fs,
+            checks: crate::quarantine::SourceChecks {
+                writers,
+                allow_hard_links: cfg.allow_hard_links,
+            },
         })
     }
 }
@@ -539,7 +545,7 @@ fn tally(report: &mut Report, r: FileResult) {
             f.skipped += 1;
             *report
                 .skipped_by_reason
-                .entry("changed_or_conflict")
+                .entry(r.skip_label.unwrap_or("changed_or_conflict"))
                 .or_default() += 1;
         }
     }
