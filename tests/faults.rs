@@ -480,3 +480,60 @@ fn a_corrupt_journal_stops_the_run_with_a_clear_error() {
     assert_eq!(std::fs::read(env.src.join("a.txt")).unwrap(), b"a");
     assert!(Env::tree(&env.dst).is_empty());
 }
+
+/// A clamd that stopped accepting connections: its listen queue is full, so a
+/// blocking `connect()` would wait forever. The run must end on its own, say what is
+/// wrong, touch no file, and release the lock for the next run.
+#[test]
+fn clamd_accepting_no_connection_ends_the_run_and_releases_the_lock() {
+    use std::os::fd::AsFd;
+    let mut env = Env::new();
+    let sock = env.root().join("stuck-clamd.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    rustix::net::listen(listener.as_fd(), 0).unwrap();
+    // Fill the queue from here: connections nobody will ever accept.
+    let mut queued = Vec::new();
+    loop {
+        let fd = rustix::net::socket_with(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::STREAM,
+            rustix::net::SocketFlags::NONBLOCK,
+            None,
+        )
+        .unwrap();
+        let addr = rustix::net::SocketAddrUnix::new(&sock).unwrap();
+        match rustix::net::connect(&fd, &addr) {
+            Ok(()) => queued.push(fd),
+            Err(rustix::io::Errno::AGAIN) => break,
+            Err(e) => panic!("filling the listen queue: {e}"),
+        }
+        assert!(queued.len() < 64, "the listen queue never filled");
+    }
+    env.set("clamd_socket", sock.to_str().unwrap());
+    env.set("malware_scan_timeout_seconds", "2");
+    let original = env.drop_file("a.txt", b"kept");
+    let started = Instant::now();
+    let r = env.run(&[]);
+    let took = started.elapsed();
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("no connection accepted within 2s"),
+        "{}",
+        r.stderr
+    );
+    assert!(took < Duration::from_secs(20), "the run took {took:?}");
+    assert_eq!(std::fs::read(&original).unwrap(), b"kept");
+    assert!(Env::tree(&env.dst).is_empty());
+    drop(queued);
+    drop(listener);
+
+    // The lock was released: the next run, against the real clamd, delivers.
+    env.set("clamd_socket", clamd().socket.to_str().unwrap());
+    env.unset("malware_scan_timeout_seconds");
+    let r = env.run(&[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        Env::tree(&env.dst).get("a.txt").map(Vec::as_slice),
+        Some(&b"kept"[..])
+    );
+}

@@ -280,7 +280,7 @@ pub const KEYS: &[Key] = &[
     key!(
         "malware_scan_timeout_seconds",
         SC,
-        "Base scan timeout, 0 = none [default: 300]"
+        "Base scan timeout in seconds; also bounds connecting to clamd and its short answers (at most 30 s). 0 = no per-file timeout, though no scan may take more than 2 hours, so a hung scanner cannot hang a run [default: 300]"
     ),
     key!(
         "malware_scan_timeout_ms_per_byte",

@@ -20,13 +20,16 @@ use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 use super::{ScanError, Scanner, Verdict};
 use crate::config::ClamdEndpoint;
 
-/// How long to wait for clamd to accept a connection or answer a short command.
+/// The longest wait for clamd to accept a connection, take a write, or answer a
+/// short command (`VERSION`, `PING`); shorter when the scan timeout is shorter.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 /// INSTREAM chunk size.
 const CHUNK: usize = 64 * 1024;
 
 pub struct ClamAv {
     endpoint: ClamdEndpoint,
+    /// Deadline for connecting, each write, and short commands' replies.
+    command_timeout: Duration,
 }
 
 enum Conn {
@@ -67,15 +70,27 @@ fn is_timeout(e: &io::Error) -> bool {
 }
 
 impl ClamAv {
-    pub fn new(endpoint: ClamdEndpoint) -> ClamAv {
-        ClamAv { endpoint }
+    /// `scan_timeout`: the configured base scan timeout (0 = none); no connection,
+    /// write or short command waits longer than it, or than [`COMMAND_TIMEOUT`].
+    pub fn new(endpoint: ClamdEndpoint, scan_timeout: Duration) -> ClamAv {
+        let command_timeout = if scan_timeout.is_zero() {
+            COMMAND_TIMEOUT
+        } else {
+            scan_timeout.clamp(Duration::from_secs(1), COMMAND_TIMEOUT)
+        };
+        ClamAv {
+            endpoint,
+            command_timeout,
+        }
     }
 
     fn connect(&self) -> Result<Conn, ScanError> {
         let unreachable =
             |e: io::Error| ScanError::Unreachable(format!("clamd at {}: {e}", self.endpoint));
         let conn = match &self.endpoint {
-            ClamdEndpoint::Unix(p) => Conn::Unix(UnixStream::connect(p).map_err(unreachable)?),
+            ClamdEndpoint::Unix(p) => {
+                Conn::Unix(connect_unix(p, self.command_timeout).map_err(unreachable)?)
+            }
             ClamdEndpoint::Tcp(addr) => {
                 use std::net::ToSocketAddrs;
                 let sa = addr
@@ -85,10 +100,12 @@ impl ClamAv {
                     .ok_or_else(|| {
                         ScanError::Unreachable(format!("clamd address {addr} resolves to nothing"))
                     })?;
-                Conn::Tcp(TcpStream::connect_timeout(&sa, COMMAND_TIMEOUT).map_err(unreachable)?)
+                Conn::Tcp(
+                    TcpStream::connect_timeout(&sa, self.command_timeout).map_err(unreachable)?,
+                )
             }
         };
-        conn.set_timeout(Some(COMMAND_TIMEOUT))
+        conn.set_timeout(Some(self.command_timeout))
             .map_err(unreachable)?;
         Ok(conn)
     }
@@ -100,7 +117,7 @@ impl ClamAv {
         conn.stream()
             .write_all(format!("z{cmd}\0").as_bytes())
             .map_err(io_err)?;
-        let reply = read_reply(conn.stream(), COMMAND_TIMEOUT)?;
+        let reply = read_reply(conn.stream(), self.command_timeout)?;
         Ok(reply.trim_end_matches(['\0', '\n']).to_string())
     }
 
@@ -193,6 +210,44 @@ impl Scanner for ClamAv {
             (Ok(()), Err(e)) => Err(e),
         }
     }
+}
+
+/// Connects to clamd's unix socket within `deadline`. `UnixStream::connect` blocks
+/// without limit while the socket's listen queue is full (a clamd that stopped
+/// accepting); a non-blocking connect answers `EAGAIN` then, and is retried until the
+/// deadline.
+fn connect_unix(path: &Path, deadline: Duration) -> io::Result<UnixStream> {
+    use rustix::io::Errno;
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let addr = SocketAddrUnix::new(path)?;
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?;
+    let started = std::time::Instant::now();
+    loop {
+        match rustix::net::connect(&fd, &addr) {
+            Ok(()) => break,
+            Err(Errno::AGAIN | Errno::INTR) if started.elapsed() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(Errno::AGAIN) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "no connection accepted within {}s (is clamd hung?)",
+                        deadline.as_secs()
+                    ),
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let stream = UnixStream::from(fd);
+    stream.set_nonblocking(false)?;
+    Ok(stream)
 }
 
 fn read_reply(s: &mut dyn ReadWrite, timeout: Duration) -> Result<String, ScanError> {

@@ -27,7 +27,10 @@ pub fn enabled(cfg: &crate::config::Config) -> Result<Vec<Box<dyn Scanner>>, Str
             .clamd
             .clone()
             .ok_or("on_demand_clam_av: no clamd socket or address known")?;
-        v.push(Box::new(clamav::ClamAv::new(endpoint)));
+        v.push(Box::new(clamav::ClamAv::new(
+            endpoint,
+            Duration::from_secs(cfg.scanning.timeout_seconds),
+        )));
     }
     if cfg.scanning.defender {
         v.push(Box::new(defender::Defender::new(
@@ -211,13 +214,19 @@ impl Policy {
         }
     }
 
-    /// `None` when both parts are 0 (no timeout).
+    /// The scan deadline for a file of `size` bytes; [`SCAN_CEILING`] when both parts
+    /// are 0 (no timeout configured). Always `Some`.
     pub fn timeout_for(&self, size: u64) -> Option<Duration> {
         let extra = Duration::from_secs_f64((self.ms_per_byte * size as f64 / 1000.0).min(1e9));
         let t = self.base + extra;
-        (!t.is_zero()).then_some(t)
+        // "No timeout" still has a ceiling: a scanner that never answers must not hang
+        // the run (and hold its lock) forever.
+        Some(if t.is_zero() { SCAN_CEILING } else { t })
     }
 }
+
+/// The longest any one scan may take when no timeout is configured.
+pub const SCAN_CEILING: Duration = Duration::from_secs(2 * 3600);
 
 /// The enabled engines of a run, with their versions and the run's circuit breaker.
 pub struct Scanners {
@@ -569,7 +578,7 @@ mod tests {
     }
 
     #[test]
-    fn timeout_grows_with_size_and_zero_means_none() {
+    fn timeout_grows_with_size_and_zero_means_the_ceiling() {
         let p = Policy {
             base: Duration::from_secs(2),
             ms_per_byte: 0.5,
@@ -582,6 +591,6 @@ mod tests {
             ms_per_byte: 0.0,
             ..p
         };
-        assert_eq!(none.timeout_for(10), None);
+        assert_eq!(none.timeout_for(10), Some(SCAN_CEILING));
     }
 }
