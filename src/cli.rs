@@ -239,9 +239,32 @@ fn run_command(cli: &CommandLine, report_json: Option<PathBuf>, watch: bool) -> 
     };
     match done {
         Ok(code) => u8::try_from(code).unwrap_or(EXIT_FAILED),
-        Err(RunError::Lock(e @ LockError::Held { .. })) => {
-            tracing::error!("{e}");
-            EXIT_LOCKED
+        Err(RunError::Lock(LockError::Held { pid, path, idle })) => {
+            let limit = run::stalled_after(&cfg);
+            match idle {
+                Some(idle) if idle > limit => {
+                    let msg = format!(
+                        "the shuttle run holding {} (pid {pid}) has shown no progress for {} minutes, longer than its timeouts allow ({} minutes); it is probably hung, and no file is handled until it ends: check it (journalctl, its log) and stop it (kill {pid})",
+                        path.display(),
+                        idle.as_secs() / 60,
+                        limit.as_secs() / 60
+                    );
+                    tracing::error!("{msg}");
+                    crate::notify::Notifier::new(&cfg.notifications).send(
+                        crate::notify::Kind::Error,
+                        "Shuttle run stalled",
+                        &msg,
+                    );
+                    EXIT_FAILED
+                }
+                _ => {
+                    tracing::error!(
+                        "another shuttle run is active (pid {pid}) holding {}",
+                        path.display()
+                    );
+                    EXIT_LOCKED
+                }
+            }
         }
         Err(RunError::Lock(e)) => {
             tracing::error!("{e}");

@@ -7,13 +7,20 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use rustix::fs::FlockOperation;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     #[error("another shuttle run is active (pid {pid}) holding {path}")]
-    Held { pid: String, path: PathBuf },
+    Held {
+        pid: String,
+        path: PathBuf,
+        /// How long since the holder last showed progress ([`beat`]); `None` when the
+        /// lock file's time cannot be read.
+        idle: Option<Duration>,
+    },
     #[error("cannot open lock file {path}: {source}")]
     Open {
         path: PathBuf,
@@ -67,9 +74,15 @@ pub fn acquire(path: &Path) -> Result<InstanceLock, LockError> {
             } else {
                 pid.to_string()
             };
+            let idle = file
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| SystemTime::now().duration_since(t).ok());
             return Err(LockError::Held {
                 pid,
                 path: path.into(),
+                idle,
             });
         }
         Err(e) => {
@@ -90,4 +103,28 @@ pub fn acquire(path: &Path) -> Result<InstanceLock, LockError> {
         source,
     })?;
     Ok(InstanceLock { _file: file })
+}
+
+/// Marks progress: sets the lock file's modification time to now. A run does this
+/// when it starts a pass and as files finish, so that a run finding the lock held can
+/// tell a busy holder from a hung one (see `LockError::Held::idle`). Failures only
+/// weaken that diagnosis, so they are logged at debug level.
+pub fn beat(path: &Path) {
+    let now = rustix::fs::Timestamps {
+        last_access: rustix::fs::Timespec {
+            tv_sec: 0,
+            tv_nsec: rustix::fs::UTIME_NOW,
+        },
+        last_modification: rustix::fs::Timespec {
+            tv_sec: 0,
+            tv_nsec: rustix::fs::UTIME_NOW,
+        },
+    };
+    if let Err(e) = rustix::fs::utimensat(rustix::fs::CWD, path, &now, rustix::fs::AtFlags::empty())
+    {
+        tracing::debug!(
+            "cannot mark progress on the lock file {}: {e}",
+            path.display()
+        );
+    }
 }

@@ -6,16 +6,23 @@ use std::io::IsTerminal;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+/// How often at most a finished file marks progress on the lock file.
+pub const BEAT_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Progress of one run; a no-op when stderr is not a terminal.
 pub struct Progress {
     bar: Option<ProgressBar>,
+    /// The lock file whose time marks progress ([`crate::lock::beat`]), and when it
+    /// was last marked.
+    heartbeat: Option<(std::path::PathBuf, std::time::Instant)>,
     files_admitted: u64,
     files_done: u64,
 }
 
 impl Progress {
-    /// A bar on stderr if stderr is a terminal, else nothing.
-    pub fn for_stderr() -> Progress {
+    /// A bar on stderr if stderr is a terminal, else nothing. `lock`: the lock file
+    /// to mark as files finish (at most every [`BEAT_EVERY`]).
+    pub fn for_stderr(lock: Option<&std::path::Path>) -> Progress {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
             let style = ProgressStyle::with_template(
@@ -28,6 +35,7 @@ impl Progress {
         });
         let p = Progress {
             bar,
+            heartbeat: lock.map(|l| (l.to_path_buf(), std::time::Instant::now())),
             files_admitted: 0,
             files_done: 0,
         };
@@ -49,6 +57,12 @@ impl Progress {
         self.files_done += 1;
         if let Some(b) = &self.bar {
             b.inc(size);
+        }
+        if let Some((lock, last)) = &mut self.heartbeat
+            && last.elapsed() >= BEAT_EVERY
+        {
+            crate::lock::beat(lock);
+            *last = std::time::Instant::now();
         }
         self.show();
     }

@@ -527,3 +527,60 @@ fn progress_bar_only_on_a_terminal() {
         r.stderr
     );
 }
+
+/// A lock held by a run that has shown no progress for far longer than its timeouts
+/// allow is an error, logged and mailed (exit 1); a busy holder is the usual exit 3
+/// with no mail.
+#[test]
+fn a_lock_held_by_a_stalled_run_is_an_error_mailed_to_the_admin() {
+    let smtp = Smtp::start(Mode::Normal);
+    let env = mailing(smtp.port);
+    env.drop_file("a.txt", b"a");
+    let lock = env.root().join("shuttle.lock");
+    std::fs::write(&lock, "").unwrap();
+    let mut holder = Command::new("flock")
+        .args(["-x", "--no-fork"])
+        .arg(&lock)
+        .arg("-c")
+        .arg(format!("echo $$ > {}; exec sleep 60", lock.display()))
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while std::fs::read_to_string(&lock)
+        .unwrap_or_default()
+        .trim()
+        .is_empty()
+    {
+        assert!(started.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = std::fs::read_to_string(&lock).unwrap().trim().to_string();
+
+    // Busy: the holder marked progress just now.
+    let r = env.run(&[]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(!r.stderr.contains("no progress"), "{}", r.stderr);
+
+    // Stalled: no progress for two days (defaults allow well under one).
+    age(&lock, 2 * 86400);
+    let r = env.run(&[]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!(
+            "(pid {pid}) has shown no progress for 2880 minutes"
+        )),
+        "{}",
+        r.stderr
+    );
+    let mails = smtp.wait_for(1, Duration::from_secs(10));
+    assert_eq!(mails.len(), 1, "{mails:?}");
+    assert_eq!(mails[0].subject(), "Shuttle run stalled");
+    assert!(
+        mails[0].body.contains(&format!("kill {pid}")),
+        "{}",
+        mails[0].body
+    );
+    assert_eq!(std::fs::read(env.src.join("a.txt")).unwrap(), b"a");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+}

@@ -79,11 +79,29 @@ pub fn preflight(cfg: &Config) -> Result<(), RunError> {
     Ok(())
 }
 
+/// How long a healthy run can go without showing progress on the lock file: one
+/// file's scans of the largest size it may take, every engine and every retry,
+/// plus ten minutes for copying and committing, plus the pause between `watch`
+/// passes. A holder idle for longer is taken to be hung.
+pub fn stalled_after(cfg: &Config) -> Duration {
+    let policy = scan::Policy::from_config(&cfg.scanning);
+    let largest = match cfg.scanning.max_file_size_mb {
+        0 => scan::limits::CLAMD_HARD_LIMIT,
+        mb => mb.saturating_mul(1 << 20),
+    };
+    let engines = u32::from(cfg.scanning.clam_av) + u32::from(cfg.scanning.defender);
+    let attempts = cfg.scanning.retry_count.max(1).saturating_add(1);
+    let one = policy.timeout_for(largest).unwrap_or(scan::SCAN_CEILING) + policy.retry_wait;
+    one.saturating_mul(engines.max(1).saturating_mul(attempts))
+        + Duration::from_secs(600 + cfg.rescan_interval_seconds)
+}
+
 /// Steps 3–12, with the lock held by the caller (`run`, or `watch` for all its passes).
 pub fn pass(cfg: &Config, opts: &RunOptions) -> Report {
     let clock = std::time::Instant::now();
     // 4. umask 007: everything Shuttle creates is group- but never world-accessible.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o007));
+    crate::lock::beat(&cfg.lock_path);
     if let Some(dir) = &cfg.log_path {
         crate::logging::prune_old_logs(dir, cfg.log_retention_days);
     }

@@ -101,7 +101,7 @@ pub fn process(
         tickets: HashMap::new(),
         admission,
         stop: None,
-        progress: crate::progress::Progress::for_stderr(),
+        progress: crate::progress::Progress::for_stderr(Some(&run.cfg.lock_path)),
         batch: Vec::new(),
         batch_bytes: 0,
         commits,
