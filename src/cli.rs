@@ -214,7 +214,7 @@ fn run_command(cli: &CommandLine, report_json: Option<PathBuf>, watch: bool) -> 
         }
     };
     let mut cfg = loaded.config;
-    let _log = match logging::start(&cfg, &loaded.warnings) {
+    let log = match logging::start(&cfg, &loaded.warnings) {
         Ok(g) => g,
         Err(line) => {
             eprintln!("{line}");
@@ -237,7 +237,7 @@ fn run_command(cli: &CommandLine, report_json: Option<PathBuf>, watch: bool) -> 
     } else {
         run::run(&cfg, &opts).map(|report| report.exit_code)
     };
-    match done {
+    let code = match done {
         Ok(code) => u8::try_from(code).unwrap_or(EXIT_FAILED),
         Err(RunError::Lock(LockError::Held { pid, path, idle })) => {
             let limit = run::stalled_after(&cfg);
@@ -276,6 +276,14 @@ fn run_command(cli: &CommandLine, report_json: Option<PathBuf>, watch: bool) -> 
             }
             EXIT_USAGE
         }
+    };
+    // An incomplete log is a failed run (stderr is all that is left to say it on).
+    match log.finish() {
+        Err(e) => {
+            eprintln!("shuttle: {e}");
+            if code == 0 { EXIT_FAILED } else { code }
+        }
+        Ok(()) => code,
     }
 }
 

@@ -14,6 +14,7 @@
 
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use tracing_subscriber::fmt::time::ChronoLocal;
 use tracing_subscriber::layer::SubscriberExt;
@@ -25,8 +26,50 @@ pub const LINES_QUEUED: usize = 4096;
 
 /// Keeps the background log writer alive; dropping it flushes the file.
 pub struct LogGuard {
-    _file: Option<tracing_appender::non_blocking::WorkerGuard>,
+    worker: Option<tracing_appender::non_blocking::WorkerGuard>,
     pub file: Option<PathBuf>,
+    failure: Arc<OnceLock<String>>,
+}
+
+impl LogGuard {
+    /// Flushes the log file and stops its writer; `Err` names the first write to the
+    /// file that failed (a full disk, say): the log is incomplete, which makes the
+    /// run a failure.
+    pub fn finish(mut self) -> Result<(), String> {
+        drop(self.worker.take());
+        match (self.failure.get(), &self.file) {
+            (Some(e), Some(f)) => Err(format!("cannot write the log file {}: {e}", f.display())),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The log file, remembering its first write error (tracing-appender's writer
+/// thread has nowhere to return one to).
+struct Watched {
+    file: std::fs::File,
+    failure: Arc<OnceLock<String>>,
+}
+
+impl Watched {
+    fn note<T>(&self, r: std::io::Result<T>) -> std::io::Result<T> {
+        if let Err(e) = &r {
+            self.failure.get_or_init(|| e.to_string());
+        }
+        r
+    }
+}
+
+impl std::io::Write for Watched {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let r = self.file.write(buf);
+        self.note(r)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let r = self.file.flush();
+        self.note(r)
+    }
 }
 
 /// Starts logging at `level` to stderr and, with `dir`, to a new file in it.
@@ -39,6 +82,7 @@ pub fn init(level: &str, dir: Option<&Path>) -> std::io::Result<LogGuard> {
         .with_timer(timer())
         .with_ansi(false)
         .with_filter(filter());
+    let failure = Arc::new(OnceLock::new());
     let (file_layer, guard, file) = match dir {
         Some(dir) => {
             std::fs::create_dir_all(dir)?;
@@ -58,7 +102,13 @@ pub fn init(level: &str, dir: Option<&Path>) -> std::io::Result<LogGuard> {
                 .lossy(false)
                 .buffered_lines_limit(LINES_QUEUED)
                 .thread_name("shuttle-log")
-                .finish(BufWriter::with_capacity(64 << 10, f));
+                .finish(BufWriter::with_capacity(
+                    64 << 10,
+                    Watched {
+                        file: f,
+                        failure: failure.clone(),
+                    },
+                ));
             let layer = tracing_subscriber::fmt::layer()
                 .with_writer(writer)
                 .with_target(false)
@@ -74,7 +124,11 @@ pub fn init(level: &str, dir: Option<&Path>) -> std::io::Result<LogGuard> {
         .with(stderr)
         .with(file_layer)
         .try_init();
-    Ok(LogGuard { _file: guard, file })
+    Ok(LogGuard {
+        worker: guard,
+        file,
+        failure,
+    })
 }
 
 /// Starts logging for a command with its configuration loaded: stderr plus the

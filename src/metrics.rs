@@ -36,9 +36,13 @@ pub enum MetricsError {
 
 /// Writes `cfg.metrics_path` (if set) for `report`; `duration` is the run's wall time.
 /// Failures are logged, never fatal.
-pub fn write(cfg: &Config, report: &Report, duration: std::time::Duration) {
+pub fn write(
+    cfg: &Config,
+    report: &Report,
+    duration: std::time::Duration,
+) -> Result<(), MetricsError> {
     let Some(path) = &cfg.metrics_path else {
-        return;
+        return Ok(());
     };
     let now = chrono::Utc::now().timestamp();
     let last_success = if report.exit_code == 0 {
@@ -49,10 +53,9 @@ pub fn write(cfg: &Config, report: &Report, duration: std::time::Duration) {
     let previous = std::fs::read_to_string(path).unwrap_or_default();
     let mut text = render(cfg, report, duration, now, last_success);
     text.push_str(&render_counters(&counters(&previous, report)));
-    match write_atomic(path, &text) {
-        Ok(()) => tracing::debug!("metrics written to {}", path.display()),
-        Err(e) => tracing::error!("{e}"),
-    }
+    write_atomic(path, &text)?;
+    tracing::debug!("metrics written to {}", path.display());
+    Ok(())
 }
 
 /// The metrics text.

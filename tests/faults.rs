@@ -537,3 +537,72 @@ fn clamd_accepting_no_connection_ends_the_run_and_releases_the_lock() {
         Some(&b"kept"[..])
     );
 }
+
+/// Shuttle's own outputs failing fail the run: a log disk that is full, a metrics
+/// file that cannot be written, a report that cannot be written. Each is said on
+/// stderr, the exit code is 1, and the files themselves are handled as usual.
+#[test]
+fn a_full_log_disk_or_unwritable_metrics_and_report_make_the_run_fail() {
+    let mut env = Env::new();
+    let logs = Tmpfs::mount(&env.logs, 1);
+    // Fill the log filesystem to the last block.
+    let filler = std::fs::File::create(logs.dir.join("filler")).unwrap();
+    let mut w = std::io::BufWriter::new(filler);
+    let chunk = vec![0u8; 4096];
+    while w.write_all(&chunk).and_then(|()| w.flush()).is_ok() {}
+    drop(w);
+    env.drop_file("a.txt", b"a");
+    let r = env.run(&[]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("cannot write the log file"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("No space left on device"), "{}", r.stderr);
+    assert_eq!(
+        Env::tree(&env.dst).get("a.txt").map(Vec::as_slice),
+        Some(&b"a"[..])
+    );
+    drop(logs);
+
+    // Metrics into a directory that does not exist: the report says so, exit 1.
+    env.set(
+        "metrics_path",
+        env.root()
+            .join("no-such-dir/shuttle.prom")
+            .to_str()
+            .unwrap(),
+    );
+    env.drop_file("b.txt", b"b");
+    let r = env.run(&[]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let report = env.report();
+    assert_eq!(report["exit_code"], 1);
+    let errors = report["errors"].to_string();
+    assert!(errors.contains("no-such-dir"), "{errors}");
+    assert!(r.stderr.contains("no-such-dir"), "{}", r.stderr);
+    assert_eq!(
+        Env::tree(&env.dst).get("b.txt").map(Vec::as_slice),
+        Some(&b"b"[..])
+    );
+
+    // A report that cannot be written.
+    env.unset("metrics_path");
+    env.drop_file("c.txt", b"c");
+    let bad = env.root().join("no-such-dir/report.json");
+    let config = env.config.to_str().unwrap();
+    let r = env.shuttle(&[
+        "run",
+        "--config",
+        config,
+        "--report-json",
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("cannot write report"), "{}", r.stderr);
+    assert_eq!(
+        Env::tree(&env.dst).get("c.txt").map(Vec::as_slice),
+        Some(&b"c"[..])
+    );
+}

@@ -136,18 +136,26 @@ pub fn pass(cfg: &Config, opts: &RunOptions) -> Report {
     }
     report.exit_code = exit_code(&report);
     report.finished = now_string();
-    if let Some(j) = &journal {
-        record_end(&pipeline::lock(j), &report);
+    if let Some(j) = &journal
+        && let Err(e) = record_end(&pipeline::lock(j), &report)
+    {
+        output_failed(&mut report, e);
     }
 
-    // 12. Report.
-    tracing::info!("{}", report.summary_line());
+    // 12. Report. Shuttle's own outputs failing fail the run: metrics first, so that
+    // the report can say so.
+    if let Err(e) = crate::metrics::write(cfg, &report, clock.elapsed()) {
+        output_failed(&mut report, e.to_string());
+    }
     if let Some(path) = &opts.report_json
         && let Err(e) = report.write_json(path)
     {
-        tracing::error!("cannot write report {}: {e}", path.display());
+        output_failed(
+            &mut report,
+            format!("cannot write report {}: {e}", path.display()),
+        );
     }
-    crate::metrics::write(cfg, &report, clock.elapsed());
+    tracing::info!("{}", report.summary_line());
     notify::run_end(&notifier, cfg.notifications.notify_summary, &report);
     // Dropping the notifier waits for the mail queue, at most one SMTP timeout.
     drop(notifier);
@@ -192,12 +200,22 @@ fn say_writer_check(writers: crate::lease::WriterCheck, unreadable: usize) {
 }
 
 /// Records the run's end and totals in the journal.
-fn record_end(journal: &Journal, report: &Report) {
-    let Some(run_id) = report.run_id else { return };
+fn record_end(journal: &Journal, report: &Report) -> Result<(), String> {
+    let Some(run_id) = report.run_id else {
+        return Ok(());
+    };
     let summary = serde_json::json!({ "files": report.files, "bytes": report.bytes, "throttle": report.throttle });
-    if let Err(e) = journal.finish_run(run_id, &report.finished, report.exit_code, &summary) {
-        tracing::error!("cannot record the end of run {run_id} in the journal: {e}");
-    }
+    journal
+        .finish_run(run_id, &report.finished, report.exit_code, &summary)
+        .map_err(|e| format!("cannot record the end of run {run_id} in the journal: {e}"))
+}
+
+/// One of Shuttle's own outputs (journal, metrics, report) could not be written: an
+/// error on stderr and in the report, and exit 1.
+fn output_failed(report: &mut Report, msg: String) {
+    tracing::error!("{msg}");
+    report.errors.push(msg);
+    report.exit_code = exit_code(report);
 }
 
 fn run_locked(
