@@ -1,9 +1,11 @@
 //! `shuttle check` (docs/design.md §6): validate configuration, directories, scanners and
 //! keys without touching a file; print every problem; exit 0 or 2.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use crate::config::{self, CommandLine};
+use rustix::fs::Access;
+
+use crate::config::{self, CommandLine, Config};
 use crate::hazard::{self, HazardArchive, HazardError};
 use crate::scan::{self, Scanners};
 
@@ -38,16 +40,13 @@ pub fn check(cli: &CommandLine) -> i32 {
             cfg.destination_path.display()
         );
     }
-    if let Some(parent) = cfg.lock_path.parent()
-        && !parent.as_os_str().is_empty()
-        && !parent.is_dir()
-        && cfg.lock_path != Path::new(crate::config::DEFAULT_LOCK_PATH)
-    {
-        problems.push(format!(
-            "lock_path {}: directory {} does not exist",
-            cfg.lock_path.display(),
-            parent.display()
-        ));
+    for u in &loaded.unknown_keys {
+        problems.push(u.clone());
+    }
+    problems.extend(access_problems(cfg));
+    match writer_detection(cfg) {
+        Ok(line) => println!("ok: {line}"),
+        Err(p) => problems.push(p),
     }
     match HazardArchive::open(cfg) {
         Ok(Some(h)) => println!(
@@ -131,5 +130,262 @@ pub fn check(cli: &CommandLine) -> i32 {
     } else {
         println!("shuttle check: {} problem(s) found", problems.len());
         2
+    }
+}
+
+/// One directory a run needs, and what for.
+struct Need {
+    key: &'static str,
+    dir: PathBuf,
+    access: Access,
+    what: &'static str,
+    /// The run creates the directory when missing (then its nearest existing
+    /// ancestor must let it).
+    created: bool,
+}
+
+/// Probes every directory a run uses for the access the run needs, as the user
+/// `check` runs as (effective IDs, so permissions, ACLs and read-only mounts all
+/// count), creating nothing. One problem per directory, with the fix.
+fn access_problems(cfg: &Config) -> Vec<String> {
+    let rwx = Access::READ_OK | Access::WRITE_OK | Access::EXEC_OK;
+    let wx = Access::WRITE_OK | Access::EXEC_OK;
+    let need = |key, dir: &Path, access, what, created| Need {
+        key,
+        dir: dir.to_path_buf(),
+        access,
+        what,
+        created,
+    };
+    let mut needs = vec![
+        need(
+            "source_path",
+            &cfg.source_path,
+            rwx,
+            "list it and remove files from it",
+            false,
+        ),
+        need(
+            "quarantine_path",
+            &cfg.quarantine_path,
+            rwx,
+            "create, rename and remove files in it",
+            false,
+        ),
+        need(
+            "destination_path",
+            &cfg.destination_path,
+            wx,
+            "create and rename files in it",
+            false,
+        ),
+        need(
+            "tracking_data_path",
+            &cfg.tracking_data_path,
+            rwx,
+            "keep its journal in it",
+            true,
+        ),
+    ];
+    if let Some(h) = &cfg.hazard_archive_path {
+        needs.push(need(
+            "hazard_archive_path",
+            h,
+            wx,
+            "create and rename files in it",
+            false,
+        ));
+    }
+    if let Some(l) = &cfg.log_path {
+        needs.push(need(
+            "log_path",
+            l,
+            rwx,
+            "create log files in it and expire old ones",
+            true,
+        ));
+    }
+    if let Some(dir) = cfg.metrics_path.as_deref().and_then(Path::parent) {
+        needs.push(need(
+            "metrics_path",
+            dir,
+            wx,
+            "write the metrics file into its directory",
+            false,
+        ));
+    }
+    if let Some(dir) = cfg.lock_path.parent() {
+        // systemd makes the default directory (RuntimeDirectory=shuttle), and a run
+        // started by hand creates it.
+        let default = cfg.lock_path == Path::new(crate::config::DEFAULT_LOCK_PATH);
+        needs.push(need(
+            "lock_path",
+            dir,
+            wx,
+            "create the lock file in its directory",
+            default,
+        ));
+    }
+    let user = current_user();
+    needs
+        .iter()
+        .filter(|n| !n.dir.as_os_str().is_empty())
+        .filter_map(|n| probe(n, &user).err())
+        .collect()
+}
+
+/// `Err`: the problem, naming the user, the missing access and the fix.
+fn probe(n: &Need, user: &str) -> Result<(), String> {
+    let mut dir = n.dir.as_path();
+    let mut missing = false;
+    while !dir.exists() {
+        if !n.created {
+            // check_paths reports the missing source, quarantine, destination and
+            // hazard archive; the others are reported here.
+            return match n.key {
+                "metrics_path" | "lock_path" => Err(format!(
+                    "{} {}: directory {} does not exist; fix: create it, writable for {user}",
+                    n.key,
+                    match n.key {
+                        "metrics_path" => cfg_path_hint(&n.dir),
+                        _ => n.dir.display().to_string(),
+                    },
+                    n.dir.display()
+                )),
+                _ => Ok(()),
+            };
+        }
+        missing = true;
+        match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => dir = p,
+            _ => return Ok(()),
+        }
+    }
+    let access = if missing {
+        Access::WRITE_OK | Access::EXEC_OK
+    } else {
+        n.access
+    };
+    match rustix::fs::accessat(rustix::fs::CWD, dir, access, rustix::fs::AtFlags::EACCESS) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let rights = describe(access);
+            let (what, target) = if missing {
+                ("create it", dir)
+            } else {
+                (n.what, dir)
+            };
+            let fix = if missing && n.key == "lock_path" {
+                format!(
+                    "the packaged units have systemd create {} (RuntimeDirectory=shuttle); outside them create it: install -d -o shuttle -g shuttle {}",
+                    n.dir.display(),
+                    n.dir.display()
+                )
+            } else if e == rustix::io::Errno::ROFS {
+                format!(
+                    "{} is on a read-only filesystem (in a systemd unit: add it to ReadWritePaths=)",
+                    target.display()
+                )
+            } else {
+                format!(
+                    "give {user} {rights} permission on {} (e.g. chgrp shuttle and chmod g+{}, or an ACL)",
+                    target.display(),
+                    modes(access)
+                )
+            };
+            Err(format!(
+                "{} {}: {user} cannot {what} ({}: {e}); fix: {fix}",
+                n.key,
+                n.dir.display(),
+                target.display(),
+            ))
+        }
+    }
+}
+
+/// The metrics key names a file; its problem is about the file's directory.
+fn cfg_path_hint(dir: &Path) -> String {
+    format!("(file in {})", dir.display())
+}
+
+fn describe(a: Access) -> String {
+    let mut v = Vec::new();
+    if a.contains(Access::READ_OK) {
+        v.push("read");
+    }
+    if a.contains(Access::WRITE_OK) {
+        v.push("write");
+    }
+    if a.contains(Access::EXEC_OK) {
+        v.push("search");
+    }
+    v.join(", ")
+}
+
+fn modes(a: Access) -> String {
+    let mut s = String::new();
+    if a.contains(Access::READ_OK) {
+        s.push('r');
+    }
+    if a.contains(Access::WRITE_OK) {
+        s.push('w');
+    }
+    if a.contains(Access::EXEC_OK) {
+        s.push('x');
+    }
+    s
+}
+
+/// "user NAME (uid N)" for the effective user.
+fn current_user() -> String {
+    let uid = rustix::process::geteuid().as_raw();
+    let name = std::fs::read_to_string("/etc/passwd").ok().and_then(|p| {
+        p.lines().find_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            let id = f.nth(1)?;
+            (id.parse::<u32>().ok()? == uid).then(|| name.to_string())
+        })
+    });
+    match name {
+        Some(n) => format!("user {n} (uid {uid})"),
+        None => format!("uid {uid}"),
+    }
+}
+
+/// How a run will tell files still being written. `Err` when it cannot for files
+/// already waiting in the drop directory: they would be left there run after run.
+fn writer_detection(cfg: &Config) -> Result<String, String> {
+    if crate::lease::has_cap_lease() {
+        return Ok("open-writer detection: read leases on any file (CAP_LEASE)".into());
+    }
+    let open = crate::discover::OpenFiles::scan();
+    if open.unreadable_processes == 0 {
+        return Ok(
+            "open-writer detection: read leases on this user's files, /proc for the others".into(),
+        );
+    }
+    let uid = rustix::process::geteuid().as_raw();
+    let others = std::fs::read_dir(&cfg.source_path)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .take(10_000)
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| std::os::unix::fs::MetadataExt::uid(m) != uid)
+        .count();
+    let why = format!(
+        "without CAP_LEASE this user can take a read lease only on its own files, and {} processes' open files are hidden from it in /proc, so files owned by other users are never taken",
+        open.unreadable_processes
+    );
+    let fix = "add AmbientCapabilities=CAP_LEASE (and CapabilityBoundingSet=CAP_LEASE) to the unit, as the packaged units do, or run as the uploads' owner";
+    if others > 0 {
+        Err(format!(
+            "open-writer detection: {why}; {others} entries in source_path {} belong to other users; fix: {fix}",
+            cfg.source_path.display()
+        ))
+    } else {
+        println!("warning: open-writer detection: {why}; fix: {fix}");
+        Ok("open-writer detection: read leases on this user's files".into())
     }
 }

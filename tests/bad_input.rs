@@ -259,3 +259,32 @@ mod planted {
         assert!(Env::tree(&env.quarantine).is_empty());
     }
 }
+
+/// A mistyped key would leave its setting at the default: `check` calls it a
+/// problem (exit 2) and names the key meant; `run` warns and goes on.
+#[test]
+fn a_mistyped_key_is_a_problem_in_check_and_a_warning_in_run() {
+    let env = Env::new();
+    let mut text = std::fs::read_to_string(&env.config).unwrap();
+    text.push_str("[settings]\ndelete_source_files_after_coping = false\n");
+    std::fs::write(&env.config, text).unwrap();
+    let config = env.config.to_str().unwrap();
+    let c = env.shuttle(&["check", "--config", config]);
+    assert_eq!(c.code, 2, "{}", c.stdout);
+    let problem = c
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("problem: unknown key"))
+        .unwrap_or_else(|| panic!("{}", c.stdout));
+    assert!(
+        problem.contains("\"delete_source_files_after_coping\"")
+            && problem.contains("did you mean delete_source_files_after_copying?")
+            && problem.contains("line "),
+        "{problem}"
+    );
+    env.drop_file("a.txt", b"a");
+    let r = env.run(&[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("WARN config: unknown key"), "{}", r.stderr);
+    assert!(Env::tree(&env.dst).contains_key("a.txt"));
+}
