@@ -285,6 +285,10 @@ fn a_mistyped_key_is_a_problem_in_check_and_a_warning_in_run() {
     env.drop_file("a.txt", b"a");
     let r = env.run(&[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert!(r.stderr.contains("WARN config: unknown key"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("WARN config: unknown key"),
+        "{}",
+        r.stderr
+    );
     assert!(Env::tree(&env.dst).contains_key("a.txt"));
 }

@@ -504,3 +504,50 @@ fn status_shows_limits_free_space_and_the_trend_from_journal_history() {
     assert!(r.stdout.contains("today: 2 of 100 files"), "{}", r.stdout);
     assert!(r.stdout.contains("threshold reached in ~"), "{}", r.stdout);
 }
+
+/// A file that could not fit the quarantine even if it were empty (a sparse 300 MiB
+/// image, 4 KiB on disk, counted by its size as the copy would be) must not block
+/// the files behind it, throttle on or off: it is set aside as too large once, left
+/// untouched, and the next run passes it over in silence.
+#[test]
+fn a_file_that_can_never_fit_is_set_aside_and_the_rest_proceed() {
+    for throttle in [true, false] {
+        let mut env = throttled(8);
+        env.set("throttle", &throttle.to_string());
+        let q = Tmpfs::mount(&env.root().join("q"), 64);
+        env.set("quarantine_path", q.dir.to_str().unwrap());
+        env.set("priority", "largest");
+        let image = env.drop_file("image.raw", b"");
+        std::fs::File::options()
+            .write(true)
+            .open(&image)
+            .unwrap()
+            .set_len(300 << 20)
+            .unwrap();
+        age(&image, 60);
+        env.drop_file("small.txt", b"behind it");
+        let r = env.run(&[]);
+        assert_eq!(r.code, 1, "throttle {throttle}: {}", r.stderr);
+        let rep = env.report();
+        assert_eq!(rep["files"]["too_large"], 1, "throttle {throttle}");
+        assert_eq!(rep["files"]["clean"], 1, "throttle {throttle}");
+        assert_eq!(rep["files"]["deferred"], 0, "throttle {throttle}");
+        assert!(r.stderr.contains("TOO LARGE \"image.raw\""), "{}", r.stderr);
+        assert!(r.stderr.contains("even when it is empty"), "{}", r.stderr);
+        assert_eq!(
+            Env::tree(&env.dst).get("small.txt").map(Vec::as_slice),
+            Some(&b"behind it"[..])
+        );
+        assert_eq!(std::fs::metadata(&image).unwrap().len(), 300 << 20);
+        assert!(
+            Env::tree(&q.dir).is_empty(),
+            "nothing left in the quarantine"
+        );
+
+        let r = env.run(&[]);
+        assert_eq!(r.code, 0, "throttle {throttle}: {}", r.stderr);
+        assert!(!r.stderr.contains("TOO LARGE"), "{}", r.stderr);
+        assert_eq!(env.report()["skipped_by_reason"]["set_aside"], 1);
+        assert!(image.exists());
+    }
+}

@@ -108,6 +108,7 @@ pub fn process(
         commit_failure: &commit_failure,
         uncommitted: Vec::new(),
         report: &report,
+        set_aside: 0,
     });
 
     let committed = std::thread::scope(|scope| {
@@ -153,6 +154,7 @@ pub fn process(
         uncommitted,
         mut stop,
         progress,
+        set_aside,
         ..
     } = books;
     let report = report.into_inner().unwrap_or_else(|p| p.into_inner());
@@ -171,7 +173,7 @@ pub fn process(
     }
     progress.finish();
 
-    report.files.deferred = total - report.files.admitted;
+    report.files.deferred = (total as u64).saturating_sub(report.files.admitted + set_aside);
     if run.scanners.tripped() {
         stop.get_or_insert_with(|| "circuit breaker: too many scan timeouts this run".into());
     }
@@ -211,6 +213,9 @@ struct Books<'a, 'r> {
     uncommitted: Vec<FileResult>,
     /// Counted into as files finish; the committer counts the files it commits.
     report: &'a Mutex<&'r mut Report>,
+    /// Files set aside before admission (newly, or known from an earlier run): not
+    /// admitted, yet not waiting for a later run either.
+    set_aside: u64,
 }
 
 impl Books<'_, '_> {
@@ -244,7 +249,10 @@ impl Books<'_, '_> {
                 return None;
             };
             match self.set_aside_before_admission(run, &candidate) {
-                Ok(true) => continue,
+                Ok(true) => {
+                    self.set_aside += 1;
+                    continue;
+                }
                 Ok(false) => break candidate,
                 Err(e) => {
                     self.stop = Some(format!("journal write failed: {e}"));
