@@ -415,3 +415,92 @@ fn a_file_that_can_never_fit_is_set_aside_and_the_rest_proceed() {
     assert!(!r.stderr.contains("TOO LARGE"));
     drop(q);
 }
+
+/// Asks clamd at `socket` for its version line.
+fn clamd_version(socket: &Path) -> String {
+    use std::io::Read;
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    s.write_all(b"zVERSION\0").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.trim_end_matches('\0').to_string()
+}
+
+/// clamd reloads signatures 10 days old in the middle of a run (after the run's
+/// freshness gate passed): the file scanned with them is not delivered, the run
+/// admits nothing more, and says which engine and database, with its age.
+#[test]
+fn signatures_reloaded_mid_run_to_stale_ones_stop_delivery() {
+    use std::io::Write as _;
+    let (clamd, _child) = Clamd::start_with(DEFAULT_LIMITS, &[]);
+    let mut env = Env::new();
+    env.set("clamd_socket", clamd.socket.to_str().unwrap());
+    env.set("clamd_config", clamd.conf().to_str().unwrap());
+    env.set("max_scan_threads", "1");
+    for name in ["a.txt", "b.txt", "c.txt"] {
+        env.drop_file(name, name.as_bytes());
+    }
+    let before = clamd_version(&clamd.socket);
+    let resume = env.root().join("resume");
+    let config = env.config.to_str().unwrap().to_string();
+    let report = env.report.to_str().unwrap().to_string();
+    let child = env
+        .command(&["run", "--config", &config, "--report-json", &report])
+        .env("SHUTTLE_PAUSE_AT", "scan: quarantined, before scan")
+        .env("SHUTTLE_PAUSE_FILE", &resume)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let reached = env.root().join("resume.reached");
+    let started = std::time::Instant::now();
+    while !reached.exists() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "never paused"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // The run has passed its gate and copied the first file: reload old signatures.
+    let ok = Command::new(repo().join("scripts/make-test-signatures"))
+        .arg(clamd.dir.join("db"))
+        .args(["--age-days", "10"])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let mut s = std::os::unix::net::UnixStream::connect(&clamd.socket).unwrap();
+    s.write_all(b"zRELOAD\0").unwrap();
+    let mut reply = String::new();
+    std::io::Read::read_to_string(&mut s, &mut reply).unwrap();
+    assert!(reply.starts_with("RELOADING"), "{reply}");
+    while clamd_version(&clamd.socket) == before {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "clamd never reloaded"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::fs::write(&resume, "").unwrap();
+    let r = Run::from(child.wait_with_output().unwrap());
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("signatures changed mid-run to too old ones: clamav")
+            && r.stderr.contains("240 hours old"),
+        "{}",
+        r.stderr
+    );
+    assert!(Env::tree(&env.dst).is_empty(), "nothing delivered");
+    let src = Env::tree(&env.src);
+    for name in ["a.txt", "b.txt", "c.txt"] {
+        assert_eq!(
+            src.get(name).map(Vec::as_slice),
+            Some(name.as_bytes()),
+            "{name}"
+        );
+    }
+    let rep = env.report();
+    assert_eq!(rep["files"]["failed"], 1);
+    assert_eq!(rep["files"]["deferred"], 2);
+}

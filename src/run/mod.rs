@@ -245,7 +245,7 @@ fn run_locked(
 
     // 8 (first part). Every scanner must answer, and detect the canary, before any
     // file is touched.
-    let scanners = Scanners::start(
+    let mut scanners = Scanners::start(
         engines,
         scan::Policy::from_config(&cfg.scanning),
         cfg.scanning.canary,
@@ -272,6 +272,7 @@ fn run_locked(
             stale.join("; ")
         );
     }
+    scanners.keep_fresh(max_signature_age(cfg));
     let limits = scan::limits::ScanLimits::for_config(cfg);
     if let Some(d) = limits.describe() {
         tracing::info!("{d}");

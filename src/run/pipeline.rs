@@ -174,8 +174,8 @@ pub fn process(
     progress.finish();
 
     report.files.deferred = (total as u64).saturating_sub(report.files.admitted + set_aside);
-    if run.scanners.tripped() {
-        stop.get_or_insert_with(|| "circuit breaker: too many scan timeouts this run".into());
+    if let Some(why) = run.scanners.stop_reason() {
+        stop.get_or_insert(why);
     }
     if let Some(reason) = stop {
         anyhow::bail!(
@@ -226,9 +226,8 @@ impl Books<'_, '_> {
         if self.ended {
             return None;
         }
-        if run.scanners.tripped() {
-            self.stop
-                .get_or_insert_with(|| "circuit breaker: too many scan timeouts this run".into());
+        if let Some(why) = run.scanners.stop_reason() {
+            self.stop.get_or_insert(why);
         }
         let stop_requested = run
             .stop

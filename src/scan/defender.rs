@@ -76,6 +76,11 @@ impl Scanner for Defender {
         self.product_version()
     }
 
+    /// `mdatp health` is a process start: asked once a minute, not after every file.
+    fn recheck_every(&self) -> Duration {
+        Duration::from_secs(60)
+    }
+
     /// `mdatp health` → `definitions_version` and `definitions_updated_minutes_ago`
     /// (or, without it, `definitions_updated`, e.g. `Nov 24, 2026 at 08:00:00 AM`, taken
     /// as UTC).

@@ -13,7 +13,8 @@ pub mod limits;
 use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::time::Duration;
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use crate::config::ScanConfig;
 
@@ -67,8 +68,17 @@ pub trait Scanner: Send + Sync {
     /// Short engine name for logs, reports and the journal ("clamav", "defender").
     fn name(&self) -> &'static str;
 
-    /// Engine and signature version, asked once per run and recorded with every verdict.
+    /// Engine and signature version, asked at the start of a run, again at most every
+    /// [`Scanner::recheck_every`] while files are scanned, and recorded with every
+    /// verdict.
     fn version(&self) -> Result<String, ScanError>;
+
+    /// How often a run asks again for [`Scanner::version`] and [`Scanner::signatures`]
+    /// to notice a signature reload; zero (the default): after every file's scan, so
+    /// that no file scanned after a reload to too old signatures is delivered.
+    fn recheck_every(&self) -> Duration {
+        Duration::ZERO
+    }
 
     /// The signature database's version and date; `version` is what [`Scanner::version`]
     /// returned. An engine that cannot tell the date returns `updated: None`, which the
@@ -230,10 +240,23 @@ pub const SCAN_CEILING: Duration = Duration::from_secs(2 * 3600);
 
 /// The enabled engines of a run, with their versions and the run's circuit breaker.
 pub struct Scanners {
-    engines: Vec<(Box<dyn Scanner>, String, Signatures)>,
+    engines: Vec<(Box<dyn Scanner>, RwLock<Loaded>)>,
     policy: Policy,
     timeouts: AtomicU32,
     tripped: AtomicBool,
+    /// `max_signature_age_hours`, enforced again whenever an engine's version changes.
+    max_age: Option<Duration>,
+    /// When each engine's version was last asked.
+    checked: Mutex<Vec<Instant>>,
+    /// Why the run must admit no more files (signatures changed to too old ones).
+    stopped: Mutex<Option<String>>,
+}
+
+/// What an engine has loaded: its version line and signature database.
+#[derive(Debug, Clone)]
+struct Loaded {
+    version: String,
+    signatures: Signatures,
 }
 
 /// An engine that is not usable at the start of a run.
@@ -271,30 +294,130 @@ impl Scanners {
                 sigs.version,
                 sigs.updated.as_deref().unwrap_or("unknown date")
             );
-            ready.push((engine, version, sigs));
+            ready.push((
+                engine,
+                RwLock::new(Loaded {
+                    version,
+                    signatures: sigs,
+                }),
+            ));
         }
+        let checked = Mutex::new(vec![Instant::now(); ready.len()]);
         Ok(Scanners {
             engines: ready,
             policy,
             timeouts: AtomicU32::new(0),
             tripped: AtomicBool::new(false),
+            max_age: None,
+            checked,
+            stopped: Mutex::new(None),
         })
+    }
+
+    /// Keeps enforcing the freshness gate for the rest of the run: when an engine's
+    /// version changes (a signature reload), its new database must be dated and no
+    /// older than `max_age` too, or the run admits no more files.
+    pub fn keep_fresh(&mut self, max_age: Option<Duration>) {
+        self.max_age = max_age;
+    }
+
+    fn loaded(&self, i: usize) -> Loaded {
+        self.engines[i]
+            .1
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Engine names and versions, for the report and metrics.
     pub fn versions(&self) -> Vec<(&'static str, String)> {
-        self.engines
-            .iter()
-            .map(|(e, v, _)| (e.name(), v.clone()))
+        (0..self.engines.len())
+            .map(|i| (self.engines[i].0.name(), self.loaded(i).version))
             .collect()
     }
 
     /// Engine names and their signature databases.
     pub fn signatures(&self) -> Vec<(&'static str, Signatures)> {
-        self.engines
-            .iter()
-            .map(|(e, _, s)| (e.name(), s.clone()))
+        (0..self.engines.len())
+            .map(|i| (self.engines[i].0.name(), self.loaded(i).signatures))
             .collect()
+    }
+
+    /// Why the run must admit no more files, if it must: the circuit breaker, or an
+    /// engine that reloaded signatures too old (or undated) mid-run.
+    pub fn stop_reason(&self) -> Option<String> {
+        if let Some(r) = self
+            .stopped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            return Some(r);
+        }
+        self.tripped()
+            .then(|| "circuit breaker: too many scan timeouts this run".to_string())
+    }
+
+    /// Asks each engine whose [`Scanner::recheck_every`] has passed for its version;
+    /// a changed version is logged, its signatures read, and the freshness gate
+    /// applied to them.
+    fn recheck(&self) {
+        let due: Vec<usize> = {
+            let mut checked = self.checked.lock().unwrap_or_else(|p| p.into_inner());
+            (0..self.engines.len())
+                .filter(|&i| {
+                    let due = checked[i].elapsed() >= self.engines[i].0.recheck_every();
+                    if due {
+                        checked[i] = Instant::now();
+                    }
+                    due
+                })
+                .collect()
+        };
+        for i in due {
+            let (engine, state) = &self.engines[i];
+            // An engine that does not answer now fails the scan that follows.
+            let Ok(version) = engine.version() else {
+                continue;
+            };
+            let sigs = engine.signatures(&version);
+            let mut loaded = state.write().unwrap_or_else(|p| p.into_inner());
+            let same = |s: &Signatures| {
+                loaded.version == version && loaded.signatures.version == s.version
+            };
+            if sigs.as_ref().is_ok_and(same) {
+                continue;
+            }
+            let problem = match sigs {
+                Ok(sigs) => {
+                    tracing::info!(
+                        "scanner {} reloaded: {} -> {version}; signatures {} of {}",
+                        engine.name(),
+                        loaded.version,
+                        sigs.version,
+                        sigs.updated.as_deref().unwrap_or("unknown date")
+                    );
+                    let problem = self
+                        .max_age
+                        .and_then(|max| stale(engine.name(), &sigs, max, chrono::Utc::now()));
+                    loaded.signatures = sigs;
+                    problem
+                }
+                Err(e) => Some(format!(
+                    "{}: cannot tell the reloaded signature database's version and date: {e}",
+                    engine.name()
+                )),
+            };
+            loaded.version = version;
+            if let Some(p) = problem {
+                let msg = format!("signatures changed mid-run to too old ones: {p}");
+                tracing::error!("{msg}");
+                self.stopped
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert(msg);
+            }
+        }
     }
 
     /// The freshness gate: one problem per engine whose signatures are older than
@@ -304,9 +427,9 @@ impl Scanners {
             return Vec::new();
         };
         let now = chrono::Utc::now();
-        self.engines
+        self.signatures()
             .iter()
-            .filter_map(|(e, _, s)| stale(e.name(), s, max, now))
+            .filter_map(|(e, s)| stale(e, s, max, now))
             .collect()
     }
 
@@ -329,7 +452,19 @@ impl Scanners {
         let mut unscannable: Option<String> = None;
         let mut removed_by = None;
         let mut figures = Vec::new();
-        for (engine, version, sigs) in &self.engines {
+        if let Some(why) = self.stop_reason() {
+            return FileScan {
+                verdict: FileVerdict::Failed(why),
+                results,
+                removed_by,
+                figures,
+            };
+        }
+        for (engine, state) in &self.engines {
+            let Loaded {
+                version,
+                signatures: sigs,
+            } = state.read().unwrap_or_else(|p| p.into_inner()).clone();
             let started = std::time::Instant::now();
             let outcome = self.scan_one(engine.as_ref(), path, size, open);
             figures.push(ScanFigures {
@@ -386,10 +521,20 @@ impl Scanners {
                 removed_file,
             });
         }
+        // Asked after the scan: a reload during it shows as a changed version, and a
+        // file possibly scanned with signatures too old is not clean.
+        self.recheck();
+        let reloaded_stale = self
+            .stopped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         // A detection by any engine outweighs another engine's failure; a file an
         // engine cannot scan whole is unscannable whatever the others said.
         let verdict = if !detections.is_empty() {
             FileVerdict::Suspect(detections)
+        } else if let Some(why) = reloaded_stale {
+            FileVerdict::Failed(why)
         } else if let Some(u) = unscannable {
             FileVerdict::Unscannable(u)
         } else if let Some(f) = failure {
