@@ -347,6 +347,7 @@ fn package_installs_runs_as_its_user_upgrades_keeping_config_and_journal_and_pur
         "/usr/share/man/man1/shuttle-run.1.gz",
         "/usr/share/bash-completion/completions/shuttle",
         "/usr/share/doc/shuttle/deployment.md",
+        "/usr/lib/tmpfiles.d/shuttle.conf",
     ] {
         assert!(
             files.iter().any(|l| l == f),
@@ -354,7 +355,7 @@ fn package_installs_runs_as_its_user_upgrades_keeping_config_and_journal_and_pur
         );
         assert!(Path::new(f).exists(), "{f} installed");
     }
-    // The units and the logrotate rules are packaging/'s, byte for byte.
+    // The units, logrotate rules and tmpfiles.d entry are packaging/'s, byte for byte.
     for unit in packaged_units() {
         let installed = format!("/lib/systemd/system/{unit}");
         assert!(files.contains(&installed), "{installed} in the package");
@@ -364,10 +365,16 @@ fn package_installs_runs_as_its_user_upgrades_keeping_config_and_journal_and_pur
             "{installed}"
         );
     }
-    assert_eq!(
-        std::fs::read("/etc/logrotate.d/shuttle").expect("logrotate rules"),
-        std::fs::read(repo().join("packaging/shuttle.logrotate")).expect("packaging/")
-    );
+    for (installed, packaged) in [
+        ("/etc/logrotate.d/shuttle", "shuttle.logrotate"),
+        ("/usr/lib/tmpfiles.d/shuttle.conf", "shuttle.tmpfiles"),
+    ] {
+        assert_eq!(
+            std::fs::read(installed).expect("installed"),
+            std::fs::read(repo().join("packaging").join(packaged)).expect("packaging/"),
+            "{installed}"
+        );
+    }
     // The installed binary is the one just built (same version line, commit included).
     let version_of = |bin: &Path| ok(Command::new(bin).arg("--version"));
     assert_eq!(
@@ -392,6 +399,14 @@ fn package_installs_runs_as_its_user_upgrades_keeping_config_and_journal_and_pur
     ] {
         assert!(Path::new(d).is_dir(), "{d}");
         assert_owned(d, uid, gid, 0o750);
+    }
+    // The lock's directory: made by postinst, and again at boot by the tmpfiles.d entry
+    // (/run is a tmpfs), so that a run by hand or from cron as user shuttle can lock.
+    assert_owned("/run/shuttle", uid, gid, 0o770);
+    if have("systemd-tmpfiles") {
+        std::fs::remove_dir("/run/shuttle").expect("rmdir /run/shuttle");
+        ok(Command::new("systemd-tmpfiles").args(["--create", "shuttle.conf"]));
+        assert_owned("/run/shuttle", uid, gid, 0o770);
     }
     assert_owned("/etc/shuttle", 0, gid, 0o750);
     assert_owned("/etc/shuttle/config.conf", 0, gid, 0o640);
@@ -469,17 +484,6 @@ fn package_installs_runs_as_its_user_upgrades_keeping_config_and_journal_and_pur
         config = set_key(&config, key, &value);
     }
     std::fs::write("/etc/shuttle/config.conf", &config).expect("edit the config");
-    // systemd makes /run/shuttle for the units (RuntimeDirectory=shuttle, 0770).
-    ok(Command::new("install").args([
-        "-d",
-        "-o",
-        "shuttle",
-        "-g",
-        "shuttle",
-        "-m",
-        "0770",
-        "/run/shuttle",
-    ]));
 
     let report = noise(70_000, 16);
     std::fs::create_dir(drop.join("reports")).expect("mkdir");
