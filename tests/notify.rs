@@ -488,6 +488,92 @@ fn metrics_file_has_the_run_figures_and_keeps_the_last_success() {
     );
 }
 
+/// The file as Prometheus reads it: `promtool check metrics` accepts it after each
+/// run, and the counters add the second run's files to the first's.
+#[test]
+fn metrics_pass_promtool_and_counters_add_up_across_runs() {
+    let promtool_ok = Command::new("promtool")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !promtool_ok {
+        eprintln!("skipped: promtool is missing (scripts/install-deps installs prometheus)");
+        return;
+    }
+    let mut env = Env::new();
+    let path = env.root().join("metrics/shuttle.prom");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    env.set("metrics_path", path.to_str().unwrap());
+    let promtool = |path: &std::path::Path| {
+        let file = std::fs::File::open(path).expect("metrics file written");
+        let o = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(file)
+            .output()
+            .expect("promtool runs");
+        assert!(
+            o.status.success() && o.stdout.is_empty() && o.stderr.is_empty(),
+            "promtool check metrics: {}{}\n{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr),
+            std::fs::read_to_string(path).unwrap_or_default()
+        );
+        parse_metrics(&std::fs::read_to_string(path).expect("metrics file"))
+    };
+
+    env.drop_file("a.bin", &noise(3000, 1));
+    env.drop_file("b.bin", &noise(500, 2));
+    env.drop_file("eicar.com", EICAR);
+    let r = env.run(&[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let first = promtool(&path);
+    assert_eq!(
+        metric(&first, "shuttle_files_total", "outcome=\"clean\""),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(&first, "shuttle_files_total", "outcome=\"suspect\""),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&first, "shuttle_bytes_total", "outcome=\"clean\""),
+        Some(3500.0)
+    );
+    assert_eq!(metric(&first, "shuttle_passes_total", ""), Some(1.0));
+
+    env.drop_file("c.bin", &noise(100, 3));
+    env.drop_file("marker.txt", MARKER);
+    env.drop_file("eicar2.com", EICAR);
+    let r = env.run(&[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let second = promtool(&path);
+    assert_eq!(
+        metric(&second, "shuttle_run_files", "outcome=\"clean\""),
+        Some(1.0),
+        "the gauges are the last run's"
+    );
+    assert_eq!(
+        metric(&second, "shuttle_files_total", "outcome=\"clean\""),
+        Some(3.0),
+        "2 + 1 clean"
+    );
+    assert_eq!(
+        metric(&second, "shuttle_files_total", "outcome=\"suspect\""),
+        Some(3.0),
+        "1 + 2 suspect"
+    );
+    assert_eq!(
+        metric(&second, "shuttle_bytes_total", "outcome=\"clean\""),
+        Some(3600.0)
+    );
+    assert_eq!(metric(&second, "shuttle_passes_total", ""), Some(2.0));
+    // No counter ever goes down between the runs.
+    for (name, labels, value) in first.iter().filter(|(n, _, _)| n.ends_with("_total")) {
+        let after = metric(&second, name, labels).unwrap_or_else(|| panic!("{name}{{{labels}}}"));
+        assert!(after >= *value, "{name}{{{labels}}}: {value} -> {after}");
+    }
+}
+
 #[test]
 fn progress_bar_only_on_a_terminal() {
     let env = Env::new();
