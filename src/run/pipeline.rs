@@ -173,7 +173,7 @@ pub fn process(
     }
     progress.finish();
 
-    report.files.deferred = (total as u64).saturating_sub(report.files.admitted + set_aside);
+    report.files.deferred = total.saturating_sub(report.files.admitted + set_aside);
     if let Some(why) = run.scanners.stop_reason() {
         stop.get_or_insert(why);
     }
