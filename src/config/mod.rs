@@ -323,6 +323,7 @@ pub fn expand_tilde(value: &str) -> PathBuf {
 }
 
 /// Raw values by canonical key, each with its origin; later sources override earlier.
+#[derive(Default)]
 struct Raw {
     values: HashMap<&'static str, (String, Origin)>,
 }
@@ -336,12 +337,20 @@ impl Raw {
 /// Collects typed values, remembering every invalid one.
 struct Reader<'a> {
     raw: &'a Raw,
+    /// Every key asked for: a test checks that each key in the table is read.
+    asked: std::collections::BTreeSet<&'static str>,
     errors: Vec<ConfigError>,
     /// Problems that matter only to commands moving files ([`Needs::Transfer`]).
     transfer_errors: Vec<ConfigError>,
 }
 
-impl Reader<'_> {
+impl<'a> Reader<'a> {
+    /// The raw value of `key`, if set; every lookup goes through here.
+    fn get(&mut self, key: &'static str) -> Option<(&'a str, &'a Origin)> {
+        self.asked.insert(key);
+        self.raw.get(key)
+    }
+
     fn invalid(&mut self, key: &'static str, value: &str, origin: &Origin, expected: &str) {
         self.errors.push(ConfigError::Invalid {
             key,
@@ -353,8 +362,7 @@ impl Reader<'_> {
 
     /// A text value; empty counts as unset.
     fn text(&mut self, key: &'static str) -> Option<String> {
-        self.raw
-            .get(key)
+        self.get(key)
             .map(|(v, _)| v.to_string())
             .filter(|v| !v.is_empty())
     }
@@ -364,7 +372,7 @@ impl Reader<'_> {
     }
 
     fn bool(&mut self, key: &'static str, default: bool) -> bool {
-        let Some((v, origin)) = self.raw.get(key) else {
+        let Some((v, origin)) = self.get(key) else {
             return default;
         };
         match parse_bool(v) {
@@ -378,7 +386,7 @@ impl Reader<'_> {
     }
 
     fn number(&mut self, key: &'static str, default: u64, min: u64) -> u64 {
-        let Some((v, origin)) = self.raw.get(key) else {
+        let Some((v, origin)) = self.get(key) else {
             return default;
         };
         match v.parse::<u64>() {
@@ -393,7 +401,7 @@ impl Reader<'_> {
     }
 
     fn float(&mut self, key: &'static str, default: f64) -> f64 {
-        let Some((v, origin)) = self.raw.get(key) else {
+        let Some((v, origin)) = self.get(key) else {
             return default;
         };
         match v.parse::<f64>() {
@@ -407,7 +415,7 @@ impl Reader<'_> {
     }
 
     fn choice<T: Copy>(&mut self, key: &'static str, default: T, options: &[(&str, T)]) -> T {
-        let Some((v, origin)) = self.raw.get(key) else {
+        let Some((v, origin)) = self.get(key) else {
             return default;
         };
         let lower = v.to_ascii_lowercase();
@@ -458,6 +466,7 @@ pub fn load_for(cli: &CommandLine, needs: Needs) -> Result<Loaded, ConfigErrors>
 
     let mut r = Reader {
         raw: &raw,
+        asked: Default::default(),
         errors: Vec::new(),
         transfer_errors: Vec::new(),
     };
@@ -660,7 +669,7 @@ fn build(r: &mut Reader, file: Option<PathBuf>, warnings: &mut Vec<String>) -> C
             ("0", "debug"),
         ],
     );
-    if let Some((v, origin)) = r.raw.get("log_level")
+    if let Some((v, origin)) = r.get("log_level")
         && matches!(v.to_ascii_lowercase().as_str(), "critical" | "fatal" | "50")
     {
         warnings.push(format!(
@@ -746,7 +755,6 @@ fn clamd_endpoint(r: &mut Reader, clam_av: bool, clamd_conf: &Path) -> Option<Cl
         (None, Some(a)) => {
             if !a.contains(':') {
                 let origin = r
-                    .raw
                     .get("clamd_address")
                     .map(|(_, o)| o.clone())
                     .unwrap_or(Origin::Default);
@@ -778,7 +786,7 @@ pub fn local_socket_from(clamd_conf: &Path) -> Option<PathBuf> {
 }
 
 fn priority_paths(r: &mut Reader, source: Option<&Path>) -> Vec<PathBuf> {
-    let Some((value, origin)) = r.raw.get("priority_paths") else {
+    let Some((value, origin)) = r.get("priority_paths") else {
         return Vec::new();
     };
     let (value, origin) = (value.to_string(), origin.clone());
@@ -827,10 +835,7 @@ fn hostname() -> String {
 }
 
 fn notify_config(r: &mut Reader, warnings: &mut Vec<String>) -> NotifyConfig {
-    let port = r
-        .raw
-        .get("smtp_port")
-        .map(|(v, o)| (v.to_string(), o.clone()));
+    let port = r.get("smtp_port").map(|(v, o)| (v.to_string(), o.clone()));
     let smtp_port = match port {
         None => None,
         Some((v, origin)) => match v.parse::<u16>() {
@@ -948,6 +953,35 @@ impl Config {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    /// The key table is the single truth: a key in it that the configuration never
+    /// reads would be documented, accepted and silently ignored.
+    #[test]
+    fn every_key_in_the_table_is_read() {
+        let raw = Raw::default();
+        let mut r = Reader {
+            raw: &raw,
+            asked: Default::default(),
+            errors: Vec::new(),
+            transfer_errors: Vec::new(),
+        };
+        let _ = build(&mut r, None, &mut Vec::new());
+        let never: Vec<&str> = keys::KEYS
+            .iter()
+            .map(|k| k.name)
+            .filter(|k| !r.asked.contains(k))
+            .collect();
+        assert!(never.is_empty(), "keys never read: {never:?}");
+        let unknown: Vec<&&str> = r
+            .asked
+            .iter()
+            .filter(|k| keys::lookup(k).is_none())
+            .collect();
+        assert!(
+            unknown.is_empty(),
+            "keys read but not in the table: {unknown:?}"
+        );
+    }
 
     fn load_text(text: &str, flags: Vec<(&'static str, String)>) -> Result<Loaded, ConfigErrors> {
         let mut f = tempfile::NamedTempFile::new().unwrap();
