@@ -4,7 +4,7 @@
 //! Malware is often recognised only days later. So whenever an enabled engine's
 //! signature database is newer than the one that cleared a recent delivery (within
 //! `rescan_days`), Shuttle scans the destination copy again — in place: the copy is
-//! opened beneath the destination with [`fsx::Beneath`] (no symlink followed) and its
+//! opened beneath the destination with [`crate::fsx::Beneath`] (no symlink followed) and its
 //! descriptor handed to the engines (clamd: `FILDES`), nothing is copied.
 //!
 //! Only a copy that still holds the delivered bytes is Shuttle's business. Size and
