@@ -364,3 +364,93 @@ fn a_killed_rescan_of_many_deliveries_resumes_and_a_pass_keeps_its_budget() {
     assert_eq!(rescans(&env), (total, total, total));
     assert_eq!(Env::tree(&env.dst).len(), total as usize, "nothing lost");
 }
+
+/// A withdrawal killed at every kill point on its way (recorded, archived, recorded
+/// again, removed): the next `shuttle rescan` finishes it. Every file ends withdrawn
+/// exactly once: one archive that decrypts to the delivered bytes, no copy left in
+/// the destination, nothing archived twice.
+#[test]
+fn a_withdrawal_killed_at_any_point_is_finished_once() {
+    let (clamd, _child) = Clamd::start_with(DEFAULT_LIMITS, &[]);
+    let mut env = env_for(&clamd, None);
+    let (gnupg, key) = gpg_key(env.root(), "default");
+    let archive = env.root().join("hazard");
+    std::fs::create_dir(&archive).unwrap();
+    env.set("hazard_archive_path", archive.to_str().unwrap());
+    env.set("hazard_encryption_key_path", key.to_str().unwrap());
+    env.set("rescan_action", "withdraw");
+    let late = noise(3000, 9);
+    const N: usize = 8;
+    for k in 0..N {
+        env.drop_file(&format!("late{k}/late.bin"), &late);
+    }
+    let r = env.run(&[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    newer_signatures(&clamd, &[&late]);
+    let config = env.config.to_str().unwrap().to_string();
+    // How many kill points one withdrawal passes.
+    let traced = env
+        .command(&["rescan", "--config", &config, "--path", "late0/"])
+        .env("SHUTTLE_CRASH_TRACE", "1")
+        .output()
+        .unwrap();
+    assert!(traced.status.success());
+    let points = String::from_utf8_lossy(&traced.stderr)
+        .lines()
+        .filter(|l| l.starts_with("crashpoint "))
+        .count();
+    assert!(points >= 5 && points < N, "{points} kill points");
+    for k in 1..=points {
+        let prefix = format!("late{k}/");
+        let out = env
+            .command(&["rescan", "--config", &config, "--path", &prefix])
+            .env("SHUTTLE_CRASH_AT", k.to_string())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), None, "killed at point {k}");
+        let r = env.shuttle(&["rescan", "--config", &config, "--path", &prefix]);
+        assert_eq!(r.code, 0, "after a kill at point {k}: {}", r.stderr);
+    }
+    // Every one withdrawn once; the ones not yet rescanned are left for a last run.
+    let r = env.shuttle(&["rescan", "--config", &config]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(Env::tree(&env.dst).is_empty(), "all withdrawn");
+    let mut from = Vec::new();
+    for e in std::fs::read_dir(&archive).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_str().unwrap().to_string();
+        assert!(!name.starts_with(".shuttle-tmp"), "temp left: {name}");
+        if name.ends_with(".json") {
+            let meta: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+            let gpg_file = archive.join(meta["archive"].as_str().unwrap());
+            assert_eq!(gpg_decrypt(&gnupg, &gpg_file), late);
+            from.push(meta["withdrawn_from"].as_str().unwrap().to_string());
+        } else {
+            assert!(
+                archive.join(format!("{name}.json")).exists(),
+                "{name} has a sidecar"
+            );
+        }
+    }
+    from.sort();
+    let want: Vec<String> = (0..N)
+        .map(|k| {
+            env.dst
+                .join(format!("late{k}/late.bin"))
+                .display()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(from, want, "each withdrawn exactly once");
+    let db = rusqlite::Connection::open(env.state.join("shuttle-journal.sqlite3")).unwrap();
+    let states: Vec<(i64, String)> = db
+        .prepare("SELECT file_id, state FROM rescans ORDER BY file_id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(states.len(), N, "{states:?}");
+    assert!(states.iter().all(|(_, s)| s == "withdrawn"), "{states:?}");
+}
