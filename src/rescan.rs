@@ -31,7 +31,7 @@ use std::io::{Read, Seek};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -75,6 +75,19 @@ pub struct RescanCounts {
     pub unfinished: bool,
     /// Seconds spent.
     pub seconds: f64,
+}
+
+impl RescanCounts {
+    fn add(&mut self, o: &RescanCounts) {
+        self.scanned += o.scanned;
+        self.clean += o.clean;
+        self.alerted += o.alerted;
+        self.withdrawn += o.withdrawn;
+        self.changed += o.changed;
+        self.gone += o.gone;
+        self.failed += o.failed;
+        self.unfinished |= o.unfinished;
+    }
 }
 
 /// One slice's scope and limits.
@@ -260,12 +273,14 @@ pub fn slice(s: &Slice) -> Result<RescanCounts, RescanError> {
     let since = chrono::Utc::now().timestamp()
         - i64::try_from(s.days.saturating_mul(86_400)).unwrap_or(i64::MAX);
     let mut after = 0;
+    let workers = s.cfg.max_scan_threads.max(1);
     'pages: loop {
         let page = lock(s.journal).deliveries_to_rescan(since, &generation_key, after, PAGE)?;
         let Some(last) = page.last() else {
             break;
         };
         after = last.file_id;
+        let mut todo = Vec::with_capacity(page.len());
         for d in page {
             if !needs_rescan(&d, &sigs) {
                 continue;
@@ -286,15 +301,44 @@ pub fn slice(s: &Slice) -> Result<RescanCounts, RescanError> {
             if s.prefix.is_some_and(|p| !rel.starts_with(p)) {
                 continue;
             }
-            let out_of_time = s.budget.is_some_and(|b| started.elapsed() >= b);
-            if out_of_time
-                || s.stop.is_some_and(|f| f.load(Ordering::SeqCst))
-                || s.scanners.stop_reason().is_some()
-            {
-                counts.unfinished = true;
-                break 'pages;
-            }
-            one(s, &dest, &generation_key, &sigs, &d, &rel, &mut counts)?;
+            todo.push((d, rel));
+        }
+        // `max_scan_threads` workers take the page's deliveries in order; each
+        // checks the budget before starting one.
+        let next = AtomicUsize::new(0);
+        let done: Vec<Result<RescanCounts, RescanError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..workers.min(todo.len().max(1)))
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut mine = RescanCounts::default();
+                        loop {
+                            let i = next.fetch_add(1, Ordering::SeqCst);
+                            let Some((d, rel)) = todo.get(i) else {
+                                return Ok(mine);
+                            };
+                            let out_of_time = s.budget.is_some_and(|b| started.elapsed() >= b);
+                            if out_of_time
+                                || s.stop.is_some_and(|f| f.load(Ordering::SeqCst))
+                                || s.scanners.stop_reason().is_some()
+                            {
+                                mine.unfinished = true;
+                                return Ok(mine);
+                            }
+                            one(s, &dest, &generation_key, &sigs, d, rel, &mut mine)?;
+                        }
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
+        for c in done {
+            counts.add(&c?);
+        }
+        if counts.unfinished {
+            break 'pages;
         }
     }
     counts.seconds = started.elapsed().as_secs_f64();
