@@ -399,7 +399,7 @@ fn a_withdrawal_killed_at_any_point_is_finished_once() {
         .lines()
         .filter(|l| l.starts_with("crashpoint "))
         .count();
-    assert!(points >= 5 && points < N, "{points} kill points");
+    assert!((5..N).contains(&points), "{points} kill points");
     for k in 1..=points {
         let prefix = format!("late{k}/");
         let out = env
