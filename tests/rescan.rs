@@ -298,14 +298,19 @@ const MANY: usize = 10_000;
 /// rest, each delivery once.
 #[test]
 fn a_killed_rescan_of_many_deliveries_resumes_and_a_pass_keeps_its_budget() {
+    let t0 = Instant::now();
+    let phase = |what: &str| eprintln!("{:6.2} s {what}", t0.elapsed().as_secs_f64());
     let (clamd, _child) = Clamd::start_with(DEFAULT_LIMITS, &[]);
     let mut env = env_for(&clamd, None);
     env.drop_file("seed.txt", b"a small delivered file\n");
     let r = env.run(&[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
+    phase("clamd up, seed delivered");
     clone_deliveries(&env, MANY);
+    phase("deliveries cloned");
     let total = MANY as i64 + 1;
     newer_signatures(&clamd, &[]);
+    phase("clamd reloaded");
 
     // A run with a one-second budget: some, not all, and not much longer.
     env.set("rescan_budget_seconds", "1");
@@ -323,6 +328,7 @@ fn a_killed_rescan_of_many_deliveries_resumes_and_a_pass_keeps_its_budget() {
         started.elapsed().as_secs_f64()
     );
     assert_eq!(rescans(&env), (first, first, first));
+    phase("budgeted run");
 
     // Killed part-way (two kill points per file: after the scan, before its record).
     let config = env.config.to_str().unwrap().to_string();
@@ -342,6 +348,7 @@ fn a_killed_rescan_of_many_deliveries_resumes_and_a_pass_keeps_its_budget() {
     assert_eq!(rows, files, "no delivery rescanned twice");
     assert_eq!(rows, clean);
     assert!(rows > first && rows < total, "{rows}");
+    phase("killed rescan");
 
     // The rest, each exactly once.
     let started = Instant::now();
@@ -361,8 +368,11 @@ fn a_killed_rescan_of_many_deliveries_resumes_and_a_pass_keeps_its_budget() {
         total - rows,
         started.elapsed().as_secs_f64()
     );
+    phase("resumed");
     assert_eq!(rescans(&env), (total, total, total));
+    phase("counted");
     assert_eq!(Env::tree(&env.dst).len(), total as usize, "nothing lost");
+    phase("tree");
 }
 
 /// A withdrawal killed at every kill point on its way (recorded, archived, recorded
