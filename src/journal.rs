@@ -297,6 +297,10 @@ CREATE TABLE IF NOT EXISTS rescans (
     note TEXT
 );
 CREATE INDEX IF NOT EXISTS rescans_file ON rescans(file_id, generation);
+CREATE TABLE IF NOT EXISTS rescan_marks (
+    generation TEXT PRIMARY KEY,
+    below INTEGER NOT NULL
+);
 CREATE INDEX IF NOT EXISTS files_finished ON files(finished_at) WHERE outcome = 'clean';
 ";
 
@@ -819,6 +823,31 @@ impl Journal {
             },
         ))?;
         self.wrap(rows.collect())
+    }
+
+    /// The file id up to which a run's retro-scan under `generation` has examined
+    /// every delivery (0: none yet).
+    pub fn rescan_mark(&self, generation: &str) -> Result<i64, JournalError> {
+        self.wrap(
+            self.conn
+                .query_row(
+                    "SELECT below FROM rescan_marks WHERE generation = ?1",
+                    [generation],
+                    |r| r.get(0),
+                )
+                .optional(),
+        )
+        .map(|v| v.unwrap_or(0))
+    }
+
+    /// Moves the mark of `generation` on to `below` (see [`Journal::rescan_mark`]).
+    pub fn set_rescan_mark(&self, generation: &str, below: i64) -> Result<(), JournalError> {
+        self.wrap(self.conn.execute(
+            "INSERT INTO rescan_marks (generation, below) VALUES (?1, ?2)
+             ON CONFLICT(generation) DO UPDATE SET below = MAX(below, excluded.below)",
+            params![generation, below],
+        ))
+        .map(drop)
     }
 
     /// Records a rescan of delivery `file_id`; returns the row's id.

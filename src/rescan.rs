@@ -105,6 +105,11 @@ pub struct Slice<'a> {
     /// Stop starting new rescans after this long; `None`: no limit.
     pub budget: Option<Duration>,
     pub stop: Option<&'a AtomicBool>,
+    /// Start after, and move on, the journal's mark of deliveries already examined
+    /// under this signature generation, so that a pass does not read again what
+    /// earlier passes finished. Only for the configured window and no prefix (runs
+    /// and watch passes); `shuttle rescan` looks at everything it is asked to.
+    pub use_mark: bool,
 }
 
 fn lock(j: &Mutex<Journal>) -> std::sync::MutexGuard<'_, Journal> {
@@ -272,7 +277,14 @@ pub fn slice(s: &Slice) -> Result<RescanCounts, RescanError> {
     let generation_key = generation(&sigs);
     let since = chrono::Utc::now().timestamp()
         - i64::try_from(s.days.saturating_mul(86_400)).unwrap_or(i64::MAX);
-    let mut after = 0;
+    let use_mark = s.use_mark && s.prefix.is_none();
+    let mut after = if use_mark {
+        lock(s.journal).rescan_mark(&generation_key)?
+    } else {
+        0
+    };
+    // The mark moves only over a run of pages with nothing left to retry.
+    let mut advancing = use_mark;
     let workers = s.cfg.max_scan_threads.max(1);
     'pages: loop {
         let page = lock(s.journal).deliveries_to_rescan(since, &generation_key, after, PAGE)?;
@@ -334,11 +346,16 @@ pub fn slice(s: &Slice) -> Result<RescanCounts, RescanError> {
                 .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
                 .collect()
         });
+        let failed_before = counts.failed;
         for c in done {
             counts.add(&c?);
         }
         if counts.unfinished {
             break 'pages;
+        }
+        advancing &= counts.failed == failed_before;
+        if advancing {
+            lock(s.journal).set_rescan_mark(&generation_key, after)?;
         }
     }
     counts.seconds = started.elapsed().as_secs_f64();
@@ -969,6 +986,7 @@ fn now(cfg: &Config, days: u64, prefix: Option<&str>) -> Result<RescanCounts, No
         prefix,
         budget: None,
         stop: None,
+        use_mark: false,
     };
     Ok(self::slice(&slice)?)
 }

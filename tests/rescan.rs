@@ -328,6 +328,20 @@ fn a_killed_rescan_of_many_deliveries_resumes_and_a_pass_keeps_its_budget() {
         started.elapsed().as_secs_f64()
     );
     assert_eq!(rescans(&env), (first, first, first));
+    // The pages it finished are marked, so the next pass does not read them again.
+    let db = rusqlite::Connection::open(env.state.join("shuttle-journal.sqlite3")).unwrap();
+    let mark: i64 = db
+        .query_row(
+            "SELECT below FROM rescan_marks WHERE generation = 'clamav=27451'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        mark > 0 && mark <= first + 1,
+        "mark {mark}, {first} rescanned"
+    );
+    drop(db);
     phase("budgeted run");
 
     // Killed part-way (two kill points per file: after the scan, before its record).

@@ -362,6 +362,7 @@ fn run_locked(
                 s => Some(Duration::from_secs(s)),
             },
             stop: opts.stop.as_deref(),
+            use_mark: true,
         };
         match crate::rescan::slice(&slice) {
             Ok(counts) => report.rescan = counts,
