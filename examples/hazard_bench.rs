@@ -22,6 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         sha256,
         detections: vec!["bench".into()],
         scanners: Vec::new(),
+        withdrawn_from: None,
     };
     let t = Instant::now();
     let stored = archive.store(&mut std::fs::File::open(file)?, &meta)?;

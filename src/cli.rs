@@ -79,6 +79,12 @@ pub fn command() -> Command {
                 .arg(Arg::new("json").long("json").action(ArgAction::SetTrue).help("Machine-readable output")),
         )
         .subcommand(
+            Command::new("rescan")
+                .about("Retro-scan now: rescan in place the destination copies of recent deliveries that older signatures cleared, with no time budget; alert or withdraw what is detected (rescan_action)")
+                .arg(Arg::new("days").long("days").value_name("N").value_parser(clap::value_parser!(u64)).help("Deliveries of the last N days [default: rescan_days]"))
+                .arg(Arg::new("path").long("path").value_name("PREFIX").help("Only deliveries whose path relative to destination_path starts with PREFIX")),
+        )
+        .subcommand(
             Command::new("status")
                 .about("Today's counts against the limits, free space per target and its trend, last runs")
                 .arg(Arg::new("json").long("json").action(ArgAction::SetTrue).help("Machine-readable output")),
@@ -177,6 +183,11 @@ pub fn main() -> u8 {
             sub.get_flag("json"),
         ),
         "generate" => crate::generate::main(sub),
+        "rescan" => crate::rescan::main(
+            &cli,
+            sub.get_one::<u64>("days").copied(),
+            sub.get_one::<String>("path").map(String::as_str),
+        ),
         "hazard" => match sub.subcommand() {
             Some(("list", list)) => hazard_list(&command_line(list), list.get_flag("json")),
             _ => EXIT_USAGE,

@@ -3,7 +3,7 @@
 //! Every journal record of the matching files, newest first: the run that discovered
 //! and admitted it, size, the quarantine copy's SHA-256, each engine's verdict with its
 //! version, where it was delivered or archived, whether its source was removed, and
-//! why it failed. Reads the journal only; needs no directories but
+//! why it failed, and every retro-scan of a delivery (`crate::rescan`). Reads the journal only; needs no directories but
 //! `tracking_data_path` (so it works with a config that holds just that).
 //!
 //! NAME-OR-PATH matches a file whose path relative to `source_path`, or whose
@@ -180,6 +180,25 @@ pub fn render(query: &str, records: &[FileHistory]) -> String {
         }
         if let Some(e) = &r.error {
             line("reason", e.clone());
+        }
+        for x in &r.rescans {
+            let mut text = format!(
+                "{} with {}: {}",
+                time(x.time),
+                x.generation,
+                x.state.as_str()
+            );
+            if let Some(serde_json::Value::Array(d)) = &x.detections {
+                let names: Vec<&str> = d.iter().filter_map(|v| v.as_str()).collect();
+                text.push_str(&format!(" [{}]", names.join(", ")));
+            }
+            if let Some(a) = &x.archive_path {
+                text.push_str(&format!(", archived {}", shown(a)));
+            }
+            if let Some(n) = &x.note {
+                text.push_str(&format!(": {n}"));
+            }
+            line("rescanned", text);
         }
         line(
             "source",

@@ -58,6 +58,89 @@ impl Outcome {
     }
 }
 
+/// What a retro-scan made of one delivery (`crate::rescan`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RescanState {
+    /// Still clean under the newer signatures.
+    Clean,
+    /// Detected; reported, the destination copy left in place.
+    Alerted,
+    /// Detected; being archived and removed (a crash here is resumed).
+    Withdrawing,
+    /// Detected; encrypted into the hazard archive and removed from the destination.
+    Withdrawn,
+    /// The destination copy no longer holds the delivered bytes: reported, untouched.
+    Changed,
+    /// The destination copy is gone (moved or removed downstream).
+    Gone,
+    /// The scan failed; tried again by a later pass (at most [`RESCAN_ATTEMPTS`] times
+    /// per signature generation).
+    Failed,
+}
+
+/// Failed rescans of one delivery under one signature generation before it is left.
+pub const RESCAN_ATTEMPTS: i64 = 3;
+
+impl RescanState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RescanState::Clean => "clean",
+            RescanState::Alerted => "alerted",
+            RescanState::Withdrawing => "withdrawing",
+            RescanState::Withdrawn => "withdrawn",
+            RescanState::Changed => "changed",
+            RescanState::Gone => "gone",
+            RescanState::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<RescanState> {
+        Some(match s {
+            "clean" => RescanState::Clean,
+            "alerted" => RescanState::Alerted,
+            "withdrawing" => RescanState::Withdrawing,
+            "withdrawn" => RescanState::Withdrawn,
+            "changed" => RescanState::Changed,
+            "gone" => RescanState::Gone,
+            "failed" => RescanState::Failed,
+            _ => return None,
+        })
+    }
+}
+
+/// A delivered file, as a retro-scan needs it.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub file_id: i64,
+    pub rel_path: String,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub sha256: Option<String>,
+    /// Each engine's answer when it was delivered (JSON as recorded).
+    pub scan_results: Option<serde_json::Value>,
+    /// Where it was delivered (absolute, as recorded).
+    pub final_path: String,
+    /// Unix seconds.
+    pub finished_at: i64,
+}
+
+/// One rescan of a file, for `shuttle history`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RescanRow {
+    pub id: i64,
+    pub file_id: i64,
+    pub run_id: Option<i64>,
+    /// The signatures it was rescanned with (`clamav=27451`).
+    pub generation: String,
+    /// Unix seconds.
+    pub time: i64,
+    pub state: RescanState,
+    pub detections: Option<serde_json::Value>,
+    pub archive_path: Option<String>,
+    pub note: Option<String>,
+}
+
 /// A file's final record (see [`Journal::file_finished`]).
 #[derive(Debug, Clone)]
 pub struct Finished<'a> {
@@ -153,6 +236,8 @@ pub struct FileHistory {
     pub finished_at: Option<i64>,
     pub hazard_archive: Option<String>,
     pub hazard_key_fingerprint: Option<String>,
+    /// Every retro-scan of this delivery, oldest first.
+    pub rescans: Vec<RescanRow>,
 }
 
 /// One free-space sample.
@@ -193,7 +278,31 @@ pub struct SetAside {
 /// version `i` to `i + 1` (`PRAGMA user_version`). A journal written before
 /// versioning has user_version 0 and the tables of migration 0, which uses
 /// `IF NOT EXISTS` throughout and so applies to it unchanged.
-pub const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
+pub const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3];
+
+/// Version 3: retro-scans of delivered files (`crate::rescan`). One row per rescan of
+/// one delivery under one signature generation; a row is the progress mark that lets
+/// an interrupted retro-scan resume where it stopped.
+const SCHEMA_V3: &str = "
+CREATE TABLE IF NOT EXISTS rescans (
+    id INTEGER PRIMARY KEY,
+    file_id INTEGER NOT NULL REFERENCES files(id),
+    run_id INTEGER,
+    generation TEXT NOT NULL,
+    time INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    detections TEXT,
+    scan_results TEXT,
+    archive_path TEXT,
+    note TEXT
+);
+CREATE INDEX IF NOT EXISTS rescans_file ON rescans(file_id, generation);
+CREATE TABLE IF NOT EXISTS rescan_marks (
+    generation TEXT PRIMARY KEY,
+    below INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS files_finished ON files(finished_at) WHERE outcome = 'clean';
+";
 
 /// Version 2: set-aside files (unscannable, too large).
 const SCHEMA_V2: &str = "
@@ -290,6 +399,23 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
         tx.commit()?;
     }
     Ok(())
+}
+
+fn rescan_row(r: &rusqlite::Row) -> rusqlite::Result<RescanRow> {
+    let state: String = r.get(5)?;
+    let dets: Option<String> = r.get(6)?;
+    Ok(RescanRow {
+        id: r.get(0)?,
+        file_id: r.get(1)?,
+        run_id: r.get(2)?,
+        generation: r.get(3)?,
+        time: r.get(4)?,
+        // An unknown state (a newer Shuttle's) is shown as failed: never as done.
+        state: RescanState::parse(&state).unwrap_or(RescanState::Failed),
+        detections: dets.and_then(|s| serde_json::from_str(&s).ok()),
+        archive_path: r.get(7)?,
+        note: r.get(8)?,
+    })
 }
 
 fn now_secs() -> i64 {
@@ -627,9 +753,185 @@ impl Journal {
                 finished_at: r.get(16)?,
                 hazard_archive: r.get(17)?,
                 hazard_key_fingerprint: r.get(18)?,
+                rescans: Vec::new(),
             })
         }))?;
+        let mut records: Vec<FileHistory> = self.wrap(rows.collect())?;
+        for rec in &mut records {
+            rec.rescans = self.rescans_of(rec.id)?;
+        }
+        Ok(records)
+    }
+
+    /// Every rescan of file `id`, oldest first.
+    pub fn rescans_of(&self, id: i64) -> Result<Vec<RescanRow>, JournalError> {
+        let mut st = self.wrap(self.conn.prepare_cached(
+            "SELECT id, file_id, run_id, generation, time, state, detections, archive_path, note
+             FROM rescans WHERE file_id = ?1 ORDER BY id",
+        ))?;
+        let rows = self.wrap(st.query_map([id], rescan_row))?;
         self.wrap(rows.collect())
+    }
+
+    /// Rescans left in [`RescanState::Withdrawing`] by a run that was killed.
+    pub fn rescans_withdrawing(&self) -> Result<Vec<RescanRow>, JournalError> {
+        let mut st = self.wrap(self.conn.prepare(
+            "SELECT id, file_id, run_id, generation, time, state, detections, archive_path, note
+             FROM rescans WHERE state = 'withdrawing' ORDER BY id",
+        ))?;
+        let rows = self.wrap(st.query_map([], rescan_row))?;
+        self.wrap(rows.collect())
+    }
+
+    /// Up to `limit` deliveries finished since `since` (unix seconds) with ids above
+    /// `after`, oldest first, that still need a rescan under `generation`: not yet
+    /// rescanned under it (a failed rescan counts after [`RESCAN_ATTEMPTS`]), and not
+    /// already alerted on, withdrawn, changed or gone.
+    pub fn deliveries_to_rescan(
+        &self,
+        since: i64,
+        generation: &str,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<Delivery>, JournalError> {
+        let mut st = self.wrap(self.conn.prepare_cached(
+            "SELECT f.id, f.rel_path, f.size, f.mtime_ns, f.sha256, f.scan_results, f.final_path, f.finished_at
+             FROM files f
+             WHERE f.outcome = 'clean' AND f.final_path IS NOT NULL AND f.finished_at >= ?1 AND f.id > ?3
+               AND NOT EXISTS (SELECT 1 FROM rescans r WHERE r.file_id = f.id
+                               AND r.state IN ('alerted', 'withdrawing', 'withdrawn', 'changed', 'gone'))
+               AND NOT EXISTS (SELECT 1 FROM rescans r WHERE r.file_id = f.id AND r.generation = ?2
+                               AND r.state != 'failed')
+               AND (SELECT COUNT(*) FROM rescans r WHERE r.file_id = f.id AND r.generation = ?2
+                    AND r.state = 'failed') < ?5
+             ORDER BY f.id LIMIT ?4",
+        ))?;
+        let rows = self.wrap(st.query_map(
+            params![since, generation, after, limit, RESCAN_ATTEMPTS],
+            |r| {
+                let results: Option<String> = r.get(5)?;
+                Ok(Delivery {
+                    file_id: r.get(0)?,
+                    rel_path: r.get(1)?,
+                    size: r.get::<_, i64>(2)?.max(0) as u64,
+                    mtime_ns: r.get(3)?,
+                    sha256: r.get(4)?,
+                    scan_results: results.and_then(|s| serde_json::from_str(&s).ok()),
+                    final_path: r.get(6)?,
+                    finished_at: r.get::<_, Option<i64>>(7)?.unwrap_or(0),
+                })
+            },
+        ))?;
+        self.wrap(rows.collect())
+    }
+
+    /// The file id up to which a run's retro-scan under `generation` has examined
+    /// every delivery (0: none yet).
+    pub fn rescan_mark(&self, generation: &str) -> Result<i64, JournalError> {
+        self.wrap(
+            self.conn
+                .query_row(
+                    "SELECT below FROM rescan_marks WHERE generation = ?1",
+                    [generation],
+                    |r| r.get(0),
+                )
+                .optional(),
+        )
+        .map(|v| v.unwrap_or(0))
+    }
+
+    /// Moves the mark of `generation` on to `below` (see [`Journal::rescan_mark`]).
+    pub fn set_rescan_mark(&self, generation: &str, below: i64) -> Result<(), JournalError> {
+        self.wrap(self.conn.execute(
+            "INSERT INTO rescan_marks (generation, below) VALUES (?1, ?2)
+             ON CONFLICT(generation) DO UPDATE SET below = MAX(below, excluded.below)",
+            params![generation, below],
+        ))
+        .map(drop)
+    }
+
+    /// Records a rescan of delivery `file_id`; returns the row's id.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rescan_recorded(
+        &self,
+        file_id: i64,
+        run_id: Option<i64>,
+        generation: &str,
+        state: RescanState,
+        detections: &[String],
+        scan_results: Option<&serde_json::Value>,
+        note: Option<&str>,
+    ) -> Result<i64, JournalError> {
+        crate::crashpoint::here("journal: before rescan_recorded");
+        let mut st = self.wrap(self.conn.prepare_cached(
+            "INSERT INTO rescans (file_id, run_id, generation, time, state, detections, scan_results, note)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        ))?;
+        let dets = (!detections.is_empty()).then(|| serde_json::json!(detections).to_string());
+        self.wrap(st.execute(params![
+            file_id,
+            run_id,
+            generation,
+            now_secs(),
+            state.as_str(),
+            dets,
+            scan_results.map(|v| v.to_string()),
+            note
+        ]))?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// Moves rescan `id` on to `state` (and records the archive it went to, if any).
+    pub fn rescan_updated(
+        &self,
+        id: i64,
+        state: RescanState,
+        archive_path: Option<&str>,
+        note: Option<&str>,
+    ) -> Result<(), JournalError> {
+        crate::crashpoint::here("journal: before rescan_updated");
+        self.wrap(self.conn.execute(
+            "UPDATE rescans SET state = ?2, archive_path = COALESCE(?3, archive_path),
+             note = COALESCE(?4, note), time = ?5 WHERE id = ?1",
+            params![id, state.as_str(), archive_path, note, now_secs()],
+        ))
+        .map(drop)
+    }
+
+    /// Forgets rescan `id` (a withdrawal interrupted before its archive existed: it
+    /// is done again from the start).
+    pub fn rescan_forgotten(&self, id: i64) -> Result<(), JournalError> {
+        self.wrap(
+            self.conn
+                .execute("DELETE FROM rescans WHERE id = ?1", params![id]),
+        )
+        .map(drop)
+    }
+
+    /// The delivery `file_id` (whatever its age), for resuming a withdrawal.
+    pub fn delivery(&self, file_id: i64) -> Result<Option<Delivery>, JournalError> {
+        self.wrap(
+            self.conn
+                .query_row(
+                    "SELECT id, rel_path, size, mtime_ns, sha256, scan_results, final_path, finished_at
+                     FROM files WHERE id = ?1 AND final_path IS NOT NULL",
+                    [file_id],
+                    |r| {
+                        let results: Option<String> = r.get(5)?;
+                        Ok(Delivery {
+                            file_id: r.get(0)?,
+                            rel_path: r.get(1)?,
+                            size: r.get::<_, i64>(2)?.max(0) as u64,
+                            mtime_ns: r.get(3)?,
+                            sha256: r.get(4)?,
+                            scan_results: results.and_then(|s| serde_json::from_str(&s).ok()),
+                            final_path: r.get(6)?,
+                            finished_at: r.get::<_, Option<i64>>(7)?.unwrap_or(0),
+                        })
+                    },
+                )
+                .optional(),
+        )
     }
 
     /// Every set-aside file, by identity.

@@ -30,6 +30,7 @@ pub mod progress;
 pub mod quarantine;
 pub mod recover;
 pub mod report;
+pub mod rescan;
 pub mod run;
 pub mod scan;
 pub mod status;

@@ -236,6 +236,10 @@ pub fn byte_outcomes(report: &Report) -> Vec<(&'static str, u64)> {
 /// The counters (metric name, then label text or "") and their help.
 const COUNTERS: &[(&str, &str)] = &[
     (
+        "shuttle_rescan_files_total",
+        "Delivered files rescanned because the signatures became newer, by result (clean, alerted, withdrawn, changed, gone, failed)",
+    ),
+    (
         "shuttle_files_total",
         "Files handled by every run and watch pass since the metrics file was first written, by outcome",
     ),
@@ -293,6 +297,20 @@ pub fn counters(previous: &str, report: &Report) -> BTreeMap<String, u64> {
     let errors = report.files.failed + report.errors.len() as u64;
     add("shuttle_errors_total".into(), errors);
     add("shuttle_passes_total".into(), 1);
+    let r = &report.rescan;
+    for (result, n) in [
+        ("clean", r.clean),
+        ("alerted", r.alerted),
+        ("withdrawn", r.withdrawn),
+        ("changed", r.changed),
+        ("gone", r.gone),
+        ("failed", r.failed),
+    ] {
+        add(
+            format!("shuttle_rescan_files_total{{result=\"{result}\"}}"),
+            n,
+        );
+    }
     c
 }
 

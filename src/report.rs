@@ -90,6 +90,8 @@ pub struct Report {
     /// Skips by reason (`recently_modified`, `open_by_process`, `symlink`, …).
     pub skipped_by_reason: BTreeMap<&'static str, u64>,
     pub scanners: Vec<EngineVersion>,
+    /// The retro-scan of earlier deliveries this run or pass made (`crate::rescan`).
+    pub rescan: crate::rescan::RescanCounts,
     /// The first 10,000 sources kept; the rest are counted in `sources_kept_omitted`.
     pub sources_kept: Vec<KeptSource>,
     pub sources_kept_omitted: u64,
@@ -122,6 +124,21 @@ impl Report {
         );
         if let (true, Some(reason)) = (self.throttle.stopped, self.throttle.reason) {
             s.push_str(&format!("; admission stopped: {reason}"));
+        }
+        let r = &self.rescan;
+        if r.scanned + r.changed + r.gone > 0 || r.unfinished {
+            s.push_str(&format!(
+                "; retro-scan: {} rescanned, {} alerted, {} withdrawn, {} changed downstream{}",
+                r.scanned,
+                r.alerted,
+                r.withdrawn,
+                r.changed,
+                if r.unfinished {
+                    " (more next pass)"
+                } else {
+                    ""
+                }
+            ));
         }
         s
     }

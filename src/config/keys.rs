@@ -278,6 +278,21 @@ pub const KEYS: &[Key] = &[
         "shuttle watch: full rescan period [default: 60]"
     ),
     key!(
+        "rescan_days",
+        S,
+        "Retro-scan: when an engine's signatures are newer than those that cleared a delivery, rescan the destination copies of files delivered this many days back. 0 = off [default: 7]"
+    ),
+    key!(
+        "rescan_action",
+        S,
+        "Retro-scan: what to do with a delivered file the newer signatures detect: alert (mail, journal, report) or withdraw (also encrypt the destination copy into the hazard archive and remove it, if it still holds exactly the delivered bytes) [default: alert]"
+    ),
+    key!(
+        "rescan_budget_seconds",
+        S,
+        "Retro-scan: the longest each run or watch pass spends rescanning, after its new files; the rest waits for the next pass. 0 = no limit [default: 5]"
+    ),
+    key!(
         "malware_scan_timeout_seconds",
         SC,
         "Base scan timeout in seconds; also bounds connecting to clamd and its short answers (at most 30 s). 0 = no per-file timeout, though no scan may take more than 2 hours, so a hung scanner cannot hang a run [default: 300]"

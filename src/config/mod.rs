@@ -91,6 +91,25 @@ pub enum Priority {
     Largest,
 }
 
+/// What a retro-scan does with a delivered file that newer signatures detect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RescanAction {
+    /// Mail, journal and report it; the destination copy stays.
+    Alert,
+    /// Also encrypt the destination copy into the hazard archive and remove it.
+    Withdraw,
+}
+
+/// The retro-scan settings (`rescan_days`, `rescan_action`, `rescan_budget_seconds`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RescanConfig {
+    /// Deliveries this many days back are rescanned; 0 = off.
+    pub days: u64,
+    pub action: RescanAction,
+    /// Per run or watch pass; 0 = no limit.
+    pub budget_seconds: u64,
+}
+
 /// What to do when the destination name holds different bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnConflict {
@@ -253,6 +272,8 @@ pub struct Config {
     pub priority_paths: Vec<PathBuf>,
     pub on_conflict: OnConflict,
     pub rescan_interval_seconds: u64,
+    /// Retro-scan of recent deliveries when signatures are newer (`crate::rescan`).
+    pub rescan: RescanConfig,
     pub scanning: ScanConfig,
     pub log_level: String,
     pub notifications: NotifyConfig,
@@ -729,6 +750,18 @@ fn build(r: &mut Reader, file: Option<PathBuf>, warnings: &mut Vec<String>) -> C
             ],
         ),
         rescan_interval_seconds: r.number("rescan_interval_seconds", 60, 1),
+        rescan: RescanConfig {
+            days: r.number("rescan_days", 7, 0),
+            action: r.choice(
+                "rescan_action",
+                RescanAction::Alert,
+                &[
+                    ("alert", RescanAction::Alert),
+                    ("withdraw", RescanAction::Withdraw),
+                ],
+            ),
+            budget_seconds: r.number("rescan_budget_seconds", 5, 0),
+        },
         scanning,
         log_level: log_level.to_string(),
         notifications,

@@ -131,6 +131,9 @@ pub struct EntryMeta {
     pub sha256: String,
     pub detections: Vec<String>,
     pub scanners: Vec<ScannerInfo>,
+    /// Set when a retro-scan withdraws a delivered file: the destination path it was
+    /// taken from (`crate::rescan`).
+    pub withdrawn_from: Option<String>,
 }
 
 /// The JSON sidecar next to each archive (metadata only, never file content).
@@ -151,6 +154,10 @@ pub struct Sidecar {
     /// The (sub)key the session key is encrypted to.
     pub encryption_key: String,
     pub file_id: i64,
+    /// A delivered file withdrawn by a retro-scan: the destination path it was taken
+    /// from (absent for files archived on their way in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub withdrawn_from: Option<String>,
 }
 
 /// A finished, durable archive entry.
@@ -246,6 +253,7 @@ impl HazardArchive {
             key_fingerprint: self.recipient.fingerprint.clone(),
             encryption_key: self.recipient.encryption_fingerprint.clone(),
             file_id: meta.file_id,
+            withdrawn_from: meta.withdrawn_from.clone(),
         };
         let sidecar_path = self.dir.join(format!("{archive_name}.json"));
         let done = self

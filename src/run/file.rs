@@ -476,6 +476,7 @@ fn dispose_suspect(
                 version: e.version.clone(),
             })
             .collect(),
+        withdrawn_from: None,
     };
     let engine = removed_by.as_ref().map(|(e, _)| *e);
     // Only the bytes that were scanned are archived: the quarantine copy re-opened

@@ -345,6 +345,34 @@ fn run_locked(
         );
     }
     pipeline::process(&run, admission, discovery.candidates.into_queue(), report)?;
+
+    // Retro-scan: a bounded slice of earlier deliveries, after this pass's new files.
+    if scanners.stop_reason().is_none() {
+        let slice = crate::rescan::Slice {
+            cfg,
+            journal,
+            scanners: &scanners,
+            hazard,
+            notifier,
+            run_id: Some(run_id),
+            days: cfg.rescan.days,
+            prefix: None,
+            budget: match cfg.rescan.budget_seconds {
+                0 => None,
+                s => Some(Duration::from_secs(s)),
+            },
+            stop: opts.stop.as_deref(),
+            use_mark: true,
+        };
+        match crate::rescan::slice(&slice) {
+            Ok(counts) => report.rescan = counts,
+            Err(e) => {
+                let msg = format!("retro-scan: {e}");
+                tracing::error!("{msg}");
+                report.errors.push(msg);
+            }
+        }
+    }
     let j = pipeline::lock(journal);
     for (sample, total) in crate::throttle::targets_space(cfg) {
         j.record_space(run_id, &sample, total)?;
