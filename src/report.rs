@@ -90,6 +90,9 @@ pub struct Report {
     /// Skips by reason (`recently_modified`, `open_by_process`, `symlink`, …).
     pub skipped_by_reason: BTreeMap<&'static str, u64>,
     pub scanners: Vec<EngineVersion>,
+    /// The clamd pool's endpoints at the end of the run: health, version, scans.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<crate::scan::pool::EndpointStatus>,
     /// The first 10,000 sources kept; the rest are counted in `sources_kept_omitted`.
     pub sources_kept: Vec<KeptSource>,
     pub sources_kept_omitted: u64,

@@ -273,6 +273,7 @@ fn run_locked(
         );
     }
     scanners.keep_fresh(max_signature_age(cfg));
+    report.endpoints = scanners.endpoints();
     let limits = scan::limits::ScanLimits::for_config(cfg);
     if let Some(d) = limits.describe() {
         tracing::info!("{d}");
@@ -344,7 +345,9 @@ fn run_locked(
             discovery.candidates.spilled_runs()
         );
     }
-    pipeline::process(&run, admission, discovery.candidates.into_queue(), report)?;
+    let processed = pipeline::process(&run, admission, discovery.candidates.into_queue(), report);
+    report.endpoints = scanners.endpoints();
+    processed?;
     let j = pipeline::lock(journal);
     for (sample, total) in crate::throttle::targets_space(cfg) {
         j.record_space(run_id, &sample, total)?;
