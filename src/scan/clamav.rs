@@ -71,7 +71,7 @@ fn is_timeout(e: &io::Error) -> bool {
 
 impl ClamAv {
     /// `scan_timeout`: the configured base scan timeout (0 = none); no connection,
-    /// write or short command waits longer than it, or than [`COMMAND_TIMEOUT`].
+    /// write or short command waits longer than it, or than `COMMAND_TIMEOUT` (30 s).
     pub fn new(endpoint: ClamdEndpoint, scan_timeout: Duration) -> ClamAv {
         let command_timeout = if scan_timeout.is_zero() {
             COMMAND_TIMEOUT
