@@ -116,6 +116,28 @@ fn two_endpoints_share_the_files() {
     let by = scanned_by(&rep);
     assert_eq!(by.len(), 25, "every file names its endpoint: {by:?}");
     assert!(by.values().all(|e| eps.contains_key(e)));
+    // The journal too: each file's scan results and the run's endpoints.
+    let j = rusqlite::Connection::open(env.state.join("shuttle-journal.sqlite3")).unwrap();
+    let with_endpoint: i64 = j
+        .query_row(
+            "SELECT count(*) FROM files WHERE scan_results LIKE '%\"endpoint\":%'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(with_endpoint, 25);
+    let recorded: Vec<(String, String, i64)> = j
+        .prepare("SELECT endpoint, health, scans FROM run_endpoints ORDER BY endpoint")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(recorded.len(), 2, "{recorded:?}");
+    for (name, health, scans) in &recorded {
+        assert_eq!(health, "up");
+        assert_eq!(*scans as u64, eps[name]["scans"].as_u64().unwrap());
+    }
     stop(child);
 }
 
@@ -299,6 +321,8 @@ fn an_endpoint_answering_garbage_is_taken_out_and_its_files_scanned_elsewhere() 
         &format!("{},{}", sock(clamd()), fake.display()),
     );
     env.set("max_scan_threads", "3");
+    let metrics = env.root().join("shuttle.prom");
+    env.set("metrics_path", metrics.to_str().unwrap());
     let dropped = drop_clean(&env, 12);
     let r = env.run(&[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
@@ -313,6 +337,28 @@ fn an_endpoint_answering_garbage_is_taken_out_and_its_files_scanned_elsewhere() 
         scanned_by(&rep).values().all(|e| *e == sock(clamd())),
         "garbage is never a verdict"
     );
+    let m = std::fs::read_to_string(&metrics).unwrap();
+    for line in [
+        format!(
+            "shuttle_scanner_endpoint_up{{endpoint=\"{}\"}} 0",
+            fake.display()
+        ),
+        format!(
+            "shuttle_scanner_endpoint_up{{endpoint=\"{}\"}} 1",
+            sock(clamd())
+        ),
+        // The 12 files and the run's own canary at its start.
+        format!(
+            "shuttle_scanner_endpoint_scans{{endpoint=\"{}\"}} 13",
+            sock(clamd())
+        ),
+    ] {
+        assert!(m.contains(&line), "{line} in\n{m}");
+    }
+    assert!(m.contains(&format!(
+        "shuttle_scanner_endpoint_errors{{endpoint=\"{}\"}}",
+        fake.display()
+    )));
 }
 
 #[test]

@@ -206,7 +206,8 @@ fn record_end(journal: &Journal, report: &Report) -> Result<(), String> {
     };
     let summary = serde_json::json!({ "files": report.files, "bytes": report.bytes, "throttle": report.throttle });
     journal
-        .finish_run(run_id, &report.finished, report.exit_code, &summary)
+        .record_endpoints(run_id, &report.endpoints)
+        .and_then(|()| journal.finish_run(run_id, &report.finished, report.exit_code, &summary))
         .map_err(|e| format!("cannot record the end of run {run_id} in the journal: {e}"))
 }
 

@@ -458,10 +458,13 @@ impl Scanner for ClamPool {
         let pick = |ok: fn(Health) -> bool| {
             st.ends
                 .iter()
-                .filter(|e| ok(e.health))
-                .filter_map(|e| Some((e.signatures.as_ref()?, e.version.as_ref()?)))
-                .max_by_key(|(s, _)| sig_key(s))
-                .map(|(_, v)| v.clone())
+                .enumerate()
+                .filter(|(_, e)| ok(e.health))
+                .filter_map(|(i, e)| Some((i, e.signatures.as_ref()?, e.version.as_ref()?)))
+                // The first of equals, so that the answer does not flip between
+                // endpoints with the same database (a spurious "reloaded").
+                .max_by_key(|&(i, s, _)| (sig_key(s), std::cmp::Reverse(i)))
+                .map(|(_, _, v)| v.clone())
         };
         pick(|h| h == Health::Up)
             .or_else(|| pick(Health::answers))
