@@ -3,7 +3,10 @@
 //!
 //! Each engine lives in its own file behind the [`Scanner`] trait. What is common to
 //! all of them is here: the dynamic timeout, retries after a timeout, and the circuit
-//! breaker that stops the run after `malware_scan_retry_count` timeouts.
+//! breaker that stops the run after `malware_scan_retry_count` timeouts. ClamAV is a
+//! [`pool::ClamPool`] of one or more clamd endpoints, which retries a failed scan on
+//! another endpoint itself; only when every endpoint failed does the failure reach the
+//! retries and the circuit breaker here.
 
 pub mod archive;
 pub mod clamav;
