@@ -102,6 +102,37 @@ pub fn check(cli: &CommandLine) -> i32 {
                         sigs.updated.as_deref().unwrap_or("unknown date")
                     );
                 }
+                let endpoints = s.endpoints();
+                for e in endpoints.iter().filter(|_| endpoints.len() > 1) {
+                    let sigs = e
+                        .signatures
+                        .as_ref()
+                        .map(|s| {
+                            format!(
+                                "; signatures {} of {}",
+                                s.version,
+                                s.updated.as_deref().unwrap_or("unknown date")
+                            )
+                        })
+                        .unwrap_or_default();
+                    let version = e.version.as_deref().unwrap_or("version unknown");
+                    match e.health {
+                        crate::scan::pool::Health::Up => println!(
+                            "ok: clamd endpoint {}: up, {version}{sigs}; concurrency {}",
+                            e.endpoint, e.concurrency
+                        ),
+                        h => println!(
+                            "warning: clamd endpoint {}: not used ({h}): {}{}",
+                            e.endpoint,
+                            e.why.as_deref().unwrap_or(""),
+                            if e.version.is_some() {
+                                format!("; {version}{sigs}")
+                            } else {
+                                String::new()
+                            }
+                        ),
+                    }
+                }
                 for stale in s.stale_signatures(crate::run::max_signature_age(cfg)) {
                     problems.push(format!(
                         "signatures too old: {stale} (a run would deliver nothing)"

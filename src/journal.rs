@@ -278,7 +278,7 @@ pub struct SetAside {
 /// version `i` to `i + 1` (`PRAGMA user_version`). A journal written before
 /// versioning has user_version 0 and the tables of migration 0, which uses
 /// `IF NOT EXISTS` throughout and so applies to it unchanged.
-pub const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3];
+pub const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4];
 
 /// Version 3: retro-scans of delivered files (`crate::rescan`). One row per rescan of
 /// one delivery under one signature generation; a row is the progress mark that lets
@@ -302,6 +302,23 @@ CREATE TABLE IF NOT EXISTS rescan_marks (
     below INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS files_finished ON files(finished_at) WHERE outcome = 'clean';
+";
+
+/// Version 4: the clamd endpoints of each run, with their health and figures (each
+/// file's own endpoint is in its `scan_results`).
+const SCHEMA_V4: &str = "
+CREATE TABLE IF NOT EXISTS run_endpoints (
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    endpoint TEXT NOT NULL,
+    health TEXT NOT NULL,
+    why TEXT,
+    version TEXT,
+    concurrency INTEGER NOT NULL,
+    scans INTEGER NOT NULL,
+    errors INTEGER NOT NULL,
+    scan_seconds REAL NOT NULL,
+    PRIMARY KEY (run_id, endpoint)
+);
 ";
 
 /// Version 2: set-aside files (unscannable, too large).
@@ -480,6 +497,32 @@ impl Journal {
             params![run, finished, exit_code, summary.to_string()],
         ))
         .map(drop)
+    }
+
+    /// Records the clamd endpoints of run `run` as they were at its end.
+    pub fn record_endpoints(
+        &self,
+        run: i64,
+        endpoints: &[crate::scan::pool::EndpointStatus],
+    ) -> Result<(), JournalError> {
+        for e in endpoints {
+            self.wrap(self.conn.execute(
+                "INSERT OR REPLACE INTO run_endpoints (run_id, endpoint, health, why, version, concurrency, scans, errors, scan_seconds)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    run,
+                    e.endpoint,
+                    e.health.to_string(),
+                    e.why,
+                    e.version,
+                    e.concurrency as i64,
+                    e.scans as i64,
+                    e.errors as i64,
+                    e.scan_seconds
+                ],
+            ))?;
+        }
+        Ok(())
     }
 
     /// Records an admitted file; the returned id names its temp files.

@@ -189,6 +189,64 @@ pub fn render(
             escape(&e.version)
         );
     }
+    if !report.endpoints.is_empty() {
+        head(
+            &mut s,
+            "shuttle_scanner_endpoint_up",
+            "1 if the clamd endpoint was usable at the end of the last run, 0 if not",
+        );
+        for e in &report.endpoints {
+            let _ = writeln!(
+                s,
+                "shuttle_scanner_endpoint_up{{endpoint=\"{}\"}} {}",
+                escape(&e.endpoint),
+                u8::from(e.health == crate::scan::pool::Health::Up)
+            );
+        }
+        head(
+            &mut s,
+            "shuttle_scanner_endpoint_scans",
+            "Scans the clamd endpoint answered in the last run",
+        );
+        for e in &report.endpoints {
+            let _ = writeln!(
+                s,
+                "shuttle_scanner_endpoint_scans{{endpoint=\"{}\"}} {}",
+                escape(&e.endpoint),
+                e.scans
+            );
+        }
+        head(
+            &mut s,
+            "shuttle_scanner_endpoint_errors",
+            "Scans that failed on the clamd endpoint in the last run (each tried again elsewhere when possible)",
+        );
+        for e in &report.endpoints {
+            let _ = writeln!(
+                s,
+                "shuttle_scanner_endpoint_errors{{endpoint=\"{}\"}} {}",
+                escape(&e.endpoint),
+                e.errors
+            );
+        }
+        head(
+            &mut s,
+            "shuttle_scanner_endpoint_latency_seconds",
+            "Mean wall time of the clamd endpoint's answered scans in the last run (NaN: none)",
+        );
+        for e in &report.endpoints {
+            let mean = if e.scans == 0 {
+                "NaN".to_string()
+            } else {
+                format!("{:.6}", e.scan_seconds / e.scans as f64)
+            };
+            let _ = writeln!(
+                s,
+                "shuttle_scanner_endpoint_latency_seconds{{endpoint=\"{}\"}} {mean}",
+                escape(&e.endpoint)
+            );
+        }
+    }
     head(
         &mut s,
         "shuttle_signature_age_seconds",

@@ -92,6 +92,9 @@ pub struct Report {
     pub scanners: Vec<EngineVersion>,
     /// The retro-scan of earlier deliveries this run or pass made (`crate::rescan`).
     pub rescan: crate::rescan::RescanCounts,
+    /// The clamd pool's endpoints at the end of the run: health, version, scans.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<crate::scan::pool::EndpointStatus>,
     /// The first 10,000 sources kept; the rest are counted in `sources_kept_omitted`.
     pub sources_kept: Vec<KeptSource>,
     pub sources_kept_omitted: u64,

@@ -315,7 +315,7 @@ pub const KEYS: &[Key] = &[
     key!(
         "clamd_socket",
         SC,
-        "clamd unix socket [default: LocalSocket of /etc/clamav/clamd.conf]"
+        "clamd unix socket, or several separated by commas (a pool: every endpoint is used, each checked for health before use) [default: LocalSocket of /etc/clamav/clamd.conf]"
     ),
     key!(
         "clamd_config",
@@ -325,7 +325,17 @@ pub const KEYS: &[Key] = &[
     key!(
         "clamd_address",
         SC,
-        "clamd TCP address host:port (uses INSTREAM)"
+        "clamd TCP address host:port, or several separated by commas (uses INSTREAM; no authentication: isolated network only); may be set with clamd_socket, all form one pool"
+    ),
+    key!(
+        "clamd_endpoint_concurrency",
+        SC,
+        "Scans given to one clamd endpoint at once; 0 = its MaxThreads when clamd_config describes it, else 10 [default: 0]"
+    ),
+    key!(
+        "clamd_health_interval_seconds",
+        SC,
+        "How often clamd endpoints are checked again (PING, VERSION, canary) during a run; one not usable is not given scans until it passes [default: 30]"
     ),
     key!(
         "mdatp_command",

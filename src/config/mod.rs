@@ -121,7 +121,7 @@ pub enum OnConflict {
 }
 
 /// How to reach clamd.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum ClamdEndpoint {
     Unix(PathBuf),
     Tcp(String),
@@ -157,8 +157,15 @@ pub struct ScanConfig {
     pub timeout_ms_per_byte: f64,
     pub retry_wait_seconds: u64,
     pub retry_count: u32,
-    /// `None` when ClamAV is off or no socket could be determined (a validation error).
-    pub clamd: Option<ClamdEndpoint>,
+    /// The clamd pool: every endpoint of `clamd_socket` and `clamd_address`, sockets
+    /// first. Empty when ClamAV is off or no socket could be determined (a validation
+    /// error).
+    pub clamd: Vec<ClamdEndpoint>,
+    /// Scans one endpoint is given at once; 0: its clamd.conf `MaxThreads` when
+    /// `clamd_config` describes it, else clamd's default of 10.
+    pub clamd_endpoint_concurrency: u64,
+    /// How often endpoints are checked again (PING, VERSION, canary) during a run.
+    pub clamd_health_interval_seconds: u64,
     /// clamd's configuration file (default socket, scan limits for `check`).
     pub clamd_config: PathBuf,
     pub mdatp_command: String,
@@ -655,6 +662,8 @@ fn build(r: &mut Reader, file: Option<PathBuf>, warnings: &mut Vec<String>) -> C
         retry_count: u32::try_from(retry_count).unwrap_or(u32::MAX),
         clamd,
         clamd_config,
+        clamd_endpoint_concurrency: r.number("clamd_endpoint_concurrency", 0, 0),
+        clamd_health_interval_seconds: r.number("clamd_health_interval_seconds", 30, 1),
         mdatp_command: r.text("mdatp_command").unwrap_or_else(|| "mdatp".into()),
         canary: r.bool("canary", true),
         max_file_size_mb: r.number("max_file_size_mb", 0, 0),
@@ -773,40 +782,47 @@ fn build(r: &mut Reader, file: Option<PathBuf>, warnings: &mut Vec<String>) -> C
     }
 }
 
-fn clamd_endpoint(r: &mut Reader, clam_av: bool, clamd_conf: &Path) -> Option<ClamdEndpoint> {
-    let socket = r.path("clamd_socket");
-    let address = r.text("clamd_address");
-    match (socket, address) {
-        (Some(_), Some(_)) => {
-            r.errors.push(ConfigError::Problem(
-                "clamd_socket and clamd_address are both set: set one (unix socket preferred)"
-                    .into(),
-            ));
-            None
+/// The clamd pool from `clamd_socket` and `clamd_address`, each a comma-separated
+/// list; both may be set. Neither: clamd.conf's `LocalSocket`.
+fn clamd_endpoint(r: &mut Reader, clam_av: bool, clamd_conf: &Path) -> Vec<ClamdEndpoint> {
+    let split = |v: Option<String>| -> Vec<String> {
+        v.map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+    };
+    let sockets = split(r.text("clamd_socket"));
+    let addresses = split(r.text("clamd_address"));
+    let mut v: Vec<ClamdEndpoint> = sockets
+        .iter()
+        .map(|s| ClamdEndpoint::Unix(expand_tilde(s)))
+        .collect();
+    for a in addresses {
+        if !a.contains(':') {
+            let origin = r
+                .get("clamd_address")
+                .map(|(_, o)| o.clone())
+                .unwrap_or(Origin::Default);
+            r.invalid("clamd_address", &a, &origin, "host:port[, host:port…]");
+            continue;
         }
-        (Some(s), None) => Some(ClamdEndpoint::Unix(s)),
-        (None, Some(a)) => {
-            if !a.contains(':') {
-                let origin = r
-                    .get("clamd_address")
-                    .map(|(_, o)| o.clone())
-                    .unwrap_or(Origin::Default);
-                r.invalid("clamd_address", &a, &origin, "host:port");
-                return None;
-            }
-            Some(ClamdEndpoint::Tcp(a))
-        }
-        (None, None) if clam_av => match local_socket_from(clamd_conf) {
-            Some(p) => Some(ClamdEndpoint::Unix(p)),
-            None => {
-                r.transfer_errors.push(ConfigError::Problem(
-                    format!("ClamAV is on but no clamd socket is known: set clamd_socket (or clamd_address), or LocalSocket in {}", clamd_conf.display()),
-                ));
-                None
-            }
-        },
-        (None, None) => None,
+        v.push(ClamdEndpoint::Tcp(a));
     }
+    let mut seen = std::collections::HashSet::new();
+    v.retain(|e| seen.insert(e.clone()));
+    if v.is_empty() && clam_av {
+        match local_socket_from(clamd_conf) {
+            Some(p) => v.push(ClamdEndpoint::Unix(p)),
+            None => r.transfer_errors.push(ConfigError::Problem(
+                format!("ClamAV is on but no clamd socket is known: set clamd_socket (or clamd_address), or LocalSocket in {}", clamd_conf.display()),
+            )),
+        }
+    }
+    v
 }
 
 /// `LocalSocket` from a clamd.conf, if the file exists and names one.

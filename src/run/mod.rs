@@ -206,7 +206,8 @@ fn record_end(journal: &Journal, report: &Report) -> Result<(), String> {
     };
     let summary = serde_json::json!({ "files": report.files, "bytes": report.bytes, "throttle": report.throttle });
     journal
-        .finish_run(run_id, &report.finished, report.exit_code, &summary)
+        .record_endpoints(run_id, &report.endpoints)
+        .and_then(|()| journal.finish_run(run_id, &report.finished, report.exit_code, &summary))
         .map_err(|e| format!("cannot record the end of run {run_id} in the journal: {e}"))
 }
 
@@ -273,6 +274,7 @@ fn run_locked(
         );
     }
     scanners.keep_fresh(max_signature_age(cfg));
+    report.endpoints = scanners.endpoints();
     let limits = scan::limits::ScanLimits::for_config(cfg);
     if let Some(d) = limits.describe() {
         tracing::info!("{d}");
@@ -344,7 +346,9 @@ fn run_locked(
             discovery.candidates.spilled_runs()
         );
     }
-    pipeline::process(&run, admission, discovery.candidates.into_queue(), report)?;
+    let processed = pipeline::process(&run, admission, discovery.candidates.into_queue(), report);
+    report.endpoints = scanners.endpoints();
+    processed?;
 
     // Retro-scan: a bounded slice of earlier deliveries, after this pass's new files.
     if scanners.stop_reason().is_none() {

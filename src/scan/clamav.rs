@@ -110,6 +110,21 @@ impl ClamAv {
         Ok(conn)
     }
 
+    /// The clamd this talks to.
+    pub fn endpoint(&self) -> &ClamdEndpoint {
+        &self.endpoint
+    }
+
+    /// `PING`: clamd answers `PONG` when it is up and accepting commands.
+    pub fn ping(&self) -> Result<(), ScanError> {
+        match self.command("PING")?.as_str() {
+            "PONG" => Ok(()),
+            other => Err(ScanError::Failed(format!(
+                "unexpected PING reply from clamd: {other:?}"
+            ))),
+        }
+    }
+
     /// Sends a short command (`PING`, `VERSION`) and returns the reply.
     pub fn command(&self, cmd: &str) -> Result<String, ScanError> {
         let mut conn = self.connect()?;
@@ -425,7 +440,7 @@ pub fn parse_reply(reply: &str) -> Result<Verdict, ScanError> {
                 detections.push(name.to_string());
             }
         } else if line.ends_with(" ERROR") {
-            return Err(ScanError::Failed(format!("clamd: {line}")));
+            return Err(ScanError::Rejected(format!("clamd: {line}")));
         } else if line.ends_with(": OK") {
             clean = true;
         } else {

@@ -88,7 +88,7 @@ impl ScanLimits {
         let clamd = s.clam_av.then(|| read_clamd(cfg));
         ScanLimits {
             clamd,
-            tcp: matches!(s.clamd, Some(ClamdEndpoint::Tcp(_))),
+            tcp: s.clamd.iter().any(|e| matches!(e, ClamdEndpoint::Tcp(_))),
             own_max: s.max_file_size_mb.saturating_mul(1 << 20),
             block_encrypted: s.block_encrypted_archives,
         }
@@ -227,27 +227,24 @@ fn read_clamd(cfg: &Config) -> (ClamdLimits, LimitsSource) {
         Ok(l) => l,
         Err(e) => return assumed(format!("{}: {e}", conf.display())),
     };
-    match (&cfg.scanning.clamd, &limits.local_socket) {
-        (Some(ClamdEndpoint::Tcp(addr)), _) => {
-            // A TCP clamd may be another host's: its clamd.conf is only trusted when
-            // it names the same port.
-            let port = addr.rsplit(':').next().unwrap_or("");
-            if !clamd_conf_has_tcp_port(conf, port) {
-                return assumed(format!(
-                    "{} does not describe the clamd at {addr} (no TCPSocket {port})",
-                    conf.display()
-                ));
-            }
+    // With a pool, clamd_config stands for every endpoint (they are to share their
+    // limits); it must describe one of them, and a TCP endpoint may be another host's:
+    // its clamd.conf is only trusted when it names the same port.
+    let describes = |e: &ClamdEndpoint| match (e, &limits.local_socket) {
+        (ClamdEndpoint::Tcp(addr), _) => {
+            clamd_conf_has_tcp_port(conf, addr.rsplit(':').next().unwrap_or(""))
         }
-        (Some(ClamdEndpoint::Unix(sock)), Some(local)) if sock != local => {
-            return assumed(format!(
-                "{} describes the clamd at {}, not {}",
-                conf.display(),
-                local.display(),
-                sock.display()
-            ));
-        }
-        _ => {}
+        (ClamdEndpoint::Unix(sock), Some(local)) => sock == local,
+        (ClamdEndpoint::Unix(_), None) => true,
+    };
+    let endpoints = &cfg.scanning.clamd;
+    if !endpoints.is_empty() && !endpoints.iter().any(describes) {
+        let names: Vec<String> = endpoints.iter().map(|e| e.to_string()).collect();
+        return assumed(format!(
+            "{} describes none of the configured clamd endpoints ({})",
+            conf.display(),
+            names.join(", ")
+        ));
     }
     (limits, LimitsSource::Read(conf.clone()))
 }

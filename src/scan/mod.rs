@@ -3,12 +3,16 @@
 //!
 //! Each engine lives in its own file behind the [`Scanner`] trait. What is common to
 //! all of them is here: the dynamic timeout, retries after a timeout, and the circuit
-//! breaker that stops the run after `malware_scan_retry_count` timeouts.
+//! breaker that stops the run after `malware_scan_retry_count` timeouts. ClamAV is a
+//! [`pool::ClamPool`] of one or more clamd endpoints, which retries a failed scan on
+//! another endpoint itself; only when every endpoint failed does the failure reach the
+//! retries and the circuit breaker here.
 
 pub mod archive;
 pub mod clamav;
 pub mod defender;
 pub mod limits;
+pub mod pool;
 
 use std::fs::File;
 use std::path::Path;
@@ -23,15 +27,10 @@ use crate::config::ScanConfig;
 pub fn enabled(cfg: &crate::config::Config) -> Result<Vec<Box<dyn Scanner>>, String> {
     let mut v: Vec<Box<dyn Scanner>> = Vec::new();
     if cfg.scanning.clam_av {
-        let endpoint = cfg
-            .scanning
-            .clamd
-            .clone()
-            .ok_or("on_demand_clam_av: no clamd socket or address known")?;
-        v.push(Box::new(clamav::ClamAv::new(
-            endpoint,
-            Duration::from_secs(cfg.scanning.timeout_seconds),
-        )));
+        if cfg.scanning.clamd.is_empty() {
+            return Err("on_demand_clam_av: no clamd socket or address known".into());
+        }
+        v.push(Box::new(pool::ClamPool::new(cfg)));
     }
     if cfg.scanning.defender {
         v.push(Box::new(defender::Defender::new(
@@ -61,6 +60,11 @@ pub enum ScanError {
     Unreachable(String),
     #[error("scanner error: {0}")]
     Failed(String),
+    /// The engine answered, clearly, that it could not scan this file (clamd's
+    /// `ERROR` reply, e.g. a stream over `StreamMaxLength`): a fault of the file, not
+    /// of the engine, so it does not count against the engine's health.
+    #[error("scanner error: {0}")]
+    Rejected(String),
 }
 
 /// One malware engine.
@@ -94,6 +98,38 @@ pub trait Scanner: Send + Sync {
         size: u64,
         timeout: Option<Duration>,
     ) -> Result<Verdict, ScanError>;
+
+    /// Scans one quarantine copy, opening it with `open` (a fresh descriptor per
+    /// attempt), and says where: an engine with several endpoints (the clamd pool)
+    /// names the one whose verdict this is, and may try several.
+    fn scan_routed(
+        &self,
+        open: &dyn Fn() -> std::io::Result<File>,
+        path: &Path,
+        size: u64,
+        timeout: Option<Duration>,
+    ) -> (Result<Verdict, ScanError>, Option<String>) {
+        match open() {
+            Ok(file) => (self.scan(&file, path, size, timeout), None),
+            Err(e) => (
+                Err(ScanError::Failed(format!(
+                    "cannot open quarantine copy: {e}"
+                ))),
+                None,
+            ),
+        }
+    }
+
+    /// Why the engine can take no more scans this run, if it cannot (every endpoint
+    /// of a pool out of use).
+    fn unusable(&self) -> Option<String> {
+        None
+    }
+
+    /// The engine's endpoints and their health (the clamd pool); empty otherwise.
+    fn endpoints(&self) -> Vec<pool::EndpointStatus> {
+        Vec::new()
+    }
 }
 
 /// An engine's signature database: which one, and how old, for the freshness gate and
@@ -135,6 +171,9 @@ pub struct EngineResult {
     pub scanner: &'static str,
     pub version: String,
     pub result: EngineOutcome,
+    /// The endpoint whose answer this is (a clamd socket path or `host:port`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
     /// The signatures this engine scanned with.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub signatures: Option<Signatures>,
@@ -175,6 +214,8 @@ pub struct FileScan {
 #[derive(Debug, Clone)]
 pub struct ScanFigures {
     pub engine: &'static str,
+    /// The endpoint that answered (the clamd pool).
+    pub endpoint: Option<String>,
     pub elapsed: Duration,
     pub bytes: u64,
     pub timeout: Option<Duration>,
@@ -182,10 +223,13 @@ pub struct ScanFigures {
 
 impl std::fmt::Display for ScanFigures {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.engine)?;
+        if let Some(e) = &self.endpoint {
+            write!(f, " ({e})")?;
+        }
         write!(
             f,
-            "{} {} ms for {} bytes",
-            self.engine,
+            " {} ms for {} bytes",
             self.elapsed.as_millis(),
             self.bytes
         )?;
@@ -354,8 +398,18 @@ impl Scanners {
         {
             return Some(r);
         }
-        self.tripped()
-            .then(|| "circuit breaker: too many scan timeouts this run".to_string())
+        if self.tripped() {
+            return Some("circuit breaker: too many scan timeouts this run".to_string());
+        }
+        self.engines.iter().find_map(|(e, _)| e.unusable())
+    }
+
+    /// Every engine's endpoints and their health (the clamd pool's).
+    pub fn endpoints(&self) -> Vec<pool::EndpointStatus> {
+        self.engines
+            .iter()
+            .flat_map(|(e, _)| e.endpoints())
+            .collect()
     }
 
     /// Asks each engine whose [`Scanner::recheck_every`] has passed for its version;
@@ -466,9 +520,10 @@ impl Scanners {
                 signatures: sigs,
             } = state.read().unwrap_or_else(|p| p.into_inner()).clone();
             let started = std::time::Instant::now();
-            let outcome = self.scan_one(engine.as_ref(), path, size, open);
+            let (outcome, endpoint) = self.scan_one(engine.as_ref(), path, size, open);
             figures.push(ScanFigures {
                 engine: engine.name(),
+                endpoint: endpoint.clone(),
                 elapsed: started.elapsed(),
                 bytes: size,
                 timeout: self.policy.timeout_for(size),
@@ -515,6 +570,7 @@ impl Scanners {
                 scanner: engine.name(),
                 version: version.clone(),
                 result,
+                endpoint,
                 signatures: Some(sigs.clone()),
                 detections: dets,
                 error,
@@ -556,18 +612,19 @@ impl Scanners {
         path: &Path,
         size: u64,
         open: &dyn Fn() -> std::io::Result<File>,
-    ) -> Result<Verdict, ScanError> {
+    ) -> (Result<Verdict, ScanError>, Option<String>) {
         let timeout = self.policy.timeout_for(size);
         loop {
             if self.tripped() {
-                return Err(ScanError::Failed(
-                    "circuit breaker open after repeated timeouts".into(),
-                ));
+                return (
+                    Err(ScanError::Failed(
+                        "circuit breaker open after repeated timeouts".into(),
+                    )),
+                    None,
+                );
             }
-            let file = open()
-                .map_err(|e| ScanError::Failed(format!("cannot open quarantine copy: {e}")))?;
-            match engine.scan(&file, path, size, timeout) {
-                Err(ScanError::Timeout(t)) => {
+            match engine.scan_routed(open, path, size, timeout) {
+                (Err(ScanError::Timeout(t)), endpoint) => {
                     let n = self.timeouts.fetch_add(1, Ordering::SeqCst) + 1;
                     let allowed = match self.policy.retry_count {
                         0 => "no limit".to_string(),
@@ -585,7 +642,7 @@ impl Scanners {
                                 "circuit breaker: {n} scan timeouts this run; admitting no more files"
                             );
                         }
-                        return Err(ScanError::Timeout(t));
+                        return (Err(ScanError::Timeout(t)), endpoint);
                     }
                     std::thread::sleep(self.policy.retry_wait);
                 }
@@ -607,7 +664,7 @@ pub fn eicar() -> Vec<u8> {
 
 /// One line naming the engine, its database, its age and the limit, when the engine's
 /// signatures are too old or of unknown age.
-fn stale(
+pub(crate) fn stale(
     engine: &str,
     s: &Signatures,
     max: Duration,
