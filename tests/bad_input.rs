@@ -292,3 +292,34 @@ fn a_mistyped_key_is_a_problem_in_check_and_a_warning_in_run() {
     );
     assert!(Env::tree(&env.dst).contains_key("a.txt"));
 }
+
+/// Output into a pipe whose reader is gone (`shuttle status | head -1` once head has
+/// exited) ends the process the way SIGPIPE ends any Unix tool: quietly, no panic.
+#[test]
+fn writing_into_a_closed_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let env = Env::new();
+    let config = env.config.to_str().unwrap();
+    for args in [
+        vec!["status", "--config", config],
+        vec!["history", "--config", config, "x"],
+        vec!["--help"],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = env
+            .command(&args)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.signal(),
+            Some(13),
+            "{args:?}: {:?} {stderr}",
+            out.status
+        );
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
