@@ -170,7 +170,7 @@ pub fn main() -> u8 {
     match name {
         // These only print: a reader that goes away (`shuttle status | head -1`)
         // ends them quietly, the way SIGPIPE ends any other command-line tool.
-        "status" | "hazard" => restore_sigpipe(),
+        "status" | "hazard" | "history" | "generate" => restore_sigpipe(),
         _ => {}
     }
     match name {

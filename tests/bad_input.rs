@@ -300,10 +300,19 @@ fn writing_into_a_closed_pipe_ends_quietly() {
     use std::os::unix::process::ExitStatusExt;
     let env = Env::new();
     let config = env.config.to_str().unwrap();
+    let (r, w) = std::io::pipe().unwrap();
+    drop(r);
+    // clap's help: the write error is ignored, the exit quiet.
+    let help = env.command(&["--help"]).stdout(w).output().unwrap();
+    let stderr = String::from_utf8_lossy(&help.stderr);
+    assert!(
+        help.status.code() == Some(0) && !stderr.contains("panicked"),
+        "{stderr}"
+    );
     for args in [
         vec!["status", "--config", config],
         vec!["history", "--config", config, "x"],
-        vec!["--help"],
+        vec!["generate", "config"],
     ] {
         let (reader, writer) = std::io::pipe().unwrap();
         drop(reader);
