@@ -33,17 +33,15 @@ pub fn main(cli: &CommandLine, query: &str, json: bool) -> u8 {
             return EXIT_USAGE;
         }
     };
-    let db = cfg.tracking_data_path.join(journal::FILE_NAME);
-    if !db.is_file() {
-        eprintln!(
-            "no journal at {} (tracking_data_path): Shuttle has not run with this configuration",
-            db.display()
-        );
+    if let Some(why) = journal::absent(&cfg) {
+        eprintln!("{why}");
         return EXIT_FAILED;
     }
-    let records = match Journal::open(&cfg.tracking_data_path)
-        .and_then(|j| lookup(&j, &cfg.source_path, query))
-    {
+    let mut db = String::new();
+    let records = match journal::open(&cfg).and_then(|j| {
+        db = j.describe();
+        lookup(&*j, &cfg.source_path, query)
+    }) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("cannot read the journal: {e}");
@@ -71,7 +69,7 @@ pub fn main(cli: &CommandLine, query: &str, json: bool) -> u8 {
 
 /// The records matching `query` (see the module doc), newest first.
 pub fn lookup(
-    j: &Journal,
+    j: &dyn Journal,
     source: &Path,
     query: &str,
 ) -> Result<Vec<FileHistory>, journal::JournalError> {

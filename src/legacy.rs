@@ -64,7 +64,7 @@ pub fn parse(text: &str) -> Result<(u64, u64), String> {
 
 /// The earlier implementation's totals for local day `day` that count toward today's
 /// limits (see the module doc), or `None`.
-pub fn day_totals(tracking: &Path, j: &Journal, run_id: i64, day: &str) -> Option<(u64, u64)> {
+pub fn day_totals(tracking: &Path, j: &dyn Journal, run_id: i64, day: &str) -> Option<(u64, u64)> {
     let path = throttle_file(tracking, day);
     let meta = std::fs::metadata(&path).ok()?;
     let first_run = match j.first_run_on_day(day, run_id) {

@@ -19,7 +19,6 @@ use std::io::Write as _;
 use std::path::Path;
 
 use crate::config::Config;
-use crate::journal::Journal;
 use crate::report::Report;
 
 const LAST_SUCCESS: &str = "shuttle_last_success_timestamp_seconds";
@@ -426,7 +425,7 @@ fn previous_success(path: &Path) -> Option<i64> {
 
 /// The end of the last run that exited 0, from the journal.
 fn journal_success(cfg: &Config) -> Option<i64> {
-    let j = Journal::open(&cfg.tracking_data_path).ok()?;
+    let j = crate::journal::open(cfg).ok()?;
     let runs = j.last_runs(1000).ok()?;
     runs.iter()
         .filter(|r| r.exit_code == Some(0))

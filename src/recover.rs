@@ -25,7 +25,7 @@ pub struct Recovered {
 /// archive's directory handles, never through a symlink: a link planted where a dead
 /// run's temp file was cannot make recovery remove a file elsewhere.
 pub fn reconcile(
-    journal: &Journal,
+    journal: &dyn Journal,
     cfg: &Config,
     current_run: i64,
 ) -> Result<Recovered, JournalError> {

@@ -93,7 +93,7 @@ impl RescanCounts {
 /// One slice's scope and limits.
 pub struct Slice<'a> {
     pub cfg: &'a Config,
-    pub journal: &'a Mutex<Journal>,
+    pub journal: &'a crate::journal::Shared,
     pub scanners: &'a Scanners,
     pub hazard: Option<&'a HazardArchive>,
     pub notifier: &'a Notifier,
@@ -112,7 +112,7 @@ pub struct Slice<'a> {
     pub use_mark: bool,
 }
 
-fn lock(j: &Mutex<Journal>) -> std::sync::MutexGuard<'_, Journal> {
+fn lock(j: &crate::journal::Shared) -> std::sync::MutexGuard<'_, Box<dyn Journal>> {
     j.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -962,7 +962,7 @@ fn now(cfg: &Config, days: u64, prefix: Option<&str>) -> Result<RescanCounts, No
     let engines = crate::scan::enabled(cfg).map_err(crate::run::RunError::Config)?;
     let hazard =
         HazardArchive::open(cfg).map_err(|e| crate::run::RunError::Config(e.to_string()))?;
-    let journal = Mutex::new(Journal::open(&cfg.tracking_data_path)?);
+    let journal = Mutex::new(crate::journal::open(cfg)?);
     let mut scanners = Scanners::start(
         engines,
         crate::scan::Policy::from_config(&cfg.scanning),

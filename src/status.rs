@@ -48,7 +48,11 @@ pub struct Status {
 }
 
 /// Builds the status from the journal and the filesystems, at `now` (unix seconds).
-pub fn gather(cfg: &Config, journal: &Journal, now: i64) -> Result<Status, journal::JournalError> {
+pub fn gather(
+    cfg: &Config,
+    journal: &dyn Journal,
+    now: i64,
+) -> Result<Status, journal::JournalError> {
     let day = journal::local_day(chrono::Local::now());
     let (mut files, mut bytes) = journal.day_totals(&day)?;
     // On cut-over day the earlier implementation's tracking file counts too, as it
@@ -216,14 +220,14 @@ pub fn main(cli: &CommandLine, json: bool) -> u8 {
         }
     };
     let cfg = &loaded.config;
-    let journal = match Journal::open(&cfg.tracking_data_path) {
+    let journal = match journal::open(cfg) {
         Ok(j) => j,
         Err(e) => {
             eprintln!("shuttle status: {e}");
             return 1;
         }
     };
-    match gather(cfg, &journal, chrono::Utc::now().timestamp()) {
+    match gather(cfg, &*journal, chrono::Utc::now().timestamp()) {
         Ok(s) if json => match serde_json::to_string_pretty(&s) {
             Ok(text) => {
                 println!("{text}");

@@ -56,7 +56,7 @@ fn check_after_rerun(env: &Env, corpus: &Corpus, dst: &std::path::Path, label: &
     );
     let q = Env::tree(&env.quarantine);
     assert!(q.is_empty(), "{label}: quarantine empty: {:?}", q.keys());
-    let j = shuttle::journal::Journal::open(&env.state).unwrap();
+    let j = shuttle::journal::SqliteJournal::open(&env.state).unwrap();
     let open: i64 = j
         .connection()
         .query_row(

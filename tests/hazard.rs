@@ -323,7 +323,7 @@ fn suspects_are_encrypted_to_a_curve25519_key_and_decrypt_with_gpg_only_with_tha
     );
 
     // The journal has the same metadata, and the files point at their archives.
-    let j = shuttle::journal::Journal::open(&env.state).unwrap();
+    let j = shuttle::journal::SqliteJournal::open(&env.state).unwrap();
     let rows: Vec<(String, String, String, String)> = j
         .connection()
         .prepare("SELECT h.original_path, h.sha256, h.archive_path, f.final_path FROM hazard h JOIN files f ON f.id = h.file_id ORDER BY 1")

@@ -411,7 +411,7 @@ fn journal_records_lifecycle_hashes_and_engine_version() {
     env.drop_file("e.com", EICAR);
     let r = env.run(&[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    let j = shuttle::journal::Journal::open(&env.state).unwrap();
+    let j = shuttle::journal::SqliteJournal::open(&env.state).unwrap();
     let rows: Vec<(String, String, String, String, i64, String)> = {
         let mut st = j
             .connection()

@@ -450,7 +450,7 @@ fn status_shows_limits_free_space_and_the_trend_from_journal_history() {
     let free_now = (mnt.free_mib() * 1_048_576.0) as u64;
     let now = chrono::Utc::now().timestamp();
     {
-        let j = shuttle::journal::Journal::open(&env.state).unwrap();
+        let j = shuttle::journal::SqliteJournal::open(&env.state).unwrap();
         for days_ago in 1..=3u64 {
             let s = shuttle::journal::SpaceSample {
                 time: now - (days_ago as i64) * 86_400,

@@ -116,9 +116,9 @@ impl FileResult {
 fn journal(
     run: &Run,
     r: &mut FileResult,
-    f: impl FnOnce(&Journal) -> Result<(), crate::journal::JournalError>,
+    f: impl FnOnce(&dyn Journal) -> Result<(), crate::journal::JournalError>,
 ) {
-    if let Err(e) = f(&lock(run.journal)) {
+    if let Err(e) = f(&**lock(run.journal)) {
         tracing::error!("journal write failed for {}: {e}", shown(&r.rel));
         r.fatal
             .get_or_insert_with(|| format!("journal write failed: {e}"));

@@ -137,7 +137,7 @@ pub fn pass(cfg: &Config, opts: &RunOptions) -> Report {
     report.exit_code = exit_code(&report);
     report.finished = now_string();
     if let Some(j) = &journal
-        && let Err(e) = record_end(&pipeline::lock(j), &report)
+        && let Err(e) = record_end(&**pipeline::lock(j), &report)
     {
         output_failed(&mut report, e);
     }
@@ -200,7 +200,7 @@ fn say_writer_check(writers: crate::lease::WriterCheck, unreadable: usize) {
 }
 
 /// Records the run's end and totals in the journal.
-fn record_end(journal: &Journal, report: &Report) -> Result<(), String> {
+fn record_end(journal: &dyn Journal, report: &Report) -> Result<(), String> {
     let Some(run_id) = report.run_id else {
         return Ok(());
     };
@@ -226,17 +226,17 @@ fn run_locked(
     notifier: &Notifier,
     opts: &RunOptions,
     report: &mut Report,
-    journal_slot: &mut Option<Mutex<Journal>>,
+    journal_slot: &mut Option<journal::Shared>,
 ) -> anyhow::Result<()> {
     // 3. Recovery: reconcile what an interrupted run left (journal first).
     let journal = journal_slot.insert(Mutex::new(
-        Journal::open(&cfg.tracking_data_path).context("cannot open the journal")?,
+        journal::open(cfg).context("cannot open the journal")?,
     ));
     let journal = &*journal;
     let j = pipeline::lock(journal);
     let run_id = j.begin_run(&report.started)?;
     report.run_id = Some(run_id);
-    let recovered = recover::reconcile(&j, cfg, run_id)?;
+    let recovered = recover::reconcile(&**j, cfg, run_id)?;
     if recovered.interrupted_files > 0 {
         tracing::warn!(
             "recovered {} file(s) of an interrupted run; their sources are handled again",
@@ -312,7 +312,7 @@ fn run_locked(
     let mut day_before = j.day_totals(&today)?;
     if cfg.throttle.enabled
         && let Some((files, bytes)) =
-            crate::legacy::day_totals(&cfg.tracking_data_path, &j, run_id, &today)
+            crate::legacy::day_totals(&cfg.tracking_data_path, &**j, run_id, &today)
     {
         day_before.0 += files;
         day_before.1 += bytes;

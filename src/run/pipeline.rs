@@ -23,7 +23,7 @@ use crate::throttle::{self, Admission, Denial};
 /// The parts of a run every file's handling needs.
 pub struct Run<'a> {
     pub cfg: &'a Config,
-    pub journal: &'a Mutex<Journal>,
+    pub journal: &'a crate::journal::Shared,
     pub run_id: i64,
     pub scanners: &'a Scanners,
     pub notifier: &'a Notifier,
@@ -525,7 +525,7 @@ pub fn identity(c: &Candidate) -> Identity {
     }
 }
 
-pub fn lock(j: &Mutex<Journal>) -> std::sync::MutexGuard<'_, Journal> {
+pub fn lock(j: &crate::journal::Shared) -> std::sync::MutexGuard<'_, Box<dyn Journal>> {
     j.lock().unwrap_or_else(|p| p.into_inner())
 }
 
