@@ -1,12 +1,10 @@
 //! Shuttle as deployed: mount layouts systemd's sandbox makes (bind mounts), and
 //! uploads still held open for writing by another process.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 
 fn is_root() -> bool {
     rustix::process::geteuid().is_root()

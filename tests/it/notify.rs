@@ -1,14 +1,12 @@
 //! Notifications (docs/design.md §7), metrics (§8) and the progress bar, against a real SMTP
-//! server on 127.0.0.1 (tests/common/smtp.rs) and a real clamd.
-
-mod common;
+//! server on 127.0.0.1 (tests/it/common/smtp.rs) and a real clamd.
 
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::smtp::{Mail, Mode, Smtp};
-use common::*;
+use crate::common::smtp::{Mail, Mode, Smtp};
+use crate::common::*;
 use sha2::Digest;
 
 const SENDER: &str = "shuttle@example.invalid";

@@ -2,12 +2,10 @@
 //! driven through the CLI against `tests/fixtures/mdatp-sim` (which prints what
 //! `mdatp` prints) and, where both engines are on, the real private clamd.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 
 const VERSION: &str = "101.24092.0002";
 

@@ -1,14 +1,12 @@
 //! Bad input: strange names, deep trees, empty and sparse files, hard links, symlinks
 //! (also planted between two steps of a run). No crash, no hang, a log line, nothing lost.
 
-mod common;
-
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
-use common::*;
+use crate::common::*;
 
 #[test]
 fn strange_names_are_delivered_or_skipped_with_a_reason() {

@@ -3,8 +3,6 @@
 //! its exact bytes; nothing unscanned delivered) and what the report says about the
 //! endpoints.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -12,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// Drops `n` clean files; returns every dropped file's bytes by relative path.
 fn drop_clean(env: &Env, n: usize) -> BTreeMap<String, Vec<u8>> {

@@ -4,8 +4,6 @@
 //! limits); a small fake clamd on a unix socket stands in only for what a real one
 //! cannot be made to do on demand (answer garbage, hang, drop the connection).
 
-mod common;
-
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
@@ -13,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 #[derive(Clone, Copy)]
 enum Fake {

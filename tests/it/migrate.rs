@@ -1,17 +1,15 @@
 //! Migrating from the earlier implementation: its configs, flags, program names, name
 //! rules, tracking file and habits keep working, and no credential ever crosses the
-//! wire in clear. Against the real SMTP server of the suite (tests/common/smtp.rs),
+//! wire in clear. Against the real SMTP server of the suite (tests/it/common/smtp.rs),
 //! a real clamd and the Defender simulator.
-
-mod common;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::smtp::{Mode, Smtp};
-use common::*;
+use crate::common::smtp::{Mode, Smtp};
+use crate::common::*;
 
 const SENDER: &str = "shuttle@example.invalid";
 const ADMIN: &str = "admin@example.invalid";

@@ -2,15 +2,13 @@
 //! then a newer database (27451) that knows one of them is installed and clamd told
 //! to RELOAD; the next run or `shuttle rescan` finds exactly that file.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::smtp::{Mode, Smtp};
-use common::*;
+use crate::common::smtp::{Mode, Smtp};
+use crate::common::*;
 
 fn clamd_version(socket: &Path) -> String {
     let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();

@@ -3,13 +3,11 @@
 //! be scanned is set aside in the source, reported once, and not copied again; a run
 //! with stale or undated signatures delivers nothing.
 
-mod common;
-
 use std::io::{Cursor, Write};
 use std::path::Path;
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 
 /// A zip holding `entries` (name, bytes), deflated.
 fn zip_of(entries: &[(&str, &[u8])]) -> Vec<u8> {

@@ -1,13 +1,11 @@
 //! Crash safety: kill `shuttle run` with SIGKILL at every kill point (and at random
 //! times), run again, and check that no file was lost, duplicated or half-delivered.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 struct Corpus {
     /// What the destination must hold after the rerun (relative path → bytes).

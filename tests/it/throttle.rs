@@ -1,8 +1,7 @@
 //! Disk-space throttling and limits (docs/design.md §2) on real small tmpfs mounts.
 
-mod common;
-
-use common::*;
+use crate::common::*;
+use shuttle::journal::Journal as _;
 
 const MIB: usize = 1 << 20;
 

@@ -1,15 +1,13 @@
 //! The hazard archive (docs/design.md §1.9), driven through the CLI against a real
 //! clamd, with real GnuPG keys; every archive is decrypted with stock `gpg`.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
-use common::*;
+use crate::common::*;
 use sha2::{Digest, Sha256};
 
 /// Throwaway GnuPG homes and exported public keys, made once per test binary.

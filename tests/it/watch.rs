@@ -1,12 +1,10 @@
 //! `shuttle watch` (docs/design.md §6): inotify-driven passes, stability, SIGTERM.
 
-mod common;
-
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 fn start_watch(env: &Env) -> Child {
     let child = env
@@ -164,7 +162,7 @@ fn sigterm_during_a_large_copy_finishes_it_cleanly_and_admits_nothing_more() {
     let second = noise(20 << 20, 2);
     env.drop_file("big.bin", &big);
     env.drop_file("second.bin", &second);
-    common::age(&env.src.join("big.bin"), 600); // oldest first: big.bin is admitted first
+    crate::common::age(&env.src.join("big.bin"), 600); // oldest first: big.bin is admitted first
 
     let child = env
         .command(&["watch", "--config", env.config.to_str().unwrap()])
@@ -213,7 +211,7 @@ fn sigterm_during_a_large_copy_finishes_it_cleanly_and_admits_nothing_more() {
 
 #[test]
 fn throttled_watch_waits_without_spinning_mails_once_and_resumes_when_space_frees() {
-    let smtp = common::smtp::Smtp::start(common::smtp::Mode::Normal);
+    let smtp = crate::common::smtp::Smtp::start(crate::common::smtp::Mode::Normal);
     let mut env = Env::new();
     let dst = Tmpfs::mount(&env.root().join("mnt-dst"), 64);
     env.set("destination_path", dst.dir.to_str().unwrap());

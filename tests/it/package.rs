@@ -4,14 +4,12 @@
 //! packaging/ as systemd-analyze and logrotate read them; and the expiry of per-run
 //! log files that logrotate leaves to Shuttle.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use common::*;
+use crate::common::*;
 
 /// Whether `name` is on PATH.
 fn have(name: &str) -> bool {

@@ -1,12 +1,11 @@
 //! The core pipeline, driven through the CLI against a real clamd.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
+use shuttle::journal::Journal as _;
 
 #[test]
 fn clean_files_arrive_byte_identical_with_their_tree_and_sources_go() {
