@@ -8,9 +8,10 @@ use rustix::fs::Access;
 use crate::config::{self, CommandLine, Config};
 use crate::hazard::{self, HazardArchive, HazardError};
 use crate::scan::{self, Scanners};
+use crate::states::ExitCode;
 
 /// Runs the checks, printing to stdout. Returns the exit code.
-pub fn check(cli: &CommandLine) -> i32 {
+pub fn check(cli: &CommandLine) -> ExitCode {
     let loaded = match config::load(cli) {
         Ok(l) => l,
         Err(errors) => {
@@ -18,7 +19,7 @@ pub fn check(cli: &CommandLine) -> i32 {
                 println!("problem: {e}");
             }
             println!("shuttle check: {} problem(s) found", errors.0.len());
-            return 2;
+            return ExitCode::Usage;
         }
     };
     let cfg = &loaded.config;
@@ -157,10 +158,10 @@ pub fn check(cli: &CommandLine) -> i32 {
     }
     if problems.is_empty() {
         println!("shuttle check: configuration OK");
-        0
+        ExitCode::Ok
     } else {
         println!("shuttle check: {} problem(s) found", problems.len());
-        2
+        ExitCode::Usage
     }
 }
 

@@ -10,15 +10,15 @@
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
-
 use crate::config::OnConflict;
 use crate::fsx;
-use crate::quarantine::{Quarantined, hash_file};
+use crate::fsx::hash_file;
+use crate::quarantine::Quarantined;
+use crate::states::Disposition;
 
 /// How a clean file reached the destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,12 +34,12 @@ pub enum How {
 }
 
 impl How {
-    pub fn as_str(self) -> &'static str {
+    /// The journal's disposition of a file delivered this way.
+    pub fn disposition(self) -> Disposition {
         match self {
-            How::Renamed => "delivered",
-            How::Copied => "delivered",
-            How::AlreadyPresent => "already_present",
-            How::Overwrote => "overwrote",
+            How::Renamed | How::Copied => Disposition::Delivered,
+            How::AlreadyPresent => Disposition::AlreadyPresent,
+            How::Overwrote => Disposition::Overwrote,
         }
     }
 }
@@ -73,21 +73,10 @@ pub enum DeliverError {
     },
 }
 
+fsx::impl_io_error!(DeliverError);
+
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> DeliverError + 'a {
-    move |source| {
-        if fsx::is_disk_full(&source) {
-            DeliverError::DiskFull {
-                path: path.to_path_buf(),
-                source,
-            }
-        } else {
-            DeliverError::Io {
-                action,
-                path: path.to_path_buf(),
-                source,
-            }
-        }
-    }
+    fsx::failed(action, path)
 }
 
 /// Where and how to deliver.
@@ -205,7 +194,7 @@ pub fn deliver(
 
 /// `EXDEV`: source and target of a rename are on different mounts.
 fn is_cross_device(e: &io::Error) -> bool {
-    e.raw_os_error() == Some(rustix::io::Errno::XDEV.raw_os_error())
+    fsx::classify(e, true) == fsx::IoKind::CrossDevice
 }
 
 /// Copies the open quarantine copy to `temp` in `dir`, hashing; refuses a mismatch.
@@ -219,20 +208,17 @@ fn copy_verified(
 ) -> Result<(), DeliverError> {
     let temp_path = dir.path().join(temp);
     let mut out = dir.create_new(temp).map_err(io_err("create", &temp_path))?;
-    let mut hasher = Sha256::new();
-    loop {
-        let n = match src.read(buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(io_err("read quarantine copy", &q.path)(e)),
-        };
-        hasher.update(&buf[..n]);
-        out.write_all(&buf[..n])
-            .map_err(io_err("write", &temp_path))?;
+    let copied = fsx::copy_hashing(src, &mut out, buf, |_, _, _| {
         crate::crashpoint::here("deliver: mid-copy across filesystems");
-    }
-    let got = hex::encode(hasher.finalize());
+        Ok::<(), io::Error>(())
+    });
+    let got = match copied {
+        Ok(h) => h.sha256,
+        Err(fsx::CopyFailure::Read(e) | fsx::CopyFailure::Stopped(e)) => {
+            return Err(io_err("read quarantine copy", &q.path)(e));
+        }
+        Err(fsx::CopyFailure::Write(e)) => return Err(io_err("write", &temp_path)(e)),
+    };
     if got != q.sha256 {
         return Err(DeliverError::HashMismatch {
             path: temp_path,

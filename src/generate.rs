@@ -205,7 +205,8 @@ pub fn command() -> Command {
 }
 
 /// Runs `shuttle generate …`; returns the exit code.
-pub fn main(m: &clap::ArgMatches) -> u8 {
+pub fn main(m: &clap::ArgMatches) -> crate::states::ExitCode {
+    use crate::states::ExitCode;
     let dir = |sub: &clap::ArgMatches| sub.get_one::<std::path::PathBuf>("dir").cloned();
     let result = match m.subcommand() {
         Some(("man", sub)) => dir(sub).map(|d| man_pages(crate::cli::command(), &d)),
@@ -215,12 +216,12 @@ pub fn main(m: &clap::ArgMatches) -> u8 {
         _ => None,
     };
     match result {
-        Some(Ok(())) => crate::cli::EXIT_OK,
+        Some(Ok(())) => ExitCode::Ok,
         Some(Err(e)) => {
             eprintln!("shuttle generate: {e}");
-            crate::cli::EXIT_FAILED
+            ExitCode::Failed
         }
-        None => crate::cli::EXIT_USAGE,
+        None => ExitCode::Usage,
     }
 }
 

@@ -33,6 +33,7 @@ pub mod report;
 pub mod rescan;
 pub mod run;
 pub mod scan;
+pub mod states;
 pub mod status;
 pub mod throttle;
 pub mod watch;

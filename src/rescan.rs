@@ -43,6 +43,7 @@ use crate::journal::{Delivery, Journal, JournalError, RescanState};
 use crate::names::shown;
 use crate::notify::{self, Notifier};
 use crate::scan::{FileVerdict, Scanners, Signatures};
+use crate::states::ExitCode;
 
 /// Deliveries read from the journal at a time.
 const PAGE: u32 = 256;
@@ -872,13 +873,12 @@ fn notify_changed(s: &Slice, d: &Delivery, why: &str) {
 /// `shuttle rescan [--days N] [--path PREFIX]`: a retro-scan now, with no time budget,
 /// under the run lock. Exit 0 done, 1 a rescan failed or the run stopped, 2
 /// configuration, 3 another run holds the lock.
-pub fn main(cli: &crate::config::CommandLine, days: Option<u64>, prefix: Option<&str>) -> u8 {
-    use crate::cli::{EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_USAGE};
+pub fn main(cli: &crate::config::CommandLine, days: Option<u64>, prefix: Option<&str>) -> ExitCode {
     let loaded = match crate::config::load(cli) {
         Ok(l) => l,
         Err(errors) => {
             eprintln!("{errors}");
-            return EXIT_USAGE;
+            return ExitCode::Usage;
         }
     };
     let mut cfg = loaded.config;
@@ -886,7 +886,7 @@ pub fn main(cli: &crate::config::CommandLine, days: Option<u64>, prefix: Option<
         Ok(g) => g,
         Err(line) => {
             eprintln!("{line}");
-            return EXIT_USAGE;
+            return ExitCode::Usage;
         }
     };
     notify::off_when_unusable(&mut cfg.notifications);
@@ -904,9 +904,9 @@ pub fn main(cli: &crate::config::CommandLine, days: Option<u64>, prefix: Option<
                 counts.seconds
             );
             if counts.failed > 0 {
-                EXIT_FAILED
+                ExitCode::Failed
             } else {
-                EXIT_OK
+                ExitCode::Ok
             }
         }
         Err(NowError::Run(crate::run::RunError::Lock(crate::lock::LockError::Held {
@@ -918,23 +918,23 @@ pub fn main(cli: &crate::config::CommandLine, days: Option<u64>, prefix: Option<
                 "another shuttle run is active (pid {pid}) holding {}",
                 path.display()
             );
-            EXIT_LOCKED
+            ExitCode::Locked
         }
         Err(NowError::Run(crate::run::RunError::Config(msg))) => {
             for line in msg.lines() {
                 tracing::error!("configuration error: {line}");
             }
-            EXIT_USAGE
+            ExitCode::Usage
         }
         Err(e) => {
             tracing::error!("retro-scan stopped: {e}");
-            EXIT_FAILED
+            ExitCode::Failed
         }
     };
     match log.finish() {
         Err(e) => {
             eprintln!("shuttle: {e}");
-            if code == EXIT_OK { EXIT_FAILED } else { code }
+            code.or_failed()
         }
         Ok(()) => code,
     }

@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::config::{self, CommandLine, Config};
 use crate::fsx::{self, mib};
 use crate::journal::{self, Journal, RunRow, SpaceSample};
+use crate::states::ExitCode;
 use crate::throttle;
 
 const DAY: i64 = 86_400;
@@ -207,12 +208,12 @@ pub fn print(s: &Status) {
 }
 
 /// `shuttle status [--json]`; returns the exit code.
-pub fn main(cli: &CommandLine, json: bool) -> u8 {
+pub fn main(cli: &CommandLine, json: bool) -> ExitCode {
     let loaded = match config::load(cli) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("{e}");
-            return 2;
+            return ExitCode::Usage;
         }
     };
     let cfg = &loaded.config;
@@ -220,27 +221,27 @@ pub fn main(cli: &CommandLine, json: bool) -> u8 {
         Ok(j) => j,
         Err(e) => {
             eprintln!("shuttle status: {e}");
-            return 1;
+            return ExitCode::Failed;
         }
     };
     match gather(cfg, &journal, chrono::Utc::now().timestamp()) {
         Ok(s) if json => match serde_json::to_string_pretty(&s) {
             Ok(text) => {
                 println!("{text}");
-                0
+                ExitCode::Ok
             }
             Err(e) => {
                 eprintln!("shuttle status: {e}");
-                1
+                ExitCode::Failed
             }
         },
         Ok(s) => {
             print(&s);
-            0
+            ExitCode::Ok
         }
         Err(e) => {
             eprintln!("shuttle status: {e}");
-            1
+            ExitCode::Failed
         }
     }
 }

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use crate::config::Config;
 use crate::fsx::{self, mib};
 use crate::journal::SpaceSample;
+use crate::states::ThrottleReason;
 
 const MIB: u64 = 1_048_576;
 
@@ -46,11 +47,11 @@ pub enum Denial {
 
 impl Denial {
     /// The JSON report's `throttle.reason`.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> ThrottleReason {
         match self {
-            Denial::DiskSpace { .. } => "disk_space",
-            Denial::DailyLimit { .. } => "daily_limit",
-            Denial::PerRunLimit { .. } => "per_run_limit",
+            Denial::DiskSpace { .. } => ThrottleReason::DiskSpace,
+            Denial::DailyLimit { .. } => ThrottleReason::DailyLimit,
+            Denial::PerRunLimit { .. } => ThrottleReason::PerRunLimit,
         }
     }
 
@@ -495,7 +496,7 @@ mod tests {
         for _ in 0..3 {
             a.admit(1).unwrap();
         }
-        assert_eq!(a.admit(1).unwrap_err().reason(), "daily_limit");
+        assert_eq!(a.admit(1).unwrap_err().reason().as_str(), "daily_limit");
     }
 
     #[test]
@@ -543,7 +544,7 @@ mod tests {
             (0, 0),
         );
         a.admit(5 * MIB).unwrap();
-        assert_eq!(a.admit(1).unwrap_err().reason(), "per_run_limit");
+        assert_eq!(a.admit(1).unwrap_err().reason().as_str(), "per_run_limit");
     }
 
     #[test]
@@ -555,7 +556,7 @@ mod tests {
         }];
         let mut a = Admission::with_targets(true, t, Limits::default(), (0, 0));
         let d = a.admit(1).unwrap_err();
-        assert_eq!(d.reason(), "disk_space");
+        assert_eq!(d.reason().as_str(), "disk_space");
         assert!(d.message().contains("cannot be read"), "{}", d.message());
     }
 }

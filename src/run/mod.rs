@@ -1,8 +1,12 @@
 //! One run, step by step (docs/design.md §1). Each step is a call into the module named after
 //! it; this file only orders them and keeps the run's figures.
 
+mod context;
 mod file;
 mod pipeline;
+mod settle;
+#[cfg(test)]
+mod tests;
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -19,6 +23,7 @@ use crate::lock::{self, LockError};
 use crate::notify::{self, Notifier};
 use crate::report::{EngineVersion, Report};
 use crate::scan::{self, Scanner, Scanners};
+use crate::states::ExitCode;
 use crate::throttle::Admission;
 use crate::{cleanup, recover};
 
@@ -137,7 +142,7 @@ pub fn pass(cfg: &Config, opts: &RunOptions) -> Report {
     report.exit_code = exit_code(&report);
     report.finished = now_string();
     if let Some(j) = &journal
-        && let Err(e) = record_end(&pipeline::lock(j), &report)
+        && let Err(e) = record_end(&context::lock(j), &report)
     {
         output_failed(&mut report, e);
     }
@@ -165,12 +170,12 @@ pub fn pass(cfg: &Config, opts: &RunOptions) -> Report {
 /// 0 = finished (files may be suspect, admission may be throttled); 1 = a file failed,
 /// a file was newly set aside (unscannable, too large: reported once, so a later run
 /// that only finds it again exits 0), or the run hit a runtime error (docs/design.md §1).
-fn exit_code(r: &Report) -> i32 {
+fn exit_code(r: &Report) -> ExitCode {
     let f = &r.files;
     if f.failed > 0 || f.unscannable > 0 || f.too_large > 0 || !r.errors.is_empty() {
-        1
+        ExitCode::Failed
     } else {
-        0
+        ExitCode::Ok
     }
 }
 
@@ -207,7 +212,9 @@ fn record_end(journal: &Journal, report: &Report) -> Result<(), String> {
     let summary = serde_json::json!({ "files": report.files, "bytes": report.bytes, "throttle": report.throttle });
     journal
         .record_endpoints(run_id, &report.endpoints)
-        .and_then(|()| journal.finish_run(run_id, &report.finished, report.exit_code, &summary))
+        .and_then(|()| {
+            journal.finish_run(run_id, &report.finished, report.exit_code.into(), &summary)
+        })
         .map_err(|e| format!("cannot record the end of run {run_id} in the journal: {e}"))
 }
 
@@ -233,7 +240,7 @@ fn run_locked(
         Journal::open(&cfg.tracking_data_path).context("cannot open the journal")?,
     ));
     let journal = &*journal;
-    let j = pipeline::lock(journal);
+    let j = context::lock(journal);
     let run_id = j.begin_run(&report.started)?;
     report.run_id = Some(run_id);
     let recovered = recover::reconcile(&j, cfg, run_id)?;
@@ -325,9 +332,9 @@ fn run_locked(
     drop(j);
     let fingerprint = format!("{};{}", limits.fingerprint(), admission.fingerprint());
     let dirs = discovery.dirs;
-    let roots = pipeline::Roots::open(cfg, writers)
+    let roots = context::Roots::open(cfg, writers)
         .context("cannot open the source, quarantine or destination directory")?;
-    let run = pipeline::Run {
+    let run = context::Run {
         roots: &roots,
         cfg,
         journal,
@@ -339,6 +346,7 @@ fn run_locked(
         limits: &limits,
         set_aside: &set_aside,
         limits_fingerprint: &fingerprint,
+        hooks: context::Hooks::REAL,
     };
     if discovery.candidates.spilled_runs() > 0 {
         tracing::debug!(
@@ -377,7 +385,7 @@ fn run_locked(
             }
         }
     }
-    let j = pipeline::lock(journal);
+    let j = context::lock(journal);
     for (sample, total) in crate::throttle::targets_space(cfg) {
         j.record_space(run_id, &sample, total)?;
     }
