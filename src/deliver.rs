@@ -90,6 +90,63 @@ pub struct Target<'a> {
     pub durable: bool,
 }
 
+/// Where clean files go: the seam another kind of destination (object storage, a
+/// remote host) would implement. A run delivers every clean file through it and,
+/// once per batch, makes what it delivered durable before any source is removed.
+pub trait Destination: Send + Sync {
+    /// Places the verified quarantine copy `q` of file `id` as `rel`, never
+    /// overwriting a different file unless the conflict policy says so. Not yet
+    /// durable: see [`Destination::sync`].
+    fn deliver(
+        &self,
+        q: &Quarantined,
+        rel: &Path,
+        id: i64,
+        buf: &mut [u8],
+    ) -> Result<Delivered, DeliverError>;
+
+    /// Makes every delivery so far durable (the batch's group commit).
+    fn sync(&self) -> io::Result<()>;
+
+    /// Where it is, for messages.
+    fn describe(&self) -> String;
+}
+
+/// The destination directory: deliveries beneath its handle, one `syncfs` a batch.
+pub struct FsDestination {
+    pub root: fsx::Beneath,
+    pub on_conflict: OnConflict,
+    /// Quarantine and destination are on the same filesystem: delivery by rename.
+    pub same_fs: bool,
+}
+
+impl Destination for FsDestination {
+    fn deliver(
+        &self,
+        q: &Quarantined,
+        rel: &Path,
+        id: i64,
+        buf: &mut [u8],
+    ) -> Result<Delivered, DeliverError> {
+        let target = Target {
+            root: &self.root,
+            on_conflict: self.on_conflict,
+            same_fs: self.same_fs,
+            // Made durable with its batch: one syncfs for many files (group commit).
+            durable: false,
+        };
+        deliver(q, rel, id, &target, buf)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.root.root().syncfs()
+    }
+
+    fn describe(&self) -> String {
+        self.root.path().display().to_string()
+    }
+}
+
 /// Delivers quarantine copy `q` of file `id` to `target.root/rel`. On success the file
 /// is durable under its final name with the scanned bytes, and the quarantine copy is
 /// gone (renamed away or removed).

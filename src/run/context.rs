@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use crate::config::Config;
+use crate::deliver::{Destination, FsDestination};
 use crate::discover::Candidate;
 use crate::journal::{Finished, Identity, Journal, JournalError, SetAside};
 use crate::notify::Notifier;
@@ -33,8 +34,31 @@ pub struct Run<'a> {
     /// file set aside under the same limits is neither copied nor reported again.
     pub set_aside: &'a HashMap<Identity, SetAside>,
     pub limits_fingerprint: &'a str,
+    /// The per-file settings, resolved once from `cfg`.
+    pub policy: FilePolicy,
     /// The steps of settling a test must be able to fail on demand.
     pub hooks: Hooks,
+}
+
+/// What one file's handling and settling need of the configuration, resolved once
+/// per run: the middle layer (`file.rs`, `settle.rs`) reads this, never the global
+/// [`Config`].
+#[derive(Debug, Clone, Copy)]
+pub struct FilePolicy {
+    /// `delete_source_files_after_copying`: remove a source once its copy is durable.
+    pub delete_source: bool,
+    /// `defender_handles_suspect_files`: Defender may remove a suspect copy itself;
+    /// the verified source is archived instead.
+    pub defender_handles_suspects: bool,
+}
+
+impl FilePolicy {
+    pub fn of(cfg: &Config) -> FilePolicy {
+        FilePolicy {
+            delete_source: cfg.delete_source_files,
+            defender_handles_suspects: cfg.scanning.defender_handles_suspect_files,
+        }
+    }
 }
 
 /// Settling's `syncfs` of the destination and its journal record of a batch, as
@@ -42,25 +66,28 @@ pub struct Run<'a> {
 /// failing ones in their place.
 #[derive(Clone, Copy)]
 pub struct Hooks {
-    pub syncfs: fn(&crate::fsx::Dir) -> std::io::Result<()>,
+    pub syncfs: fn(&dyn Destination) -> std::io::Result<()>,
     pub record_batch: fn(&Journal, &[Finished]) -> Result<(), JournalError>,
+}
+
+fn sync_destination(d: &dyn Destination) -> std::io::Result<()> {
+    d.sync()
 }
 
 impl Hooks {
     pub const REAL: Hooks = Hooks {
-        syncfs: crate::fsx::Dir::syncfs,
+        syncfs: sync_destination,
         record_batch: Journal::finish_batch,
     };
 }
 
 /// The run's three directories, opened once: every path below them is resolved
-/// through these handles, never through a symlink (fsx::Beneath).
+/// through these handles, never through a symlink (fsx::Beneath). The destination is
+/// behind its seam ([`Destination`]).
 pub struct Roots {
     pub source: crate::fsx::Beneath,
     pub quarantine: std::sync::Arc<crate::fsx::Beneath>,
-    pub destination: crate::fsx::Beneath,
-    /// Quarantine and destination share a filesystem: delivery by rename.
-    pub same_fs: bool,
+    pub destination: Box<dyn Destination>,
     /// What a source must pass before it is copied or removed.
     pub checks: crate::quarantine::SourceChecks,
 }
@@ -73,8 +100,11 @@ impl Roots {
         Ok(Roots {
             source: crate::fsx::Beneath::open(&cfg.source_path)?,
             quarantine: std::sync::Arc::new(crate::fsx::Beneath::open(&cfg.quarantine_path)?),
-            destination: crate::fsx::Beneath::open(&cfg.destination_path)?,
-            same_fs,
+            destination: Box::new(FsDestination {
+                root: crate::fsx::Beneath::open(&cfg.destination_path)?,
+                on_conflict: cfg.on_conflict,
+                same_fs,
+            }),
             checks: crate::quarantine::SourceChecks {
                 writers,
                 allow_hard_links: cfg.allow_hard_links,

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use super::context::{Job, Run, identity, lock};
 use super::settle::{FileResult, Settle};
-use crate::deliver::{self, DeliverError, Target};
+use crate::deliver::DeliverError;
 use crate::fsx;
 use crate::hazard;
 use crate::journal::{Journal, Outcome};
@@ -253,16 +253,9 @@ fn deliver_clean(
     id: i64,
     buf: &mut [u8],
 ) -> FileResult {
-    let cfg = run.cfg;
-    let target = Target {
-        root: &run.roots.destination,
-        on_conflict: cfg.on_conflict,
-        same_fs: run.roots.same_fs,
-        // Made durable with its batch: one syncfs for many files (group commit).
-        durable: false,
-    };
     tracing::debug!("delivering {:?} to the destination", shown(rel));
-    match deliver::deliver(q, rel, id, &target, buf) {
+    // Made durable with its batch: one syncfs for many files (group commit).
+    match run.roots.destination.deliver(q, rel, id, buf) {
         Ok(d) => {
             r.destination = Some(d.path.display().to_string());
             tracing::info!(
@@ -407,7 +400,7 @@ fn dispose_suspect(
                     q.sha256
                 ),
             );
-            if !run.cfg.delete_source_files {
+            if !run.policy.delete_source {
                 tracing::warn!(
                     "suspect source {:?} stays in the drop directory (delete_source_files_after_copying is off)",
                     shown(&rel)
@@ -443,7 +436,6 @@ fn removed_by_engine(
     buf: &mut [u8],
 ) -> FileResult {
     let rel = q.rel.as_path();
-    let cfg = run.cfg;
     let found = detections.join(", ");
     match q.stat() {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -456,7 +448,7 @@ fn removed_by_engine(
             return fail(r, Some(q), Disposition::ScanFailed, why, false);
         }
     }
-    let handled = engine == "defender" && cfg.scanning.defender_handles_suspect_files;
+    let handled = engine == "defender" && run.policy.defender_handles_suspects;
     let source_check = if handled {
         source_holds_scanned_bytes(&run.roots.source, rel, q, buf)
     } else {

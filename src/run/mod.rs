@@ -346,6 +346,7 @@ fn run_locked(
         limits: &limits,
         set_aside: &set_aside,
         limits_fingerprint: &fingerprint,
+        policy: context::FilePolicy::of(cfg),
         hooks: context::Hooks::REAL,
     };
     if discovery.candidates.spilled_runs() > 0 {

@@ -402,12 +402,12 @@ fn commit(
     };
     let started = std::time::Instant::now();
     crate::crashpoint::here("commit: before syncfs");
-    if let Err(e) = (run.hooks.syncfs)(run.roots.destination.root()) {
+    if let Err(e) = (run.hooks.syncfs)(&*run.roots.destination) {
         // Delivered, but not known durable: keep every source; the next run finds the
         // same bytes in the destination and counts them as delivered.
         let why = format!(
             "cannot make deliveries durable (syncfs {}: {e}); sources kept",
-            run.cfg.destination_path.display()
+            run.roots.destination.describe()
         );
         fail(StopReason::Commit(why.clone()));
         for mut r in batch {

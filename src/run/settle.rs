@@ -159,7 +159,7 @@ pub fn commit(run: &Run, batch: &mut [FileResult], buf: &mut [u8]) -> Result<(),
             Settle::Keep => continue,
             Settle::RemoveSource(q) | Settle::AfterSync(q) => q,
         };
-        if !run.cfg.delete_source_files {
+        if !run.policy.delete_source {
             continue;
         }
         match remove_source(run, &q, buf) {

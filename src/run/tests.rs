@@ -141,6 +141,7 @@ impl World {
             limits: &limits,
             set_aside: &set_aside,
             limits_fingerprint: "test",
+            policy: context::FilePolicy::of(cfg),
             hooks,
         };
         let done = pipeline::process(
@@ -165,13 +166,13 @@ impl World {
     }
 }
 
-fn failing_syncfs(_: &crate::fsx::Dir) -> std::io::Result<()> {
+fn failing_syncfs(_: &dyn crate::deliver::Destination) -> std::io::Result<()> {
     Err(std::io::Error::from_raw_os_error(
         rustix::io::Errno::IO.raw_os_error(),
     ))
 }
 
-fn panicking_syncfs(_: &crate::fsx::Dir) -> std::io::Result<()> {
+fn panicking_syncfs(_: &dyn crate::deliver::Destination) -> std::io::Result<()> {
     panic!("syncfs exploded (test)")
 }
 
