@@ -127,20 +127,23 @@ fn trend_per_day(samples: &[SpaceSample], free_now: Option<u64>, now: i64) -> Op
     Some((first.free_bytes as f64 - last_free as f64) / (span as f64 / DAY as f64))
 }
 
+/// Bytes of the regular files below `root` ([`crate::fsx::walk`], no symlink followed).
 fn dir_bytes(root: &std::path::Path) -> u64 {
     let mut total = 0;
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            match e.metadata() {
-                Ok(m) if m.is_dir() => stack.push(e.path()),
-                Ok(m) if m.is_file() => total += m.len(),
-                _ => {}
+    if let Ok(root) = crate::fsx::Beneath::open(root) {
+        crate::fsx::walk(root.root(), |step| {
+            let crate::fsx::Step::Entry(e) = step else {
+                return false;
+            };
+            match e.dir.meta(&e.name) {
+                Ok(m) if m.kind == rustix::fs::FileType::Directory => true,
+                Ok(m) if m.kind == rustix::fs::FileType::RegularFile => {
+                    total += m.size;
+                    false
+                }
+                _ => false,
             }
-        }
+        });
     }
     total
 }

@@ -449,24 +449,29 @@ pub fn recommendations(cfg: &Config, full: &Path, delivered_last_7_days: u64) ->
 /// Files, bytes and oldest mtime below `root` (not following symlinks).
 fn tree_usage(root: &Path) -> (u64, u64, Option<std::time::SystemTime>) {
     let (mut files, mut bytes, mut oldest) = (0u64, 0u64, None::<std::time::SystemTime>);
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
+    let Ok(root) = fsx::Beneath::open(root) else {
+        return (files, bytes, oldest);
+    };
+    fsx::walk(root.root(), |step| {
+        let fsx::Step::Entry(e) = step else {
+            return false;
         };
-        for e in entries.flatten() {
-            let Ok(m) = e.metadata() else { continue };
-            if m.is_dir() {
-                stack.push(e.path());
-            } else if m.is_file() {
-                files += 1;
-                bytes += m.len();
-                if let Ok(t) = m.modified() {
-                    oldest = Some(oldest.map_or(t, |o: std::time::SystemTime| o.min(t)));
-                }
+        let Ok(m) = e.dir.meta(&e.name) else {
+            return false;
+        };
+        if m.kind == rustix::fs::FileType::Directory {
+            return true;
+        }
+        if m.kind == rustix::fs::FileType::RegularFile {
+            files += 1;
+            bytes += m.size;
+            if let Ok(ns) = u64::try_from(m.mtime_ns) {
+                let t = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns);
+                oldest = Some(oldest.map_or(t, |o: std::time::SystemTime| o.min(t)));
             }
         }
-    }
+        false
+    });
     (files, bytes, oldest)
 }
 

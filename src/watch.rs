@@ -288,21 +288,22 @@ impl Source {
         Ok(s)
     }
 
-    /// Watches every directory below `dir` (not following symlinks).
+    /// Watches every directory below `dir` ([`crate::fsx::walk`], not following
+    /// symlinks; inotify itself takes paths).
     fn add_below(&mut self, dir: &Path) {
-        let mut stack = vec![dir.to_path_buf()];
-        while let Some(d) = stack.pop() {
-            let Ok(entries) = std::fs::read_dir(&d) else {
-                continue;
+        let Ok(root) = crate::fsx::Beneath::open(dir) else {
+            return;
+        };
+        crate::fsx::walk(root.root(), |step| {
+            let crate::fsx::Step::Entry(e) = step else {
+                return false;
             };
-            for e in entries.flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    let p = e.path();
-                    self.add(&p);
-                    stack.push(p);
-                }
+            let is_dir = e.kind == rustix::fs::FileType::Directory;
+            if is_dir {
+                self.add(&e.dir.path().join(&e.name));
             }
-        }
+            is_dir
+        });
     }
 
     fn add(&mut self, dir: &Path) {

@@ -540,7 +540,8 @@ impl Scanners {
             );
             let removed_file = removed_by.is_none()
                 && matches!(outcome, Ok(Verdict::Suspect(_)))
-                && matches!(std::fs::symlink_metadata(path), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+                // Asked through `open` (beneath the quarantine's handle), not by path.
+                && matches!(open(), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
             if removed_file {
                 tracing::warn!(
                     "{} removed the quarantine copy {:?} after its detection",
