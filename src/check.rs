@@ -134,7 +134,7 @@ pub fn check(cli: &CommandLine) -> ExitCode {
                         ),
                     }
                 }
-                for stale in s.stale_signatures(crate::run::max_signature_age(cfg)) {
+                for stale in s.stale_signatures(crate::scan::max_signature_age(&cfg.scanning)) {
                     problems.push(format!(
                         "signatures too old: {stale} (a run would deliver nothing)"
                     ));

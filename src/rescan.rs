@@ -27,14 +27,12 @@
 //! a kill at any point neither loses the file nor archives it twice.
 
 use std::fs::File;
-use std::io::{Read, Seek};
+use std::io::Seek;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-
-use sha2::{Digest, Sha256};
 
 use crate::config::{Config, RescanAction};
 use crate::fsx::Beneath;
@@ -213,22 +211,9 @@ fn time(secs: i64) -> String {
 /// Reads `file` from its start to its end: (bytes, SHA-256 hex).
 fn hash(file: &mut File) -> std::io::Result<(u64, String)> {
     file.rewind()?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    let mut n = 0u64;
-    loop {
-        match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(k) => {
-                h.update(&buf[..k]);
-                n += k as u64;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
+    let (sha256, n) = crate::fsx::hash_file(file, &mut vec![0u8; 1 << 16])?;
     file.rewind()?;
-    Ok((n, hex::encode(h.finalize())))
+    Ok((n, sha256))
 }
 
 /// Does the open copy still look like the delivery (regular file, size, mtime)?
@@ -968,7 +953,7 @@ fn now(cfg: &Config, days: u64, prefix: Option<&str>) -> Result<RescanCounts, No
         crate::scan::Policy::from_config(&cfg.scanning),
         cfg.scanning.canary,
     )?;
-    let max_age = crate::run::max_signature_age(cfg);
+    let max_age = crate::scan::max_signature_age(&cfg.scanning);
     let stale = scanners.stale_signatures(max_age);
     if !stale.is_empty() {
         return Err(NowError::Stale(stale.join("; ")));

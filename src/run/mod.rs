@@ -179,14 +179,6 @@ fn exit_code(r: &Report) -> ExitCode {
     }
 }
 
-/// `max_signature_age_hours` as a duration; `None` when the gate is off.
-pub fn max_signature_age(cfg: &Config) -> Option<Duration> {
-    match cfg.scanning.max_signature_age_hours {
-        0 => None,
-        h => Some(Duration::from_secs(h.saturating_mul(3600))),
-    }
-}
-
 /// Says at the start of a run how it tells files still being written, and what it
 /// cannot tell.
 fn say_writer_check(writers: crate::lease::WriterCheck, unreadable: usize) {
@@ -273,14 +265,14 @@ fn run_locked(
         .collect();
     // Signature freshness: every engine's database must be dated and young enough,
     // or nothing is delivered this run.
-    let stale = scanners.stale_signatures(max_signature_age(cfg));
+    let stale = scanners.stale_signatures(scan::max_signature_age(&cfg.scanning));
     if !stale.is_empty() {
         anyhow::bail!(
             "signatures too old, no file was touched: {}",
             stale.join("; ")
         );
     }
-    scanners.keep_fresh(max_signature_age(cfg));
+    scanners.keep_fresh(scan::max_signature_age(&cfg.scanning));
     report.endpoints = scanners.endpoints();
     let limits = scan::limits::ScanLimits::for_config(cfg);
     if let Some(d) = limits.describe() {

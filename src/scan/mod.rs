@@ -711,6 +711,14 @@ fn check_canary(engine: &dyn Scanner, policy: &Policy) -> Result<(), EngineProbl
     }
 }
 
+/// `max_signature_age_hours` as a duration; `None` when the gate is off.
+pub fn max_signature_age(c: &ScanConfig) -> Option<Duration> {
+    match c.max_signature_age_hours {
+        0 => None,
+        h => Some(Duration::from_secs(h.saturating_mul(3600))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
