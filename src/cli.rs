@@ -183,7 +183,7 @@ pub fn main() -> ExitCode {
             sub.get_one::<String>("name").map_or("", String::as_str),
             sub.get_flag("json"),
         ),
-        "generate" => crate::generate::main(sub),
+        "generate" => crate::generate::main(sub, command()),
         "rescan" => crate::rescan::main(
             &cli,
             sub.get_one::<u64>("days").copied(),

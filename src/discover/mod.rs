@@ -26,9 +26,17 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::config::Priority;
 use crate::fsx;
 use crate::states::SkipKind;
+
+/// Admission order (docs/design.md §2, "priority when space is limited").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priority {
+    Oldest,
+    Newest,
+    Smallest,
+    Largest,
+}
 
 /// A file that may be admitted.
 #[derive(Debug, Clone)]

@@ -94,14 +94,15 @@ pub struct Roots {
 
 impl Roots {
     pub fn open(cfg: &Config, writers: crate::lease::WriterCheck) -> std::io::Result<Roots> {
-        use std::os::unix::fs::MetadataExt;
-        let same_fs = std::fs::metadata(&cfg.quarantine_path)?.dev()
-            == std::fs::metadata(&cfg.destination_path)?.dev();
+        let quarantine = crate::fsx::Beneath::open(&cfg.quarantine_path)?;
+        let destination = crate::fsx::Beneath::open(&cfg.destination_path)?;
+        let here = std::ffi::OsStr::new(".");
+        let same_fs = quarantine.root().meta(here)?.dev == destination.root().meta(here)?.dev;
         Ok(Roots {
             source: crate::fsx::Beneath::open(&cfg.source_path)?,
-            quarantine: std::sync::Arc::new(crate::fsx::Beneath::open(&cfg.quarantine_path)?),
+            quarantine: std::sync::Arc::new(quarantine),
             destination: Box::new(FsDestination {
-                root: crate::fsx::Beneath::open(&cfg.destination_path)?,
+                root: destination,
                 on_conflict: cfg.on_conflict,
                 same_fs,
             }),
