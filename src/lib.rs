@@ -26,6 +26,7 @@ pub mod logging;
 pub mod metrics;
 pub mod names;
 pub mod notify;
+pub mod preflight;
 pub mod progress;
 pub mod quarantine;
 pub mod recover;

@@ -894,7 +894,7 @@ pub fn main(cli: &crate::config::CommandLine, days: Option<u64>, prefix: Option<
                 ExitCode::Ok
             }
         }
-        Err(NowError::Run(crate::run::RunError::Lock(crate::lock::LockError::Held {
+        Err(NowError::Run(crate::preflight::RunError::Lock(crate::lock::LockError::Held {
             pid,
             path,
             ..
@@ -905,7 +905,7 @@ pub fn main(cli: &crate::config::CommandLine, days: Option<u64>, prefix: Option<
             );
             ExitCode::Locked
         }
-        Err(NowError::Run(crate::run::RunError::Config(msg))) => {
+        Err(NowError::Run(crate::preflight::RunError::Config(msg))) => {
             for line in msg.lines() {
                 tracing::error!("configuration error: {line}");
             }
@@ -929,7 +929,7 @@ pub fn main(cli: &crate::config::CommandLine, days: Option<u64>, prefix: Option<
 #[derive(Debug, thiserror::Error)]
 pub enum NowError {
     #[error(transparent)]
-    Run(#[from] crate::run::RunError),
+    Run(#[from] crate::preflight::RunError),
     #[error(transparent)]
     Rescan(#[from] RescanError),
     #[error(transparent)]
@@ -942,11 +942,11 @@ pub enum NowError {
 
 /// The retro-scan of `shuttle rescan`.
 fn now(cfg: &Config, days: u64, prefix: Option<&str>) -> Result<RescanCounts, NowError> {
-    crate::run::preflight(cfg)?;
-    let _lock = crate::lock::acquire(&cfg.lock_path).map_err(crate::run::RunError::Lock)?;
-    let engines = crate::scan::enabled(cfg).map_err(crate::run::RunError::Config)?;
+    crate::preflight::preflight(cfg)?;
+    let _lock = crate::lock::acquire(&cfg.lock_path).map_err(crate::preflight::RunError::Lock)?;
+    let engines = crate::scan::enabled(cfg).map_err(crate::preflight::RunError::Config)?;
     let hazard =
-        HazardArchive::open(cfg).map_err(|e| crate::run::RunError::Config(e.to_string()))?;
+        HazardArchive::open(cfg).map_err(|e| crate::preflight::RunError::Config(e.to_string()))?;
     let journal = Mutex::new(Journal::open(&cfg.tracking_data_path)?);
     let mut scanners = Scanners::start(
         engines,

@@ -19,13 +19,16 @@ use crate::config::Config;
 use crate::discover::{self, OpenFiles, Rules};
 use crate::hazard::HazardArchive;
 use crate::journal::{self, Journal};
-use crate::lock::{self, LockError};
+use crate::lock;
 use crate::notify::{self, Notifier};
 use crate::report::{EngineVersion, Report};
 use crate::scan::{self, Scanner, Scanners};
 use crate::states::ExitCode;
 use crate::throttle::Admission;
 use crate::{cleanup, recover};
+
+/// Step 1 and what stops a run before it starts: shared with `shuttle rescan`.
+pub use crate::preflight::{RunError, preflight};
 
 /// Source subdirectories are removed once empty and untouched this long (docs/design.md §1.11).
 const EMPTY_DIR_AGE: Duration = Duration::from_secs(5 * 60);
@@ -41,15 +44,6 @@ pub struct RunOptions {
     pub watch: bool,
 }
 
-/// What stops a run before it starts; everything later ends in the report instead.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error(transparent)]
-    Lock(#[from] LockError),
-    #[error("{0}")]
-    Config(String),
-}
-
 pub fn now_string() -> String {
     chrono::Local::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, false)
 }
@@ -61,27 +55,6 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Report, RunError> {
     // 2. Single instance.
     let _lock = lock::acquire(&cfg.lock_path)?;
     Ok(pass(cfg, opts))
-}
-
-/// Step 1, configuration: loaded by the caller; the directories and scanners are
-/// checked here, before the lock is taken and any file is touched.
-pub fn preflight(cfg: &Config) -> Result<(), RunError> {
-    let problems = cfg.check_paths();
-    if !problems.is_empty() {
-        return Err(RunError::Config(problems.join("\n")));
-    }
-    scan::enabled(cfg).map_err(RunError::Config)?;
-    crate::ledger::gate(cfg).map_err(RunError::Config)?;
-    // The hazard key is validated here too: a key that cannot be used would turn
-    // every suspect file into a failed one, so it is a configuration error.
-    if let Some(h) = HazardArchive::open(cfg).map_err(|e| RunError::Config(e.to_string()))? {
-        tracing::info!(
-            "hazard archive {}: {}",
-            h.dir().display(),
-            h.recipient().describe()
-        );
-    }
-    Ok(())
 }
 
 /// How long a healthy run can go without showing progress on the lock file: one
