@@ -385,20 +385,16 @@ fn dispose_suspect(
                     "deleted (no hazard archive configured)".to_string(),
                 ),
             };
-            tracing::warn!(
-                "SUSPECT {:?}: {found}; quarantine copy {place}; {} bytes{}",
-                shown(&rel),
-                q.size,
-                r.scan_part()
-            );
-            run.notifier.send(
-                notify::Kind::Hazard,
-                &format!("Shuttle: suspect file {}", shown(&r.rel)),
-                &format!(
-                    "File: {}\nSHA-256: {}\nDetections: {found}\nDisposal: {place}\n",
-                    shown(&r.rel),
-                    q.sha256
-                ),
+            announce_suspect(
+                run,
+                &r,
+                q,
+                &found,
+                SuspectFate {
+                    logged: &format!("quarantine copy {place}"),
+                    disposal: &place,
+                    source_kept: false,
+                },
             );
             if !run.policy.delete_source {
                 tracing::warn!(
@@ -465,20 +461,16 @@ fn removed_by_engine(
         }
         Err(why) => {
             r.detections = detections;
-            tracing::error!(
-                "SUSPECT {:?}: {found}; {why}; source kept; {} bytes{}",
-                shown(rel),
-                q.size,
-                r.scan_part()
-            );
-            run.notifier.send(
-                notify::Kind::Hazard,
-                &format!("Shuttle: suspect file {}", shown(&r.rel)),
-                &format!(
-                    "File: {}\nSHA-256: {}\nDetections: {found}\nDisposal: {why}; the source stays in the drop directory\n",
-                    shown(&r.rel),
-                    q.sha256
-                ),
+            announce_suspect(
+                run,
+                &r,
+                q,
+                &found,
+                SuspectFate {
+                    logged: &format!("{why}; source kept"),
+                    disposal: &format!("{why}; the source stays in the drop directory"),
+                    source_kept: true,
+                },
             );
             r.kept = Some(KeptSource {
                 path: r.rel.clone(),
@@ -492,6 +484,49 @@ fn removed_by_engine(
             )
         }
     }
+}
+
+/// What became of a suspect file, as its log line and its mail say it.
+struct SuspectFate<'a> {
+    /// After the detections in the log line.
+    logged: &'a str,
+    /// The mail's `Disposal:` line.
+    disposal: &'a str,
+    /// The source stays for the administrator: the line is an error, not a warning.
+    source_kept: bool,
+}
+
+/// The one log line and the mail of a suspect file.
+fn announce_suspect(run: &Run, r: &FileResult, q: &Quarantined, found: &str, fate: SuspectFate) {
+    let SuspectFate {
+        logged,
+        disposal,
+        source_kept,
+    } = fate;
+    if source_kept {
+        tracing::error!(
+            "SUSPECT {:?}: {found}; {logged}; {} bytes{}",
+            shown(&r.rel),
+            q.size,
+            r.scan_part()
+        );
+    } else {
+        tracing::warn!(
+            "SUSPECT {:?}: {found}; {logged}; {} bytes{}",
+            shown(&r.rel),
+            q.size,
+            r.scan_part()
+        );
+    }
+    run.notifier.send(
+        notify::Kind::Hazard,
+        &format!("Shuttle: suspect file {}", shown(&r.rel)),
+        &format!(
+            "File: {}\nSHA-256: {}\nDetections: {found}\nDisposal: {disposal}\n",
+            shown(&r.rel),
+            q.sha256
+        ),
+    );
 }
 
 /// Opens the source and checks it is the file that was quarantined (same inode) and
