@@ -398,14 +398,19 @@ fn writer_detection(cfg: &Config) -> Result<String, String> {
         );
     }
     let uid = rustix::process::geteuid().as_raw();
-    let others = std::fs::read_dir(&cfg.source_path)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .take(10_000)
-        .filter_map(|e| e.metadata().ok())
-        .filter(|m| std::os::unix::fs::MetadataExt::uid(m) != uid)
-        .count();
+    // Listed beneath the source's handle ([`crate::fsx`]), never through a symlink.
+    let others = crate::fsx::Beneath::open(&cfg.source_path)
+        .and_then(|root| {
+            let dir = root.root();
+            Ok(dir
+                .entries()?
+                .into_iter()
+                .take(10_000)
+                .filter_map(|(name, _)| dir.meta(&name).ok())
+                .filter(|m| m.uid != uid)
+                .count())
+        })
+        .unwrap_or(0);
     let why = format!(
         "without CAP_LEASE this user can take a read lease only on its own files, and {} processes' open files are hidden from it in /proc, so files owned by other users are never taken",
         open.unreadable_processes

@@ -241,6 +241,8 @@ pub struct Meta {
     pub dev: u64,
     pub ino: u64,
     pub nlink: u64,
+    /// The owner.
+    pub uid: u32,
     pub size: u64,
     pub mtime_ns: i64,
     pub ctime_ns: i64,
@@ -256,6 +258,7 @@ impl Meta {
             dev: st.st_dev as u64,
             ino: st.st_ino as u64,
             nlink: st.st_nlink as u64,
+            uid: st.st_uid as u32,
             size: u64::try_from(st.st_size).unwrap_or(0),
             mtime_ns: ns(st.st_mtime as i64, st.st_mtime_nsec as i64),
             ctime_ns: ns(st.st_ctime as i64, st.st_ctime_nsec as i64),
