@@ -10,6 +10,7 @@ use crate::lock::LockError;
 use crate::run::{self, RunError, RunOptions};
 use crate::{check, logging};
 
+use crate::states::ArchiveEntry;
 /// Exit codes (docs/design.md §1): one enum, [`crate::states::ExitCode`].
 pub use crate::states::ExitCode;
 
@@ -333,7 +334,10 @@ fn hazard_list(cli: &CommandLine, json: bool) -> ExitCode {
         }
         return ExitCode::Ok;
     }
-    let ok = entries.iter().filter(|e| e.status == "ok").count();
+    let ok = entries
+        .iter()
+        .filter(|e| e.status == ArchiveEntry::Ok)
+        .count();
     println!(
         "hazard archive {}: {ok} archived file(s), {} other entr(y/ies)",
         dir.display(),
@@ -341,7 +345,7 @@ fn hazard_list(cli: &CommandLine, json: bool) -> ExitCode {
     );
     for e in &entries {
         match (&e.meta, e.status) {
-            (Some(m), "ok") => {
+            (Some(m), ArchiveEntry::Ok) => {
                 let engines: Vec<String> = m
                     .scanners
                     .iter()
@@ -358,7 +362,7 @@ fn hazard_list(cli: &CommandLine, json: bool) -> ExitCode {
             }
             _ => println!(
                 "{}  {}: {}",
-                e.status.to_uppercase(),
+                e.status.as_str().to_uppercase(),
                 e.file,
                 e.problem.as_deref().unwrap_or("")
             ),

@@ -764,7 +764,7 @@ fn resume_withdrawal(
         let dir = s.hazard?.dir().to_path_buf();
         hazard::list(&dir).ok()?.into_iter().find_map(|l| {
             let m = l.meta.as_ref()?;
-            (l.status == "ok"
+            (l.status == crate::states::ArchiveEntry::Ok
                 && m.file_id == file_id
                 && m.withdrawn_from.as_deref() == Some(d.final_path.as_str()))
             .then(|| dir.join(&l.file).display().to_string())

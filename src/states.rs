@@ -172,6 +172,31 @@ impl Verdict {
 }
 serialize_as_str!(Verdict);
 
+/// What `shuttle hazard list` makes of one entry of the hazard archive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArchiveEntry {
+    /// An archive with its sidecar, both readable.
+    Ok,
+    /// An archive or sidecar without the other, or unreadable.
+    Damaged,
+    /// Not Shuttle's.
+    Foreign,
+    /// Shuttle's temp file (an archive being written, or an interrupted run's).
+    Temp,
+}
+
+impl ArchiveEntry {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ArchiveEntry::Ok => "ok",
+            ArchiveEntry::Damaged => "damaged",
+            ArchiveEntry::Foreign => "foreign",
+            ArchiveEntry::Temp => "temp",
+        }
+    }
+}
+serialize_as_str!(ArchiveEntry);
+
 /// Why a file was left in the source this run: the report's `skipped_by_reason` keys.
 /// Ordered by name, as the report lists them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -31,6 +31,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::Config;
 use crate::fsx;
+use crate::states::ArchiveEntry;
 pub use key::{KeyError, Recipient};
 
 /// Identifies sidecars written by this implementation.
@@ -461,8 +462,7 @@ impl<W: Write> Tracking<W> {
 /// One entry of `shuttle hazard list`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Listed {
-    /// "ok", "damaged", "foreign" or "temp".
-    pub status: &'static str,
+    pub status: ArchiveEntry,
     /// File name in the archive directory.
     pub file: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -492,7 +492,7 @@ pub fn list(dir: &Path) -> io::Result<Vec<Listed>> {
         match name.into_string() {
             Ok(n) => names.push(n),
             Err(raw) => out.push(Listed {
-                status: "foreign",
+                status: ArchiveEntry::Foreign,
                 file: raw.to_string_lossy().into_owned(),
                 problem: Some("file name is not UTF-8; not a Shuttle hazard archive file".into()),
                 archive_bytes: None,
@@ -515,10 +515,10 @@ pub fn list(dir: &Path) -> io::Result<Vec<Listed>> {
             .meta(name.as_ref())
             .is_ok_and(|m| m.kind == rustix::fs::FileType::RegularFile);
         if fsx::is_temp_name(name) {
-            out.push(entry("temp", "Shuttle temp file (an archive being written, or left by an interrupted run; the next run removes it)".into()));
+            out.push(entry(ArchiveEntry::Temp, "Shuttle temp file (an archive being written, or left by an interrupted run; the next run removes it)".into()));
         } else if !is_file {
             out.push(entry(
-                "foreign",
+                ArchiveEntry::Foreign,
                 "not a regular file; not a Shuttle hazard archive file".into(),
             ));
         } else if let Some(archive) = name
@@ -527,21 +527,24 @@ pub fn list(dir: &Path) -> io::Result<Vec<Listed>> {
         {
             if !present.contains(archive) {
                 out.push(entry(
-                    "damaged",
+                    ArchiveEntry::Damaged,
                     format!("sidecar without its archive {archive}"),
                 ));
             }
         } else if name.starts_with("hazard_") && name.ends_with(".gpg") {
             out.push(check_entry(d, name));
         } else {
-            out.push(entry("foreign", "not a Shuttle hazard archive file".into()));
+            out.push(entry(
+                ArchiveEntry::Foreign,
+                "not a Shuttle hazard archive file".into(),
+            ));
         }
     }
     // Archived files first (what the operator hands on), then what needs a look;
     // each group newest first.
     out.sort_by(|a, b| {
-        (b.status == "ok")
-            .cmp(&(a.status == "ok"))
+        (b.status == ArchiveEntry::Ok)
+            .cmp(&(a.status == ArchiveEntry::Ok))
             .then(b.time.cmp(&a.time))
             .then_with(|| b.file.cmp(&a.file))
     });
@@ -558,7 +561,7 @@ fn mtime(d: &fsx::Dir, name: &std::ffi::OsStr) -> i64 {
 fn check_entry(d: &fsx::Dir, name: &str) -> Listed {
     let size = d.meta(name.as_ref()).map(|m| m.size).ok();
     let damaged = |problem: String| Listed {
-        status: "damaged",
+        status: ArchiveEntry::Damaged,
         file: name.to_string(),
         problem: Some(problem),
         archive_bytes: size,
@@ -599,7 +602,7 @@ fn check_entry(d: &fsx::Dir, name: &str) -> Listed {
         .map(|t| t.timestamp())
         .unwrap_or_else(|_| mtime(d, name.as_ref()));
     Listed {
-        status: "ok",
+        status: ArchiveEntry::Ok,
         file: name.to_string(),
         problem: None,
         archive_bytes: size,
