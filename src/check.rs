@@ -8,9 +8,10 @@ use rustix::fs::Access;
 use crate::config::{self, CommandLine, Config};
 use crate::hazard::{self, HazardArchive, HazardError};
 use crate::scan::{self, Scanners};
+use crate::states::ExitCode;
 
 /// Runs the checks, printing to stdout. Returns the exit code.
-pub fn check(cli: &CommandLine) -> i32 {
+pub fn check(cli: &CommandLine) -> ExitCode {
     let loaded = match config::load(cli) {
         Ok(l) => l,
         Err(errors) => {
@@ -18,7 +19,7 @@ pub fn check(cli: &CommandLine) -> i32 {
                 println!("problem: {e}");
             }
             println!("shuttle check: {} problem(s) found", errors.0.len());
-            return 2;
+            return ExitCode::Usage;
         }
     };
     let cfg = &loaded.config;
@@ -133,7 +134,7 @@ pub fn check(cli: &CommandLine) -> i32 {
                         ),
                     }
                 }
-                for stale in s.stale_signatures(crate::run::max_signature_age(cfg)) {
+                for stale in s.stale_signatures(crate::scan::max_signature_age(&cfg.scanning)) {
                     problems.push(format!(
                         "signatures too old: {stale} (a run would deliver nothing)"
                     ));
@@ -157,10 +158,10 @@ pub fn check(cli: &CommandLine) -> i32 {
     }
     if problems.is_empty() {
         println!("shuttle check: configuration OK");
-        0
+        ExitCode::Ok
     } else {
         println!("shuttle check: {} problem(s) found", problems.len());
-        2
+        ExitCode::Usage
     }
 }
 
@@ -397,14 +398,19 @@ fn writer_detection(cfg: &Config) -> Result<String, String> {
         );
     }
     let uid = rustix::process::geteuid().as_raw();
-    let others = std::fs::read_dir(&cfg.source_path)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .take(10_000)
-        .filter_map(|e| e.metadata().ok())
-        .filter(|m| std::os::unix::fs::MetadataExt::uid(m) != uid)
-        .count();
+    // Listed beneath the source's handle ([`crate::fsx`]), never through a symlink.
+    let others = crate::fsx::Beneath::open(&cfg.source_path)
+        .and_then(|root| {
+            let dir = root.root();
+            Ok(dir
+                .entries()?
+                .into_iter()
+                .take(10_000)
+                .filter_map(|(name, _)| dir.meta(&name).ok())
+                .filter(|m| m.uid != uid)
+                .count())
+        })
+        .unwrap_or(0);
     let why = format!(
         "without CAP_LEASE this user can take a read lease only on its own files, and {} processes' open files are hidden from it in /proc, so files owned by other users are never taken",
         open.unreadable_processes

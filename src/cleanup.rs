@@ -6,10 +6,11 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::fsx;
-use crate::quarantine::{Quarantined, Stamp, hash_file};
+use crate::fsx::hash_file;
+use crate::quarantine::{Quarantined, Stamp};
 
 /// Why a source was kept.
 #[derive(Debug, thiserror::Error)]
@@ -104,27 +105,43 @@ pub fn remove_source(
 
 /// Removes the empty subdirectories among `dirs` (relative to `root`, never `root`
 /// itself) whose mtime is at least `min_age` old. Deepest first; `rmdir` refuses any
-/// directory that is not empty, so nothing can be lost. Returns how many went.
+/// directory that is not empty, so nothing can be lost. Every directory is reached
+/// beneath `root`'s handle, never through a symlink. Returns how many went.
 pub fn remove_empty_dirs(root: &Path, dirs: &[PathBuf], min_age: Duration, what: &str) -> usize {
+    let root = match fsx::Beneath::open(root) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(
+                "cannot open {} to remove empty directories: {e}",
+                root.display()
+            );
+            return 0;
+        }
+    };
     let mut sorted: Vec<&PathBuf> = dirs.iter().filter(|d| !d.as_os_str().is_empty()).collect();
     sorted.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
     let now = SystemTime::now();
     let mut removed = 0;
     for rel in sorted {
-        let path = root.join(rel);
-        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+        let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else {
             continue;
         };
-        if !meta.is_dir() {
+        let Ok(dir) = root.open_dir(parent) else {
+            continue;
+        };
+        let Ok(m) = dir.meta(name) else {
+            continue;
+        };
+        if m.kind != rustix::fs::FileType::Directory {
             continue;
         }
-        let old_enough = meta
-            .modified()
-            .ok()
-            .and_then(|m| now.duration_since(m).ok())
-            .is_some_and(|age| age >= min_age);
-        if old_enough && std::fs::remove_dir(&path).is_ok() {
-            tracing::debug!("removed empty {what} directory {}", path.display());
+        let mtime = UNIX_EPOCH + Duration::from_nanos(u64::try_from(m.mtime_ns).unwrap_or(0));
+        let old_enough = now.duration_since(mtime).is_ok_and(|age| age >= min_age);
+        if old_enough && dir.remove_dir(name).is_ok() {
+            tracing::debug!(
+                "removed empty {what} directory {}",
+                dir.path().join(name).display()
+            );
             removed += 1;
         }
     }
@@ -134,18 +151,17 @@ pub fn remove_empty_dirs(root: &Path, dirs: &[PathBuf], min_age: Duration, what:
 /// Every subdirectory below `root` (not following symlinks), relative.
 pub fn subdirs(root: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(root.join(&rel)) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                let child = rel.join(e.file_name());
-                out.push(child.clone());
-                stack.push(child);
+    if let Ok(root) = fsx::Beneath::open(root) {
+        fsx::walk(root.root(), |step| {
+            let fsx::Step::Entry(e) = step else {
+                return false;
+            };
+            let dir = e.kind == rustix::fs::FileType::Directory;
+            if dir {
+                out.push(e.rel.clone());
             }
-        }
+            dir
+        });
     }
     out
 }

@@ -10,11 +10,9 @@ use crate::lock::LockError;
 use crate::run::{self, RunError, RunOptions};
 use crate::{check, logging};
 
-/// Exit codes (docs/design.md §1).
-pub const EXIT_OK: u8 = 0;
-pub const EXIT_FAILED: u8 = 1;
-pub const EXIT_USAGE: u8 = 2;
-pub const EXIT_LOCKED: u8 = 3;
+use crate::states::ArchiveEntry;
+/// Exit codes (docs/design.md §1): one enum, [`crate::states::ExitCode`].
+pub use crate::states::ExitCode;
 
 const CONFIG_HEADING: &str =
     "Configuration (each flag overrides the config file key of the same name)";
@@ -150,7 +148,7 @@ pub fn args_for_invocation(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsStr
 }
 
 /// Parses the command line and runs the command; returns the process exit code.
-pub fn main() -> u8 {
+pub fn main() -> ExitCode {
     // Nothing Shuttle creates is world-accessible, whatever the caller's umask: set
     // before anything (the log file first) is created.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o007));
@@ -162,7 +160,11 @@ pub fn main() -> u8 {
         Ok(m) => m,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
+            return if e.use_stderr() {
+                ExitCode::Usage
+            } else {
+                ExitCode::Ok
+            };
         }
     };
     let (name, sub) = matches.subcommand().unwrap_or(("run", &matches));
@@ -174,7 +176,7 @@ pub fn main() -> u8 {
         _ => {}
     }
     match name {
-        "check" => u8::try_from(check::check(&cli)).unwrap_or(EXIT_USAGE),
+        "check" => check::check(&cli),
         "status" => crate::status::main(&cli, sub.get_flag("json")),
         "defender-test" => crate::defender_test::main(&cli),
         "history" => crate::history::main(
@@ -182,7 +184,7 @@ pub fn main() -> u8 {
             sub.get_one::<String>("name").map_or("", String::as_str),
             sub.get_flag("json"),
         ),
-        "generate" => crate::generate::main(sub),
+        "generate" => crate::generate::main(sub, command()),
         "rescan" => crate::rescan::main(
             &cli,
             sub.get_one::<u64>("days").copied(),
@@ -190,7 +192,7 @@ pub fn main() -> u8 {
         ),
         "hazard" => match sub.subcommand() {
             Some(("list", list)) => hazard_list(&command_line(list), list.get_flag("json")),
-            _ => EXIT_USAGE,
+            _ => ExitCode::Usage,
         },
         _ => run_command(
             &cli,
@@ -216,12 +218,12 @@ pub fn restore_sigpipe() {
 }
 
 /// `run` (one pass) or `watch` (passes until SIGTERM/SIGINT).
-fn run_command(cli: &CommandLine, report_json: Option<PathBuf>, watch: bool) -> u8 {
+fn run_command(cli: &CommandLine, report_json: Option<PathBuf>, watch: bool) -> ExitCode {
     let loaded = match config::load(cli) {
         Ok(l) => l,
         Err(errors) => {
             eprintln!("{errors}");
-            return EXIT_USAGE;
+            return ExitCode::Usage;
         }
     };
     let mut cfg = loaded.config;
@@ -229,7 +231,7 @@ fn run_command(cli: &CommandLine, report_json: Option<PathBuf>, watch: bool) -> 
         Ok(g) => g,
         Err(line) => {
             eprintln!("{line}");
-            return EXIT_USAGE;
+            return ExitCode::Usage;
         }
     };
     crate::notify::off_when_unusable(&mut cfg.notifications);
@@ -249,7 +251,7 @@ fn run_command(cli: &CommandLine, report_json: Option<PathBuf>, watch: bool) -> 
         run::run(&cfg, &opts).map(|report| report.exit_code)
     };
     let code = match done {
-        Ok(code) => u8::try_from(code).unwrap_or(EXIT_FAILED),
+        Ok(code) => code,
         Err(RunError::Lock(LockError::Held { pid, path, idle })) => {
             let limit = run::stalled_after(&cfg);
             match idle {
@@ -266,33 +268,33 @@ fn run_command(cli: &CommandLine, report_json: Option<PathBuf>, watch: bool) -> 
                         "Shuttle run stalled",
                         &msg,
                     );
-                    EXIT_FAILED
+                    ExitCode::Failed
                 }
                 _ => {
                     tracing::error!(
                         "another shuttle run is active (pid {pid}) holding {}",
                         path.display()
                     );
-                    EXIT_LOCKED
+                    ExitCode::Locked
                 }
             }
         }
         Err(RunError::Lock(e)) => {
             tracing::error!("{e}");
-            EXIT_FAILED
+            ExitCode::Failed
         }
         Err(RunError::Config(msg)) => {
             for line in msg.lines() {
                 tracing::error!("configuration error: {line}");
             }
-            EXIT_USAGE
+            ExitCode::Usage
         }
     };
     // An incomplete log is a failed run (stderr is all that is left to say it on).
     match log.finish() {
         Err(e) => {
             eprintln!("shuttle: {e}");
-            if code == 0 { EXIT_FAILED } else { code }
+            code.or_failed()
         }
         Ok(()) => code,
     }
@@ -300,25 +302,25 @@ fn run_command(cli: &CommandLine, report_json: Option<PathBuf>, watch: bool) -> 
 
 /// `shuttle hazard list [--json]`: reads the sidecars; needs only `hazard_archive_path`
 /// (not the key), so it also works where the key file is being replaced.
-fn hazard_list(cli: &CommandLine, json: bool) -> u8 {
+fn hazard_list(cli: &CommandLine, json: bool) -> ExitCode {
     let cfg = match config::load_for(cli, config::Needs::KeysOnly) {
         Ok(l) => l.config,
         Err(errors) => {
             eprintln!("{errors}");
-            return EXIT_USAGE;
+            return ExitCode::Usage;
         }
     };
     let Some(dir) = cfg.hazard_archive() else {
         eprintln!(
             "configuration error: hazard_archive_path is not set: there is no hazard archive to list"
         );
-        return EXIT_USAGE;
+        return ExitCode::Usage;
     };
     let entries = match crate::hazard::list(dir) {
         Ok(e) => e,
         Err(e) => {
             eprintln!("cannot read hazard archive {}: {e}", dir.display());
-            return EXIT_FAILED;
+            return ExitCode::Failed;
         }
     };
     if json {
@@ -327,12 +329,15 @@ fn hazard_list(cli: &CommandLine, json: bool) -> u8 {
             Ok(text) => println!("{text}"),
             Err(e) => {
                 eprintln!("cannot serialise the listing: {e}");
-                return EXIT_FAILED;
+                return ExitCode::Failed;
             }
         }
-        return EXIT_OK;
+        return ExitCode::Ok;
     }
-    let ok = entries.iter().filter(|e| e.status == "ok").count();
+    let ok = entries
+        .iter()
+        .filter(|e| e.status == ArchiveEntry::Ok)
+        .count();
     println!(
         "hazard archive {}: {ok} archived file(s), {} other entr(y/ies)",
         dir.display(),
@@ -340,7 +345,7 @@ fn hazard_list(cli: &CommandLine, json: bool) -> u8 {
     );
     for e in &entries {
         match (&e.meta, e.status) {
-            (Some(m), "ok") => {
+            (Some(m), ArchiveEntry::Ok) => {
                 let engines: Vec<String> = m
                     .scanners
                     .iter()
@@ -357,13 +362,13 @@ fn hazard_list(cli: &CommandLine, json: bool) -> u8 {
             }
             _ => println!(
                 "{}  {}: {}",
-                e.status.to_uppercase(),
+                e.status.as_str().to_uppercase(),
                 e.file,
                 e.problem.as_deref().unwrap_or("")
             ),
         }
     }
-    EXIT_OK
+    ExitCode::Ok
 }
 
 #[cfg(test)]

@@ -18,17 +18,18 @@ use crate::ledger::{Ledger, TestRecord};
 use crate::notify::{self, Notifier};
 use crate::scan::defender::Defender;
 use crate::scan::{self, Scanner, Verdict};
+use crate::states::ExitCode;
 
 const CLEAN_TEXT: &[u8] =
     b"Shuttle defender-test: an ordinary text file that no scanner should flag.\n";
 
 /// Runs the test; returns the process exit code.
-pub fn main(cli: &CommandLine) -> u8 {
+pub fn main(cli: &CommandLine) -> ExitCode {
     let loaded = match config::load_for(cli, config::Needs::KeysOnly) {
         Ok(l) => l,
         Err(errors) => {
             eprintln!("{errors}");
-            return 2;
+            return ExitCode::Usage;
         }
     };
     let mut cfg = loaded.config;
@@ -36,7 +37,7 @@ pub fn main(cli: &CommandLine) -> u8 {
         Ok(g) => g,
         Err(line) => {
             eprintln!("{line}");
-            return 2;
+            return ExitCode::Usage;
         }
     };
     notify::off_when_unusable(&mut cfg.notifications);
@@ -59,7 +60,7 @@ pub fn main(cli: &CommandLine) -> u8 {
             println!("{msg}");
             tracing::error!("{msg}");
             notifier.send(notify::Kind::Error, "Shuttle: Defender test failed", &msg);
-            return 1;
+            return ExitCode::Failed;
         }
     };
     let (passed, details) = match run_test(&defender, &policy) {
@@ -97,7 +98,7 @@ pub fn main(cli: &CommandLine) -> u8 {
                 &summary,
             );
         }
-        0
+        ExitCode::Ok
     } else {
         tracing::error!("{line}");
         notifier.send(
@@ -105,7 +106,7 @@ pub fn main(cli: &CommandLine) -> u8 {
             &format!("Shuttle: Defender {version} test FAILED"),
             &summary,
         );
-        1
+        ExitCode::Failed
     }
 }
 
@@ -155,8 +156,13 @@ fn scan_one(
 
 /// Records one result. An existing ledger that cannot be read or parsed is never
 /// overwritten: that is a configuration problem (exit 2); a failed write is exit 1.
-fn record(path: &Path, version: &str, result: &str, details: &str) -> Result<(), (u8, String)> {
-    let mut ledger = Ledger::load_or_empty(path).map_err(|e| (2, e.to_string()))?;
+fn record(
+    path: &Path,
+    version: &str,
+    result: &str,
+    details: &str,
+) -> Result<(), (ExitCode, String)> {
+    let mut ledger = Ledger::load_or_empty(path).map_err(|e| (ExitCode::Usage, e.to_string()))?;
     ledger
         .upsert(&TestRecord {
             version: version.to_string(),
@@ -164,6 +170,6 @@ fn record(path: &Path, version: &str, result: &str, details: &str) -> Result<(),
             test_result: result.to_string(),
             test_details: details.to_string(),
         })
-        .map_err(|e| (2, e.to_string()))?;
-    ledger.save().map_err(|e| (1, e.to_string()))
+        .map_err(|e| (ExitCode::Usage, e.to_string()))?;
+    ledger.save().map_err(|e| (ExitCode::Failed, e.to_string()))
 }

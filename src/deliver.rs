@@ -10,15 +10,15 @@
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
-
 use crate::config::OnConflict;
 use crate::fsx;
-use crate::quarantine::{Quarantined, hash_file};
+use crate::fsx::hash_file;
+use crate::quarantine::Quarantined;
+use crate::states::Disposition;
 
 /// How a clean file reached the destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,12 +34,12 @@ pub enum How {
 }
 
 impl How {
-    pub fn as_str(self) -> &'static str {
+    /// The journal's disposition of a file delivered this way.
+    pub fn disposition(self) -> Disposition {
         match self {
-            How::Renamed => "delivered",
-            How::Copied => "delivered",
-            How::AlreadyPresent => "already_present",
-            How::Overwrote => "overwrote",
+            How::Renamed | How::Copied => Disposition::Delivered,
+            How::AlreadyPresent => Disposition::AlreadyPresent,
+            How::Overwrote => Disposition::Overwrote,
         }
     }
 }
@@ -73,21 +73,10 @@ pub enum DeliverError {
     },
 }
 
+fsx::impl_io_error!(DeliverError);
+
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> DeliverError + 'a {
-    move |source| {
-        if fsx::is_disk_full(&source) {
-            DeliverError::DiskFull {
-                path: path.to_path_buf(),
-                source,
-            }
-        } else {
-            DeliverError::Io {
-                action,
-                path: path.to_path_buf(),
-                source,
-            }
-        }
-    }
+    fsx::failed(action, path)
 }
 
 /// Where and how to deliver.
@@ -99,6 +88,63 @@ pub struct Target<'a> {
     /// fsync the file and its directory now. `false`: the caller makes a whole batch
     /// durable at once (`syncfs`) before it relies on these deliveries.
     pub durable: bool,
+}
+
+/// Where clean files go: the seam another kind of destination (object storage, a
+/// remote host) would implement. A run delivers every clean file through it and,
+/// once per batch, makes what it delivered durable before any source is removed.
+pub trait Destination: Send + Sync {
+    /// Places the verified quarantine copy `q` of file `id` as `rel`, never
+    /// overwriting a different file unless the conflict policy says so. Not yet
+    /// durable: see [`Destination::sync`].
+    fn deliver(
+        &self,
+        q: &Quarantined,
+        rel: &Path,
+        id: i64,
+        buf: &mut [u8],
+    ) -> Result<Delivered, DeliverError>;
+
+    /// Makes every delivery so far durable (the batch's group commit).
+    fn sync(&self) -> io::Result<()>;
+
+    /// Where it is, for messages.
+    fn describe(&self) -> String;
+}
+
+/// The destination directory: deliveries beneath its handle, one `syncfs` a batch.
+pub struct FsDestination {
+    pub root: fsx::Beneath,
+    pub on_conflict: OnConflict,
+    /// Quarantine and destination are on the same filesystem: delivery by rename.
+    pub same_fs: bool,
+}
+
+impl Destination for FsDestination {
+    fn deliver(
+        &self,
+        q: &Quarantined,
+        rel: &Path,
+        id: i64,
+        buf: &mut [u8],
+    ) -> Result<Delivered, DeliverError> {
+        let target = Target {
+            root: &self.root,
+            on_conflict: self.on_conflict,
+            same_fs: self.same_fs,
+            // Made durable with its batch: one syncfs for many files (group commit).
+            durable: false,
+        };
+        deliver(q, rel, id, &target, buf)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.root.root().syncfs()
+    }
+
+    fn describe(&self) -> String {
+        self.root.path().display().to_string()
+    }
 }
 
 /// Delivers quarantine copy `q` of file `id` to `target.root/rel`. On success the file
@@ -205,7 +251,7 @@ pub fn deliver(
 
 /// `EXDEV`: source and target of a rename are on different mounts.
 fn is_cross_device(e: &io::Error) -> bool {
-    e.raw_os_error() == Some(rustix::io::Errno::XDEV.raw_os_error())
+    fsx::classify(e, true) == fsx::IoKind::CrossDevice
 }
 
 /// Copies the open quarantine copy to `temp` in `dir`, hashing; refuses a mismatch.
@@ -219,20 +265,17 @@ fn copy_verified(
 ) -> Result<(), DeliverError> {
     let temp_path = dir.path().join(temp);
     let mut out = dir.create_new(temp).map_err(io_err("create", &temp_path))?;
-    let mut hasher = Sha256::new();
-    loop {
-        let n = match src.read(buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(io_err("read quarantine copy", &q.path)(e)),
-        };
-        hasher.update(&buf[..n]);
-        out.write_all(&buf[..n])
-            .map_err(io_err("write", &temp_path))?;
+    let copied = fsx::copy_hashing(src, &mut out, buf, |_, _, _| {
         crate::crashpoint::here("deliver: mid-copy across filesystems");
-    }
-    let got = hex::encode(hasher.finalize());
+        Ok::<(), io::Error>(())
+    });
+    let got = match copied {
+        Ok(h) => h.sha256,
+        Err(fsx::CopyFailure::Read(e) | fsx::CopyFailure::Stopped(e)) => {
+            return Err(io_err("read quarantine copy", &q.path)(e));
+        }
+        Err(fsx::CopyFailure::Write(e)) => return Err(io_err("write", &temp_path)(e)),
+    };
     if got != q.sha256 {
         return Err(DeliverError::HashMismatch {
             path: temp_path,

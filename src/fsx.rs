@@ -1,13 +1,21 @@
-//! Small filesystem operations the pipeline steps share: Shuttle's temp names, opening
-//! without following symlinks, atomic no-replace renames, directory fsync, free space.
+//! The filesystem layer: every file below the source, quarantine, destination and hazard
+//! archive is reached beneath a directory handle ([`Beneath`], [`Dir`]), never by a
+//! path that a planted symlink could redirect. Here too are the few operations the
+//! steps share, each once: Shuttle's temp names, the directory walk ([`walk`]), the
+//! hash-while-copy ([`copy_hashing`]), the atomic file write that fsyncs its directory
+//! ([`write_atomic`]), free space, and the classification of I/O failures
+//! ([`classify`], [`failed`]).
+//!
+//! The walk is Shuttle's own rather than `walkdir`'s: `walkdir` opens every directory
+//! by path, which is what the handles exist to avoid.
 
-use std::fs::{File, OpenOptions};
-use std::io;
+use std::fs::File;
+use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{AtFlags, CWD, OFlags, RenameFlags};
+use rustix::fs::{AtFlags, OFlags, RenameFlags};
+use sha2::{Digest, Sha256};
 
 /// Every file Shuttle writes under a final name is first written under this prefix.
 /// Discovery never picks such a file up and recovery removes leftovers.
@@ -23,48 +31,11 @@ pub fn temp_name(id: i64) -> String {
     format!("{TEMP_PREFIX}{id}")
 }
 
-/// The temp path for file `id` next to `final_path`; deterministic so that recovery
-/// can find it from the journal alone.
+/// The temp path for file `id` next to `final_path` (relative to the same root);
+/// deterministic so that recovery can find it from the journal alone.
 pub fn temp_path_for(final_path: &Path, id: i64) -> PathBuf {
     let dir = final_path.parent().unwrap_or(Path::new("."));
     dir.join(temp_name(id))
-}
-
-/// Opens a file for reading without following a symlink in its last component and
-/// without blocking on a FIFO that replaced a regular file.
-pub fn open_read_nofollow(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .custom_flags((OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY).bits() as i32)
-        .open(path)
-}
-
-/// Creates a new file exclusively (never through a symlink), mode 0600 until finished.
-pub fn create_new(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(OFlags::NOFOLLOW.bits() as i32)
-        .open(path)
-}
-
-/// Renames `from` to `to` unless `to` exists (EEXIST then). Falls back to link+unlink on
-/// filesystems without `RENAME_NOREPLACE`; both are atomic with respect to `to`.
-pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
-    match rustix::fs::renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
-        Ok(()) => Ok(()),
-        Err(e) if e == rustix::io::Errno::INVAL || e == rustix::io::Errno::NOSYS => {
-            rustix::fs::linkat(CWD, from, CWD, to, AtFlags::empty())?;
-            std::fs::remove_file(from)
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Makes a directory entry change (create, rename, unlink) durable.
-pub fn fsync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 /// Space on the filesystem holding `path`.
@@ -89,25 +60,262 @@ pub fn mib(bytes: u64) -> f64 {
     bytes as f64 / 1_048_576.0
 }
 
-/// Removes a file, treating "already gone" as success.
-pub fn remove_if_exists(path: &Path) -> io::Result<bool> {
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(e),
-    }
+/// What an I/O failure means to Shuttle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoKind {
+    /// `ENOSPC`/`EDQUOT`: a full disk or quota; it stops the run.
+    DiskFull,
+    /// `ELOOP`/`ENOTDIR`/`EXDEV` from a handle's resolution: a symlink (or a
+    /// non-directory) stood where a file or directory was expected, and was not
+    /// followed.
+    SymlinkRefused,
+    /// `EXDEV` from a rename: two different mounts.
+    CrossDevice,
+    NotFound,
+    Other,
 }
 
-/// `ELOOP`/`ENOTDIR`/`EXDEV`: a symlink (or a non-directory) stood where a file or
-/// directory was expected, and was not followed.
-pub fn is_symlink_refusal(e: &io::Error) -> bool {
+/// The one classifier of I/O failures. `EXDEV` is both a refused resolution
+/// (`openat2` with `RESOLVE_BENEATH`) and a cross-device rename: `rename` says which.
+pub fn classify(e: &io::Error, rename: bool) -> IoKind {
     use rustix::io::Errno;
-    matches!(e.raw_os_error(), Some(c) if [Errno::LOOP, Errno::NOTDIR, Errno::XDEV].iter().any(|x| x.raw_os_error() == c))
+    let Some(code) = e.raw_os_error() else {
+        return match e.kind() {
+            io::ErrorKind::NotFound => IoKind::NotFound,
+            _ => IoKind::Other,
+        };
+    };
+    let is = |x: Errno| x.raw_os_error() == code;
+    if is(Errno::NOSPC) || is(Errno::DQUOT) {
+        IoKind::DiskFull
+    } else if is(Errno::XDEV) && rename {
+        IoKind::CrossDevice
+    } else if is(Errno::LOOP) || is(Errno::NOTDIR) || is(Errno::XDEV) {
+        IoKind::SymlinkRefused
+    } else if is(Errno::NOENT) {
+        IoKind::NotFound
+    } else {
+        IoKind::Other
+    }
 }
 
 /// Is this I/O error a full disk or quota?
 pub fn is_disk_full(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(code) if code == rustix::io::Errno::NOSPC.raw_os_error() || code == rustix::io::Errno::DQUOT.raw_os_error())
+    classify(e, false) == IoKind::DiskFull
+}
+
+/// Was a symlink (or a non-directory) refused while resolving beneath a handle?
+pub fn is_symlink_refusal(e: &io::Error) -> bool {
+    classify(e, false) == IoKind::SymlinkRefused
+}
+
+/// An error type that tells a full disk from other I/O failures; [`failed`] builds it.
+pub trait IoError: Sized {
+    fn disk_full(path: PathBuf, source: io::Error) -> Self;
+    fn io(action: &'static str, path: PathBuf, source: io::Error) -> Self;
+}
+
+/// Implements [`IoError`] for an error enum with the variants
+/// `DiskFull { path, source }` and `Io { action, path, source }`.
+macro_rules! impl_io_error {
+    ($t:ident) => {
+        impl $crate::fsx::IoError for $t {
+            fn disk_full(path: std::path::PathBuf, source: std::io::Error) -> Self {
+                $t::DiskFull { path, source }
+            }
+            fn io(action: &'static str, path: std::path::PathBuf, source: std::io::Error) -> Self {
+                $t::Io {
+                    action,
+                    path,
+                    source,
+                }
+            }
+        }
+    };
+}
+pub(crate) use impl_io_error;
+
+/// `map_err(failed("write", &path))`: the I/O failure of `action` on `path`, a full
+/// disk told apart (quarantine, delivery and the hazard archive all stop the run on
+/// it).
+pub fn failed<'a, E: IoError>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> E + 'a {
+    move |source| {
+        if is_disk_full(&source) {
+            E::disk_full(path.to_path_buf(), source)
+        } else {
+            E::io(action, path.to_path_buf(), source)
+        }
+    }
+}
+
+/// The SHA-256 (lowercase hex) and length of what [`copy_hashing`] read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hashed {
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+/// Why [`copy_hashing`] stopped.
+#[derive(Debug)]
+pub enum CopyFailure<E> {
+    Read(io::Error),
+    Write(io::Error),
+    /// The per-chunk check said stop.
+    Stopped(E),
+}
+
+/// The one hash-while-copy: reads `src` to its end, hashing, writing each chunk to
+/// `out` (`io::sink()` to only hash), then lets `each` see the source, the chunk and
+/// the count so far (it may stop the copy). Used by the quarantine copy, the delivery across
+/// filesystems, and every re-hash of a source or copy ([`hash_file`]).
+pub fn copy_hashing<R: Read, E>(
+    src: &mut R,
+    out: &mut dyn Write,
+    buf: &mut [u8],
+    mut each: impl FnMut(&R, &[u8], u64) -> Result<(), E>,
+) -> Result<Hashed, CopyFailure<E>> {
+    let mut hasher = Sha256::new();
+    let mut n: u64 = 0;
+    loop {
+        let got = match src.read(buf) {
+            Ok(0) => break,
+            Ok(k) => k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(CopyFailure::Read(e)),
+        };
+        hasher.update(&buf[..got]);
+        out.write_all(&buf[..got]).map_err(CopyFailure::Write)?;
+        n += got as u64;
+        each(src, &buf[..got], n).map_err(CopyFailure::Stopped)?;
+    }
+    Ok(Hashed {
+        sha256: hex::encode(hasher.finalize()),
+        bytes: n,
+    })
+}
+
+/// SHA-256 of an open file, reading it from its current position to the end.
+pub fn hash_file(f: &mut File, buf: &mut [u8]) -> io::Result<(String, u64)> {
+    match copy_hashing(f, &mut io::sink(), buf, |_, _, _| Ok::<(), io::Error>(())) {
+        Ok(h) => Ok((h.sha256, h.bytes)),
+        Err(CopyFailure::Read(e) | CopyFailure::Write(e) | CopyFailure::Stopped(e)) => Err(e),
+    }
+}
+
+/// Writes `bytes` to `path` atomically: a temp file beside it (Shuttle's prefix),
+/// mode `mode` (0600 when `None`), fsynced, renamed over `path`, and the directory
+/// fsynced, so a reader sees the old file or the new one, and a crash keeps one.
+/// The one atomic write (report, metrics, ledger; the hazard sidecar takes its name
+/// without replacing, see [`Dir::write_new`]).
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: Option<u32>) -> io::Result<()> {
+    let (dir, name) = split_path(path)?;
+    let dir = Beneath::open(dir)?;
+    let temp = format!(
+        "{TEMP_PREFIX}{}.{}",
+        name.to_string_lossy(),
+        std::process::id()
+    );
+    dir.root()
+        .write_new(temp.as_ref(), name, bytes, mode.unwrap_or(0o600), false)
+}
+
+/// A path's directory (`.` for a bare name) and file name.
+fn split_path(path: &Path) -> io::Result<(&Path, &std::ffi::OsStr)> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a file path"))?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    Ok((dir, name))
+}
+
+/// What `lstat` says of an entry, in the same types on every platform.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Meta {
+    pub kind: rustix::fs::FileType,
+    pub dev: u64,
+    pub ino: u64,
+    pub nlink: u64,
+    /// The owner.
+    pub uid: u32,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+}
+
+impl Meta {
+    /// The kernel's field types differ between architectures; these casts only widen.
+    #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
+    pub fn of(st: &rustix::fs::Stat) -> Meta {
+        let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
+        Meta {
+            kind: rustix::fs::FileType::from_raw_mode(st.st_mode as _),
+            dev: st.st_dev as u64,
+            ino: st.st_ino as u64,
+            nlink: st.st_nlink as u64,
+            uid: st.st_uid as u32,
+            size: u64::try_from(st.st_size).unwrap_or(0),
+            mtime_ns: ns(st.st_mtime as i64, st.st_mtime_nsec as i64),
+            ctime_ns: ns(st.st_ctime as i64, st.st_ctime_nsec as i64),
+        }
+    }
+}
+
+/// One entry met by [`walk`].
+pub struct Entry<'a> {
+    /// The directory holding it, open.
+    pub dir: &'a Dir,
+    /// Its path relative to the walk's root.
+    pub rel: PathBuf,
+    pub name: std::ffi::OsString,
+    /// Its type as `lstat` sees it (a symlink is a symlink, never followed).
+    pub kind: rustix::fs::FileType,
+}
+
+/// What [`walk`] shows its visitor.
+pub enum Step<'a> {
+    /// An entry; the visitor returns whether to descend into it (directories only).
+    Entry(&'a Entry<'a>),
+    /// A directory (relative to the root) that could not be opened or read: skipped.
+    Unreadable(&'a Path, io::Error),
+}
+
+/// The one directory walk: every entry below `root`, each directory opened beneath
+/// its parent's handle without following a symlink (a symlink is an entry of kind
+/// symlink, never descended into).
+pub fn walk(root: &Dir, mut visit: impl FnMut(Step) -> bool) {
+    let mut stack: Vec<(Option<Dir>, PathBuf)> = vec![(None, PathBuf::new())];
+    while let Some((dir, rel_dir)) = stack.pop() {
+        let dir = dir.as_ref().unwrap_or(root);
+        let entries = match dir.entries() {
+            Ok(e) => e,
+            Err(e) => {
+                visit(Step::Unreadable(&rel_dir, e));
+                continue;
+            }
+        };
+        for (name, kind) in entries {
+            let entry = Entry {
+                dir,
+                rel: rel_dir.join(&name),
+                name,
+                kind,
+            };
+            if visit(Step::Entry(&entry)) && kind == rustix::fs::FileType::Directory {
+                match dir.open_subdir(&entry.name) {
+                    Ok(sub) => stack.push((Some(sub), entry.rel)),
+                    Err(e) => {
+                        visit(Step::Unreadable(&entry.rel, e));
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -120,7 +328,11 @@ mod tests {
         let (a, b) = (d.path().join("a"), d.path().join("b"));
         std::fs::write(&a, "new").unwrap();
         std::fs::write(&b, "old").unwrap();
-        let err = rename_noreplace(&a, &b).unwrap_err();
+        let dir = Beneath::open(d.path()).unwrap();
+        let dir = dir.root();
+        let err = dir
+            .rename_to("a".as_ref(), dir, "b".as_ref(), true)
+            .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
         assert_eq!(std::fs::read(&b).unwrap(), b"old");
         assert_eq!(std::fs::read(&a).unwrap(), b"new");
@@ -130,7 +342,60 @@ mod tests {
     fn open_refuses_symlink() {
         let d = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink("/etc/passwd", d.path().join("l")).unwrap();
-        assert!(open_read_nofollow(&d.path().join("l")).is_err());
+        let dir = Beneath::open(d.path()).unwrap();
+        assert!(dir.root().open_read("l".as_ref()).is_err());
+    }
+
+    #[test]
+    fn atomic_writes_replace_whole_and_leave_no_temp() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("report.json");
+        write_atomic(&p, b"one", None).unwrap();
+        write_atomic(&p, b"two", Some(0o640)).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().flatten().collect();
+        assert_eq!(names.len(), 1);
+        let dir = Beneath::open(d.path()).unwrap();
+        let err = dir
+            .root()
+            .write_new(".t".as_ref(), "report.json".as_ref(), b"x", 0o600, true)
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+    }
+
+    #[test]
+    fn the_walk_sees_everything_below_and_follows_no_symlink() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("a/b")).unwrap();
+        std::fs::write(d.path().join("a/b/f"), "x").unwrap();
+        std::os::unix::fs::symlink("/etc", d.path().join("a/l")).unwrap();
+        let root = Beneath::open(d.path()).unwrap();
+        let mut seen = Vec::new();
+        walk(root.root(), |s| {
+            if let Step::Entry(e) = s {
+                seen.push(e.rel.clone());
+            }
+            true
+        });
+        seen.sort();
+        let want: Vec<PathBuf> = ["a", "a/b", "a/b/f", "a/l"]
+            .iter()
+            .map(PathBuf::from)
+            .collect();
+        assert_eq!(seen, want);
+    }
+
+    #[test]
+    fn io_failures_are_classified_once() {
+        use rustix::io::Errno;
+        let e = |x: Errno| io::Error::from_raw_os_error(x.raw_os_error());
+        assert_eq!(classify(&e(Errno::NOSPC), false), IoKind::DiskFull);
+        assert_eq!(classify(&e(Errno::DQUOT), false), IoKind::DiskFull);
+        assert_eq!(classify(&e(Errno::LOOP), false), IoKind::SymlinkRefused);
+        assert_eq!(classify(&e(Errno::XDEV), false), IoKind::SymlinkRefused);
+        assert_eq!(classify(&e(Errno::XDEV), true), IoKind::CrossDevice);
+        assert_eq!(classify(&e(Errno::NOENT), false), IoKind::NotFound);
     }
 
     #[test]
@@ -373,6 +638,11 @@ impl Dir {
         )?)
     }
 
+    /// `lstat` of an entry as plain numbers (see [`Meta`]).
+    pub fn meta(&self, name: &std::ffi::OsStr) -> io::Result<Meta> {
+        self.stat(name).map(|st| Meta::of(&st))
+    }
+
     /// Renames `from` here to `to` in `dest`; with `noreplace`, fails with
     /// `AlreadyExists` rather than replace (link + unlink where the filesystem lacks
     /// `RENAME_NOREPLACE`).
@@ -438,6 +708,11 @@ impl Dir {
         Ok(out)
     }
 
+    /// Removes the empty directory `name` (`rmdir`: refused unless empty).
+    pub fn remove_dir(&self, name: &std::ffi::OsStr) -> io::Result<()> {
+        Ok(rustix::fs::unlinkat(&self.fd, name, AtFlags::REMOVEDIR)?)
+    }
+
     /// Opens the subdirectory `name` of this directory, never through a symlink.
     pub fn open_subdir(&self, name: &std::ffi::OsStr) -> io::Result<Dir> {
         let fd = rustix::fs::openat(
@@ -450,6 +725,33 @@ impl Dir {
             fd,
             path: self.path.join(name),
         })
+    }
+
+    /// Writes `bytes` under `temp` in this directory (mode `mode`, fsynced), renames
+    /// it to `name` (with `noreplace`, never over an existing file: `AlreadyExists`)
+    /// and fsyncs the directory. On error the temp file is removed.
+    pub fn write_new(
+        &self,
+        temp: &std::ffi::OsStr,
+        name: &std::ffi::OsStr,
+        bytes: &[u8],
+        mode: u32,
+        noreplace: bool,
+    ) -> io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = self.remove(temp);
+        let written = self.create_new(temp).and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+            f.sync_all()
+        });
+        let done = written
+            .and_then(|()| self.rename_to(temp, self, name, noreplace))
+            .and_then(|()| self.fsync());
+        if done.is_err() {
+            let _ = self.remove(temp);
+        }
+        done
     }
 
     /// Makes this directory's entries durable.

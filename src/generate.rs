@@ -204,23 +204,25 @@ pub fn command() -> Command {
         .subcommand(Command::new("config-doc").about("docs/configuration.md, to stdout"))
 }
 
-/// Runs `shuttle generate …`; returns the exit code.
-pub fn main(m: &clap::ArgMatches) -> u8 {
+/// Runs `shuttle generate …` for the command line `cli` (man pages and completions
+/// describe it); returns the exit code.
+pub fn main(m: &clap::ArgMatches, cli: clap::Command) -> crate::states::ExitCode {
+    use crate::states::ExitCode;
     let dir = |sub: &clap::ArgMatches| sub.get_one::<std::path::PathBuf>("dir").cloned();
     let result = match m.subcommand() {
-        Some(("man", sub)) => dir(sub).map(|d| man_pages(crate::cli::command(), &d)),
-        Some(("completions", sub)) => dir(sub).map(|d| completions(crate::cli::command(), &d)),
+        Some(("man", sub)) => dir(sub).map(|d| man_pages(cli, &d)),
+        Some(("completions", sub)) => dir(sub).map(|d| completions(cli, &d)),
         Some(("config", _)) => Some(std::io::stdout().write_all(config_template().as_bytes())),
         Some(("config-doc", _)) => Some(std::io::stdout().write_all(config_markdown().as_bytes())),
         _ => None,
     };
     match result {
-        Some(Ok(())) => crate::cli::EXIT_OK,
+        Some(Ok(())) => ExitCode::Ok,
         Some(Err(e)) => {
             eprintln!("shuttle generate: {e}");
-            crate::cli::EXIT_FAILED
+            ExitCode::Failed
         }
-        None => crate::cli::EXIT_USAGE,
+        None => ExitCode::Usage,
     }
 }
 

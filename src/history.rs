@@ -14,28 +14,28 @@
 
 use std::path::Path;
 
-use crate::cli::{EXIT_FAILED, EXIT_OK, EXIT_USAGE};
 use crate::config::{self, CommandLine};
 use crate::journal::{self, FileHistory, Journal};
 use crate::names::shown;
+use crate::states::ExitCode;
 
 /// Runs the command; returns the exit code: 0 records found, 1 none (or the journal
 /// cannot be read), 2 usage or configuration error.
-pub fn main(cli: &CommandLine, query: &str, json: bool) -> u8 {
+pub fn main(cli: &CommandLine, query: &str, json: bool) -> ExitCode {
     if query.is_empty() {
         eprintln!("shuttle history: give a file name or path");
-        return EXIT_USAGE;
+        return ExitCode::Usage;
     }
     let cfg = match config::load_for(cli, config::Needs::KeysOnly) {
         Ok(l) => l.config,
         Err(errors) => {
             eprintln!("{errors}");
-            return EXIT_USAGE;
+            return ExitCode::Usage;
         }
     };
     if let Some(why) = journal::absent(&cfg) {
         eprintln!("{why}");
-        return EXIT_FAILED;
+        return ExitCode::Failed;
     }
     let mut db = String::new();
     let records = match journal::open(&cfg).and_then(|j| {
@@ -45,7 +45,7 @@ pub fn main(cli: &CommandLine, query: &str, json: bool) -> u8 {
         Ok(r) => r,
         Err(e) => {
             eprintln!("cannot read the journal: {e}");
-            return EXIT_FAILED;
+            return ExitCode::Failed;
         }
     };
     if json {
@@ -54,16 +54,16 @@ pub fn main(cli: &CommandLine, query: &str, json: bool) -> u8 {
             Ok(text) => println!("{text}"),
             Err(e) => {
                 eprintln!("cannot serialise the history: {e}");
-                return EXIT_FAILED;
+                return ExitCode::Failed;
             }
         }
     } else {
         print!("{}", render(query, &records));
     }
     if records.is_empty() {
-        EXIT_FAILED
+        ExitCode::Failed
     } else {
-        EXIT_OK
+        ExitCode::Ok
     }
 }
 

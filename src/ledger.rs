@@ -22,7 +22,6 @@
 //! as the Python implementation kept it: a new test of a recorded version updates
 //! that entry, other entries are kept as they are.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde_norway::{Mapping, Value};
@@ -225,25 +224,11 @@ impl Ledger {
         };
         let text = serde_norway::to_string(&self.doc)
             .map_err(|e| err(std::io::Error::other(e.to_string())))?;
-        let dir = match self.path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".shuttle-ledger.")
-            .tempfile_in(&dir)
-            .map_err(err)?;
-        tmp.write_all(text.as_bytes()).map_err(err)?;
-        if let Ok(meta) = std::fs::metadata(&self.path) {
-            tmp.as_file()
-                .set_permissions(meta.permissions())
-                .map_err(err)?;
-        }
-        tmp.as_file().sync_all().map_err(err)?;
-        tmp.persist(&self.path).map_err(|e| err(e.error))?;
-        std::fs::File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(err)?;
+        let mode = std::fs::metadata(&self.path).ok().map(|m| {
+            use std::os::unix::fs::PermissionsExt;
+            m.permissions().mode() & 0o7777
+        });
+        crate::fsx::write_atomic(&self.path, text.as_bytes(), mode).map_err(err)?;
         Ok(())
     }
 }

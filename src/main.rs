@@ -1,5 +1,5 @@
 //! The `shuttle` command. Everything lives in the library; see `shuttle::cli`.
 
 fn main() -> std::process::ExitCode {
-    std::process::ExitCode::from(shuttle::cli::main())
+    shuttle::cli::main().into()
 }

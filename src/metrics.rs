@@ -15,10 +15,10 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::path::Path;
 
 use crate::config::Config;
+use crate::fsx;
 use crate::report::Report;
 
 const LAST_SUCCESS: &str = "shuttle_last_success_timestamp_seconds";
@@ -44,7 +44,7 @@ pub fn write(
         return Ok(());
     };
     let now = chrono::Utc::now().timestamp();
-    let last_success = if report.exit_code == 0 {
+    let last_success = if report.exit_code == crate::states::ExitCode::Ok {
         Some(now)
     } else {
         previous_success(path).or_else(|| journal_success(cfg))
@@ -167,7 +167,7 @@ pub fn render(
         "shuttle_throttle_reason",
         "1 for the reason admission stopped in the last run, 0 for the others",
     );
-    for reason in ["disk_space", "daily_limit", "per_run_limit"] {
+    for reason in crate::states::ThrottleReason::ALL {
         let on = report.throttle.stopped && report.throttle.reason == Some(reason);
         let _ = writeln!(
             s,
@@ -438,30 +438,12 @@ fn journal_success(cfg: &Config) -> Option<i64> {
 }
 
 fn write_atomic(path: &Path, text: &str) -> Result<(), MetricsError> {
-    let err = |source| MetricsError::Write {
-        path: path.display().to_string(),
-        source,
-    };
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".shuttle-metrics.")
-        .tempfile_in(dir)
-        .map_err(err)?;
-    tmp.write_all(text.as_bytes()).map_err(err)?;
     // node_exporter runs as another user: the file must be readable by the group
     // (umask 007 applies), like everything Shuttle creates.
-    {
-        use std::os::unix::fs::PermissionsExt;
-        tmp.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o640))
-            .map_err(err)?;
-    }
-    tmp.as_file().sync_all().map_err(err)?;
-    tmp.persist(path).map_err(|e| err(e.error))?;
-    Ok(())
+    fsx::write_atomic(path, text.as_bytes(), Some(0o640)).map_err(|source| MetricsError::Write {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 #[cfg(test)]

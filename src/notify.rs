@@ -27,6 +27,7 @@ use lettre::{Message, SmtpTransport, Transport};
 
 use crate::config::NotifyConfig;
 use crate::report::Report;
+use crate::states::Outcome;
 
 /// Bound on every SMTP conversation (connect, each command) and on the wait for the
 /// queue at the end of a run.
@@ -337,7 +338,7 @@ fn summary_subject(r: &Report) -> String {
     if r.throttle.stopped {
         s.push_str(&format!(
             ", throttled ({})",
-            r.throttle.reason.unwrap_or("unknown")
+            r.throttle.reason.map_or("unknown", |r| r.as_str())
         ));
     }
     s
@@ -376,7 +377,7 @@ pub fn summary_body(r: &Report) -> String {
     if r.throttle.stopped {
         s.push_str(&format!(
             "\nAdmission stopped by the throttle: {}: {}\n",
-            r.throttle.reason.unwrap_or("unknown"),
+            r.throttle.reason.map_or("unknown", |r| r.as_str()),
             r.throttle.message.as_deref().unwrap_or("")
         ));
         for rec in &r.throttle.recommendations {
@@ -421,7 +422,7 @@ fn failed_body(r: &Report) -> String {
     let set_aside = r
         .file_results
         .iter()
-        .filter(|e| e.outcome == "unscannable" || e.outcome == "too_large");
+        .filter(|e| matches!(e.outcome, Outcome::Unscannable | Outcome::TooLarge));
     if r.files.unscannable + r.files.too_large > 0 {
         s.push_str(&format!(
             "{} file(s) were set aside in the run started {}: they stay untouched in the \
@@ -434,7 +435,7 @@ fn failed_body(r: &Report) -> String {
             s.push_str(&format!(
                 "- {} ({}): {}\n",
                 e.path,
-                e.outcome,
+                e.outcome.as_str(),
                 e.error.as_deref().unwrap_or("")
             ));
         }
@@ -448,7 +449,10 @@ fn failed_body(r: &Report) -> String {
          directory and are tried again by the next run.\n\n",
         r.files.failed, r.started
     ));
-    let failed = r.file_results.iter().filter(|e| e.outcome == "failed");
+    let failed = r
+        .file_results
+        .iter()
+        .filter(|e| e.outcome == Outcome::Failed);
     for e in failed.clone().take(FAILED_LISTED) {
         s.push_str(&format!(
             "- {}: {}\n",

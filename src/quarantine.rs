@@ -6,11 +6,9 @@
 //! delivered. If the source changes while it is being copied the copy is dropped.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-
-use sha2::{Digest, Sha256};
 
 use crate::fsx;
 
@@ -104,27 +102,7 @@ pub enum QuarantineError {
     },
 }
 
-impl QuarantineError {
-    fn io<'a>(
-        action: &'static str,
-        path: &'a Path,
-    ) -> impl FnOnce(io::Error) -> QuarantineError + 'a {
-        move |source| {
-            if fsx::is_disk_full(&source) {
-                QuarantineError::DiskFull {
-                    path: path.to_path_buf(),
-                    source,
-                }
-            } else {
-                QuarantineError::Io {
-                    action,
-                    path: path.to_path_buf(),
-                    source,
-                }
-            }
-        }
-    }
-}
+fsx::impl_io_error!(QuarantineError);
 
 /// Permission bits a delivered file may carry: no setuid/setgid/sticky, no world bits
 /// (docs/design.md §1.4, umask 007).
@@ -165,11 +143,11 @@ pub fn copy_in(
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(QuarantineError::Vanished),
         // A symlink swapped in for the file or one of its directories.
         Err(e) if fsx::is_symlink_refusal(&e) => return Err(QuarantineError::NotRegular),
-        Err(e) => return Err(QuarantineError::io("open source", &src_path)(e)),
+        Err(e) => return Err(fsx::failed("open source", &src_path)(e)),
     };
     let before = src
         .metadata()
-        .map_err(QuarantineError::io("stat source", &src_path))?;
+        .map_err(fsx::failed("stat source", &src_path))?;
     if !before.is_file() {
         return Err(QuarantineError::NotRegular);
     }
@@ -197,7 +175,7 @@ pub fn copy_in(
     let final_path = quarantine.path().join(rel);
     let qdir = quarantine
         .create_dir_all(parent, false)
-        .map_err(QuarantineError::io(
+        .map_err(fsx::failed(
             "create quarantine directory",
             final_path.parent().unwrap_or(quarantine.path()),
         ))?;
@@ -206,7 +184,7 @@ pub fn copy_in(
     let _ = qdir.remove(temp_name.as_ref());
     let mut out = qdir
         .create_new(temp_name.as_ref())
-        .map_err(QuarantineError::io("create", &temp))?;
+        .map_err(fsx::failed("create", &temp))?;
     crate::crashpoint::here("quarantine: temp created");
 
     let copied = copy_hashing(&mut src, &mut out, leased, buf, &src_path, &temp);
@@ -218,7 +196,7 @@ pub fn copy_in(
          }| {
             let after = src
                 .metadata()
-                .map_err(QuarantineError::io("stat source", &src_path))?;
+                .map_err(fsx::failed("stat source", &src_path))?;
             if !Stamp::of(&after).unchanged(&before) || n != before.size {
                 return Err(QuarantineError::Changed(
                     "source was modified during the copy",
@@ -236,11 +214,11 @@ pub fn copy_in(
                 last_modification: mtime,
             };
             rustix::fs::futimens(&out, &times)
-                .map_err(|e| QuarantineError::io("set mtime of", &temp)(e.into()))?;
-            let copy = Stamp::of(&out.metadata().map_err(QuarantineError::io("stat", &temp))?);
+                .map_err(|e| fsx::failed("set mtime of", &temp)(e.into()))?;
+            let copy = Stamp::of(&out.metadata().map_err(fsx::failed("stat", &temp))?);
             crate::crashpoint::here("quarantine: copied, before rename");
             qdir.rename_to(temp_name.as_ref(), &qdir, name, false)
-                .map_err(QuarantineError::io("rename into", &final_path))?;
+                .map_err(fsx::failed("rename into", &final_path))?;
             Ok(Quarantined {
                 path: final_path.clone(),
                 root: quarantine.clone(),
@@ -276,9 +254,9 @@ struct Copied {
     maybe_archive: bool,
 }
 
-/// Copies `src` to `out`, returning the hex SHA-256 and the byte count.
-/// With `leased`, the lease on `src` is checked after every read: a writer that
-/// opens the file meanwhile waits for it, so the copy is given up at once.
+/// Copies `src` to `out` ([`fsx::copy_hashing`]), returning the hex SHA-256 and the
+/// byte count. With `leased`, the lease on `src` is checked after every read: a
+/// writer that opens the file meanwhile waits for it, so the copy is given up at once.
 fn copy_hashing(
     src: &mut File,
     out: &mut File,
@@ -287,55 +265,32 @@ fn copy_hashing(
     src_path: &Path,
     out_path: &Path,
 ) -> Result<Copied, QuarantineError> {
-    let mut hasher = Sha256::new();
-    let mut n: u64 = 0;
     // Judged from the first read; a first read too short to tell counts as maybe.
     let mut maybe_archive = false;
-    loop {
-        let got = match src.read(buf) {
-            Ok(0) => break,
-            Ok(k) => k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(QuarantineError::io("read source", src_path)(e)),
-        };
+    let copied = fsx::copy_hashing(src, out, buf, |src, chunk, n| {
         if leased && !crate::lease::still_held(src) {
             crate::lease::release(src);
             return Err(QuarantineError::OpenForWriting(" (opened during the copy)"));
         }
-        hasher.update(&buf[..got]);
-        out.write_all(&buf[..got])
-            .map_err(QuarantineError::io("write", out_path))?;
-        n += got as u64;
-        if n == got as u64 {
-            maybe_archive = crate::scan::archive::looks_like_archive(&buf[..got]);
+        let got = chunk.len() as u64;
+        if n == got {
+            maybe_archive = crate::scan::archive::looks_like_archive(chunk);
             crate::crashpoint::here("quarantine: mid-copy");
-        } else if (n - got as u64) < crate::scan::archive::PEEK as u64 {
+        } else if (n - got) < crate::scan::archive::PEEK as u64 {
             maybe_archive = true;
         }
+        Ok(())
+    });
+    match copied {
+        Ok(h) => Ok(Copied {
+            sha256: h.sha256,
+            n: h.bytes,
+            maybe_archive,
+        }),
+        Err(fsx::CopyFailure::Read(e)) => Err(fsx::failed("read source", src_path)(e)),
+        Err(fsx::CopyFailure::Write(e)) => Err(fsx::failed("write", out_path)(e)),
+        Err(fsx::CopyFailure::Stopped(e)) => Err(e),
     }
-    Ok(Copied {
-        sha256: hex::encode(hasher.finalize()),
-        n,
-        maybe_archive,
-    })
-}
-
-/// SHA-256 of an open file, reading it from its current position to the end.
-pub fn hash_file(f: &mut File, buf: &mut [u8]) -> io::Result<(String, u64)> {
-    let mut hasher = Sha256::new();
-    let mut n: u64 = 0;
-    loop {
-        match f.read(buf) {
-            Ok(0) => break,
-            Ok(k) => {
-                hasher.update(&buf[..k]);
-                n += k as u64;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok((hex::encode(hasher.finalize()), n))
 }
 
 impl Quarantined {
@@ -355,6 +310,15 @@ impl Quarantined {
             return Err(io::Error::other("quarantine copy was replaced or modified"));
         }
         Ok(f)
+    }
+
+    /// `lstat` of the copy's name, beneath the quarantine's handle (an engine may
+    /// have removed the copy: `NotFound`).
+    pub fn stat(&self) -> io::Result<fsx::Meta> {
+        let (Some(parent), Some(name)) = (self.rel.parent(), self.rel.file_name()) else {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        };
+        self.root.open_dir(parent)?.meta(name)
     }
 
     /// Removes the copy, through a directory handle beneath the quarantine: a symlink

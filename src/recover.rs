@@ -51,11 +51,7 @@ pub fn reconcile(
             }
         }
         if let Some(h) = &hazard {
-            remove(
-                h,
-                Path::new(&format!("{}{}", fsx::TEMP_PREFIX, f.id)),
-                &mut out.removed,
-            );
+            remove(h, Path::new(&fsx::temp_name(f.id)), &mut out.removed);
         }
         journal.mark_interrupted(
             f.id,
@@ -101,25 +97,21 @@ fn remove(root: &Beneath, rel: &Path, removed: &mut Vec<PathBuf>) {
 
 /// Removes Shuttle temp files anywhere in the quarantine; lists other leftovers.
 fn sweep_quarantine(root: &Dir, out: &mut Recovered) {
-    let mut stack = vec![None::<Dir>];
-    while let Some(dir) = stack.pop() {
-        let dir = dir.as_ref().unwrap_or(root);
-        let Ok(entries) = dir.entries() else {
-            continue;
+    fsx::walk(root, |step| {
+        let fsx::Step::Entry(e) = step else {
+            return false;
         };
-        for (name, kind) in entries {
-            let path = dir.path().join(&name);
-            if kind == rustix::fs::FileType::Directory {
-                if let Ok(sub) = dir.open_subdir(&name) {
-                    stack.push(Some(sub));
-                }
-            } else if name.to_str().is_some_and(fsx::is_temp_name) {
-                if let Ok(true) = dir.remove(&name) {
-                    out.removed.push(path);
-                }
-            } else {
-                out.unknown_in_quarantine.push(path);
-            }
+        let path = e.dir.path().join(&e.name);
+        if e.kind == rustix::fs::FileType::Directory {
+            return true;
         }
-    }
+        if e.name.to_str().is_some_and(fsx::is_temp_name) {
+            if let Ok(true) = e.dir.remove(&e.name) {
+                out.removed.push(path);
+            }
+        } else {
+            out.unknown_in_quarantine.push(path);
+        }
+        false
+    });
 }

@@ -1,7 +1,6 @@
 //! The run's figures (docs/design.md §8): one summary line in the log and `--report-json`.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 
 use serde::Serialize;
@@ -32,7 +31,7 @@ pub struct ByteCounts {
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct ThrottleReport {
     pub stopped: bool,
-    pub reason: Option<&'static str>,
+    pub reason: Option<crate::states::ThrottleReason>,
     pub message: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub recommendations: Vec<String>,
@@ -49,11 +48,11 @@ pub struct KeptSource {
 #[derive(Debug, Clone, Serialize)]
 pub struct FileEntry {
     pub path: String,
-    pub outcome: &'static str,
-    /// The combined verdict when scanned ("clean", "suspect", "failed",
-    /// "unscannable", "clean (encrypted archive contents unscanned)").
+    #[serde(serialize_with = "outcome_name")]
+    pub outcome: crate::states::Outcome,
+    /// The combined verdict when scanned.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub verdict: Option<&'static str>,
+    pub verdict: Option<crate::states::Verdict>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -64,6 +63,11 @@ pub struct FileEntry {
     pub error: Option<String>,
     #[serde(skip_serializing_if = "serde_json::Value::is_null")]
     pub scanners: serde_json::Value,
+}
+
+/// A file's outcome by its journal name.
+fn outcome_name<S: serde::Serializer>(o: &crate::states::Outcome, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(o.as_str())
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -80,7 +84,7 @@ pub struct EngineVersion {
 
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct Report {
-    pub exit_code: i32,
+    pub exit_code: crate::states::ExitCode,
     pub started: String,
     pub finished: String,
     pub run_id: Option<i64>,
@@ -88,7 +92,7 @@ pub struct Report {
     pub bytes: ByteCounts,
     pub throttle: ThrottleReport,
     /// Skips by reason (`recently_modified`, `open_by_process`, `symlink`, …).
-    pub skipped_by_reason: BTreeMap<&'static str, u64>,
+    pub skipped_by_reason: BTreeMap<crate::states::SkipKind, u64>,
     pub scanners: Vec<EngineVersion>,
     /// The retro-scan of earlier deliveries this run or pass made (`crate::rescan`).
     pub rescan: crate::rescan::RescanCounts,
@@ -146,17 +150,11 @@ impl Report {
         s
     }
 
-    /// Writes the report atomically (temp + rename), so a reader never sees half.
+    /// Writes the report atomically ([`fsx::write_atomic`]), so a reader never sees
+    /// half.
     pub fn write_json(&self, path: &Path) -> std::io::Result<()> {
-        let dir = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-        serde_json::to_writer_pretty(&mut tmp, self)?;
-        tmp.write_all(b"\n")?;
-        tmp.as_file().sync_all()?;
-        tmp.persist(path).map_err(|e| e.error)?;
-        Ok(())
+        let mut text = serde_json::to_vec_pretty(self)?;
+        text.push(b'\n');
+        fsx::write_atomic(path, &text, None)
     }
 }

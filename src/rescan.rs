@@ -27,14 +27,12 @@
 //! a kill at any point neither loses the file nor archives it twice.
 
 use std::fs::File;
-use std::io::{Read, Seek};
+use std::io::Seek;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-
-use sha2::{Digest, Sha256};
 
 use crate::config::{Config, RescanAction};
 use crate::fsx::Beneath;
@@ -43,6 +41,7 @@ use crate::journal::{Delivery, Journal, JournalError, RescanState};
 use crate::names::shown;
 use crate::notify::{self, Notifier};
 use crate::scan::{FileVerdict, Scanners, Signatures};
+use crate::states::ExitCode;
 
 /// Deliveries read from the journal at a time.
 const PAGE: u32 = 256;
@@ -212,22 +211,9 @@ fn time(secs: i64) -> String {
 /// Reads `file` from its start to its end: (bytes, SHA-256 hex).
 fn hash(file: &mut File) -> std::io::Result<(u64, String)> {
     file.rewind()?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    let mut n = 0u64;
-    loop {
-        match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(k) => {
-                h.update(&buf[..k]);
-                n += k as u64;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
+    let (sha256, n) = crate::fsx::hash_file(file, &mut vec![0u8; 1 << 16])?;
     file.rewind()?;
-    Ok((n, hex::encode(h.finalize())))
+    Ok((n, sha256))
 }
 
 /// Does the open copy still look like the delivery (regular file, size, mtime)?
@@ -778,7 +764,7 @@ fn resume_withdrawal(
         let dir = s.hazard?.dir().to_path_buf();
         hazard::list(&dir).ok()?.into_iter().find_map(|l| {
             let m = l.meta.as_ref()?;
-            (l.status == "ok"
+            (l.status == crate::states::ArchiveEntry::Ok
                 && m.file_id == file_id
                 && m.withdrawn_from.as_deref() == Some(d.final_path.as_str()))
             .then(|| dir.join(&l.file).display().to_string())
@@ -872,13 +858,12 @@ fn notify_changed(s: &Slice, d: &Delivery, why: &str) {
 /// `shuttle rescan [--days N] [--path PREFIX]`: a retro-scan now, with no time budget,
 /// under the run lock. Exit 0 done, 1 a rescan failed or the run stopped, 2
 /// configuration, 3 another run holds the lock.
-pub fn main(cli: &crate::config::CommandLine, days: Option<u64>, prefix: Option<&str>) -> u8 {
-    use crate::cli::{EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_USAGE};
+pub fn main(cli: &crate::config::CommandLine, days: Option<u64>, prefix: Option<&str>) -> ExitCode {
     let loaded = match crate::config::load(cli) {
         Ok(l) => l,
         Err(errors) => {
             eprintln!("{errors}");
-            return EXIT_USAGE;
+            return ExitCode::Usage;
         }
     };
     let mut cfg = loaded.config;
@@ -886,7 +871,7 @@ pub fn main(cli: &crate::config::CommandLine, days: Option<u64>, prefix: Option<
         Ok(g) => g,
         Err(line) => {
             eprintln!("{line}");
-            return EXIT_USAGE;
+            return ExitCode::Usage;
         }
     };
     notify::off_when_unusable(&mut cfg.notifications);
@@ -904,12 +889,12 @@ pub fn main(cli: &crate::config::CommandLine, days: Option<u64>, prefix: Option<
                 counts.seconds
             );
             if counts.failed > 0 {
-                EXIT_FAILED
+                ExitCode::Failed
             } else {
-                EXIT_OK
+                ExitCode::Ok
             }
         }
-        Err(NowError::Run(crate::run::RunError::Lock(crate::lock::LockError::Held {
+        Err(NowError::Run(crate::preflight::RunError::Lock(crate::lock::LockError::Held {
             pid,
             path,
             ..
@@ -918,23 +903,23 @@ pub fn main(cli: &crate::config::CommandLine, days: Option<u64>, prefix: Option<
                 "another shuttle run is active (pid {pid}) holding {}",
                 path.display()
             );
-            EXIT_LOCKED
+            ExitCode::Locked
         }
-        Err(NowError::Run(crate::run::RunError::Config(msg))) => {
+        Err(NowError::Run(crate::preflight::RunError::Config(msg))) => {
             for line in msg.lines() {
                 tracing::error!("configuration error: {line}");
             }
-            EXIT_USAGE
+            ExitCode::Usage
         }
         Err(e) => {
             tracing::error!("retro-scan stopped: {e}");
-            EXIT_FAILED
+            ExitCode::Failed
         }
     };
     match log.finish() {
         Err(e) => {
             eprintln!("shuttle: {e}");
-            if code == EXIT_OK { EXIT_FAILED } else { code }
+            code.or_failed()
         }
         Ok(()) => code,
     }
@@ -944,7 +929,7 @@ pub fn main(cli: &crate::config::CommandLine, days: Option<u64>, prefix: Option<
 #[derive(Debug, thiserror::Error)]
 pub enum NowError {
     #[error(transparent)]
-    Run(#[from] crate::run::RunError),
+    Run(#[from] crate::preflight::RunError),
     #[error(transparent)]
     Rescan(#[from] RescanError),
     #[error(transparent)]
@@ -957,18 +942,18 @@ pub enum NowError {
 
 /// The retro-scan of `shuttle rescan`.
 fn now(cfg: &Config, days: u64, prefix: Option<&str>) -> Result<RescanCounts, NowError> {
-    crate::run::preflight(cfg)?;
-    let _lock = crate::lock::acquire(&cfg.lock_path).map_err(crate::run::RunError::Lock)?;
-    let engines = crate::scan::enabled(cfg).map_err(crate::run::RunError::Config)?;
+    crate::preflight::preflight(cfg)?;
+    let _lock = crate::lock::acquire(&cfg.lock_path).map_err(crate::preflight::RunError::Lock)?;
+    let engines = crate::scan::enabled(cfg).map_err(crate::preflight::RunError::Config)?;
     let hazard =
-        HazardArchive::open(cfg).map_err(|e| crate::run::RunError::Config(e.to_string()))?;
+        HazardArchive::open(cfg).map_err(|e| crate::preflight::RunError::Config(e.to_string()))?;
     let journal = Mutex::new(crate::journal::open(cfg)?);
     let mut scanners = Scanners::start(
         engines,
         crate::scan::Policy::from_config(&cfg.scanning),
         cfg.scanning.canary,
     )?;
-    let max_age = crate::run::max_signature_age(cfg);
+    let max_age = crate::scan::max_signature_age(&cfg.scanning);
     let stale = scanners.stale_signatures(max_age);
     if !stale.is_empty() {
         return Err(NowError::Stale(stale.join("; ")));

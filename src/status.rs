@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::config::{self, CommandLine, Config};
 use crate::fsx::{self, mib};
 use crate::journal::{self, Journal, RunRow, SpaceSample};
+use crate::states::ExitCode;
 use crate::throttle;
 
 const DAY: i64 = 86_400;
@@ -130,20 +131,23 @@ fn trend_per_day(samples: &[SpaceSample], free_now: Option<u64>, now: i64) -> Op
     Some((first.free_bytes as f64 - last_free as f64) / (span as f64 / DAY as f64))
 }
 
+/// Bytes of the regular files below `root` ([`crate::fsx::walk`], no symlink followed).
 fn dir_bytes(root: &std::path::Path) -> u64 {
     let mut total = 0;
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            match e.metadata() {
-                Ok(m) if m.is_dir() => stack.push(e.path()),
-                Ok(m) if m.is_file() => total += m.len(),
-                _ => {}
+    if let Ok(root) = crate::fsx::Beneath::open(root) {
+        crate::fsx::walk(root.root(), |step| {
+            let crate::fsx::Step::Entry(e) = step else {
+                return false;
+            };
+            match e.dir.meta(&e.name) {
+                Ok(m) if m.kind == rustix::fs::FileType::Directory => true,
+                Ok(m) if m.kind == rustix::fs::FileType::RegularFile => {
+                    total += m.size;
+                    false
+                }
+                _ => false,
             }
-        }
+        });
     }
     total
 }
@@ -211,12 +215,12 @@ pub fn print(s: &Status) {
 }
 
 /// `shuttle status [--json]`; returns the exit code.
-pub fn main(cli: &CommandLine, json: bool) -> u8 {
+pub fn main(cli: &CommandLine, json: bool) -> ExitCode {
     let loaded = match config::load(cli) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("{e}");
-            return 2;
+            return ExitCode::Usage;
         }
     };
     let cfg = &loaded.config;
@@ -224,27 +228,27 @@ pub fn main(cli: &CommandLine, json: bool) -> u8 {
         Ok(j) => j,
         Err(e) => {
             eprintln!("shuttle status: {e}");
-            return 1;
+            return ExitCode::Failed;
         }
     };
     match gather(cfg, &*journal, chrono::Utc::now().timestamp()) {
         Ok(s) if json => match serde_json::to_string_pretty(&s) {
             Ok(text) => {
                 println!("{text}");
-                0
+                ExitCode::Ok
             }
             Err(e) => {
                 eprintln!("shuttle status: {e}");
-                1
+                ExitCode::Failed
             }
         },
         Ok(s) => {
             print(&s);
-            0
+            ExitCode::Ok
         }
         Err(e) => {
             eprintln!("shuttle status: {e}");
-            1
+            ExitCode::Failed
         }
     }
 }

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use crate::config::Config;
 use crate::fsx::{self, mib};
 use crate::journal::SpaceSample;
+use crate::states::ThrottleReason;
 
 const MIB: u64 = 1_048_576;
 
@@ -46,11 +47,11 @@ pub enum Denial {
 
 impl Denial {
     /// The JSON report's `throttle.reason`.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> ThrottleReason {
         match self {
-            Denial::DiskSpace { .. } => "disk_space",
-            Denial::DailyLimit { .. } => "daily_limit",
-            Denial::PerRunLimit { .. } => "per_run_limit",
+            Denial::DiskSpace { .. } => ThrottleReason::DiskSpace,
+            Denial::DailyLimit { .. } => ThrottleReason::DailyLimit,
+            Denial::PerRunLimit { .. } => ThrottleReason::PerRunLimit,
         }
     }
 
@@ -448,24 +449,29 @@ pub fn recommendations(cfg: &Config, full: &Path, delivered_last_7_days: u64) ->
 /// Files, bytes and oldest mtime below `root` (not following symlinks).
 fn tree_usage(root: &Path) -> (u64, u64, Option<std::time::SystemTime>) {
     let (mut files, mut bytes, mut oldest) = (0u64, 0u64, None::<std::time::SystemTime>);
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
+    let Ok(root) = fsx::Beneath::open(root) else {
+        return (files, bytes, oldest);
+    };
+    fsx::walk(root.root(), |step| {
+        let fsx::Step::Entry(e) = step else {
+            return false;
         };
-        for e in entries.flatten() {
-            let Ok(m) = e.metadata() else { continue };
-            if m.is_dir() {
-                stack.push(e.path());
-            } else if m.is_file() {
-                files += 1;
-                bytes += m.len();
-                if let Ok(t) = m.modified() {
-                    oldest = Some(oldest.map_or(t, |o: std::time::SystemTime| o.min(t)));
-                }
+        let Ok(m) = e.dir.meta(&e.name) else {
+            return false;
+        };
+        if m.kind == rustix::fs::FileType::Directory {
+            return true;
+        }
+        if m.kind == rustix::fs::FileType::RegularFile {
+            files += 1;
+            bytes += m.size;
+            if let Ok(ns) = u64::try_from(m.mtime_ns) {
+                let t = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns);
+                oldest = Some(oldest.map_or(t, |o: std::time::SystemTime| o.min(t)));
             }
         }
-    }
+        false
+    });
     (files, bytes, oldest)
 }
 
@@ -495,7 +501,7 @@ mod tests {
         for _ in 0..3 {
             a.admit(1).unwrap();
         }
-        assert_eq!(a.admit(1).unwrap_err().reason(), "daily_limit");
+        assert_eq!(a.admit(1).unwrap_err().reason().as_str(), "daily_limit");
     }
 
     #[test]
@@ -543,7 +549,7 @@ mod tests {
             (0, 0),
         );
         a.admit(5 * MIB).unwrap();
-        assert_eq!(a.admit(1).unwrap_err().reason(), "per_run_limit");
+        assert_eq!(a.admit(1).unwrap_err().reason().as_str(), "per_run_limit");
     }
 
     #[test]
@@ -555,7 +561,7 @@ mod tests {
         }];
         let mut a = Admission::with_targets(true, t, Limits::default(), (0, 0));
         let d = a.admit(1).unwrap_err();
-        assert_eq!(d.reason(), "disk_space");
+        assert_eq!(d.reason().as_str(), "disk_space");
         assert!(d.message().contains("cannot be read"), "{}", d.message());
     }
 }

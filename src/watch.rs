@@ -33,6 +33,7 @@ use crate::config::Config;
 use crate::lock;
 use crate::notify;
 use crate::run::{self, RunError, RunOptions};
+use crate::states::{ExitCode, SkipKind, ThrottleReason};
 
 /// Events closer together than this are handled by one pass.
 const DEBOUNCE: Duration = Duration::from_millis(250);
@@ -47,7 +48,7 @@ pub enum WatchError {
 }
 
 /// Runs passes until SIGTERM/SIGINT; returns the exit code (0 after a clean stop).
-pub fn watch(cfg: &Config, opts: RunOptions) -> Result<i32, RunError> {
+pub fn watch(cfg: &Config, opts: RunOptions) -> Result<ExitCode, RunError> {
     run::preflight(cfg)?;
     let signals = Signals::install().map_err(|e| RunError::Config(e.to_string()))?;
     let _lock = lock::acquire(&cfg.lock_path)?;
@@ -110,7 +111,7 @@ pub fn watch(cfg: &Config, opts: RunOptions) -> Result<i32, RunError> {
         }
     }
     tracing::info!("stop requested: watch ends after {passes} pass(es); lock released");
-    Ok(0)
+    Ok(ExitCode::Ok)
 }
 
 /// When the next pass is due.
@@ -144,8 +145,8 @@ impl Plan {
         };
         if report.throttle.stopped {
             match report.throttle.reason {
-                Some("per_run_limit") => plan.due = Some(now),
-                Some("daily_limit") => {
+                Some(ThrottleReason::PerRunLimit) => plan.due = Some(now),
+                Some(ThrottleReason::DailyLimit) => {
                     let midnight = now + until_local_midnight();
                     tracing::info!(
                         "daily limit reached: admission resumes after local midnight ({} s)",
@@ -164,7 +165,7 @@ impl Plan {
         } else if !cfg.skip_stability_check
             && report
                 .skipped_by_reason
-                .get("recently_modified")
+                .get(&SkipKind::RecentlyModified)
                 .is_some_and(|&n| n > 0)
         {
             // Every skipped file becomes old enough within stability_seconds.
@@ -238,8 +239,12 @@ impl Signals {
         wr.set_nonblocking(true).map_err(WatchError::Signals)?;
         // A second Ctrl-C from an impatient operator ends the process at once (exit
         // 130); recovery at the next start handles the interrupted files.
-        signal_hook::flag::register_conditional_shutdown(SIGINT, 130, Arc::clone(&flag))
-            .map_err(WatchError::Signals)?;
+        signal_hook::flag::register_conditional_shutdown(
+            SIGINT,
+            ExitCode::Interrupted.into(),
+            Arc::clone(&flag),
+        )
+        .map_err(WatchError::Signals)?;
         for sig in [SIGTERM, SIGINT] {
             signal_hook::flag::register(sig, Arc::clone(&flag)).map_err(WatchError::Signals)?;
             let w = wr.try_clone().map_err(WatchError::Signals)?;
@@ -283,21 +288,22 @@ impl Source {
         Ok(s)
     }
 
-    /// Watches every directory below `dir` (not following symlinks).
+    /// Watches every directory below `dir` ([`crate::fsx::walk`], not following
+    /// symlinks; inotify itself takes paths).
     fn add_below(&mut self, dir: &Path) {
-        let mut stack = vec![dir.to_path_buf()];
-        while let Some(d) = stack.pop() {
-            let Ok(entries) = std::fs::read_dir(&d) else {
-                continue;
+        let Ok(root) = crate::fsx::Beneath::open(dir) else {
+            return;
+        };
+        crate::fsx::walk(root.root(), |step| {
+            let crate::fsx::Step::Entry(e) = step else {
+                return false;
             };
-            for e in entries.flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    let p = e.path();
-                    self.add(&p);
-                    stack.push(p);
-                }
+            let is_dir = e.kind == rustix::fs::FileType::Directory;
+            if is_dir {
+                self.add(&e.dir.path().join(&e.name));
             }
-        }
+            is_dir
+        });
     }
 
     fn add(&mut self, dir: &Path) {

@@ -82,14 +82,8 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
-/// Admission order (docs/design.md §2, "priority when space is limited").
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Priority {
-    Oldest,
-    Newest,
-    Smallest,
-    Largest,
-}
+/// Admission order: discovery's ([`crate::discover::Priority`]), configured here.
+pub use crate::discover::Priority;
 
 /// What a retro-scan does with a delivered file that newer signatures detect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -23,12 +23,20 @@ pub use open_files::OpenFiles;
 pub use queue::{Candidates, Queue};
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::config::Priority;
 use crate::fsx;
+use crate::states::SkipKind;
+
+/// Admission order (docs/design.md §2, "priority when space is limited").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priority {
+    Oldest,
+    Newest,
+    Smallest,
+    Largest,
+}
 
 /// A file that may be admitted.
 #[derive(Debug, Clone)]
@@ -59,16 +67,16 @@ pub enum SkipReason {
 
 impl SkipReason {
     /// Short stable label, used to count skips in the report.
-    pub fn label(&self) -> &'static str {
+    pub fn label(&self) -> SkipKind {
         match self {
-            SkipReason::Symlink => "symlink",
-            SkipReason::Special(_) => "special_file",
-            SkipReason::UnsafeName(_) => "unsafe_name",
-            SkipReason::OwnTempFile => "temp_file",
-            SkipReason::RecentlyModified => "recently_modified",
-            SkipReason::OpenByProcess => "open_by_process",
-            SkipReason::HardLinked(_) => "hard_linked",
-            SkipReason::Unreadable(_) => "unreadable",
+            SkipReason::Symlink => SkipKind::Symlink,
+            SkipReason::Special(_) => SkipKind::SpecialFile,
+            SkipReason::UnsafeName(_) => SkipKind::UnsafeName,
+            SkipReason::OwnTempFile => SkipKind::TempFile,
+            SkipReason::RecentlyModified => SkipKind::RecentlyModified,
+            SkipReason::OpenByProcess => SkipKind::OpenByProcess,
+            SkipReason::HardLinked(_) => SkipKind::HardLinked,
+            SkipReason::Unreadable(_) => SkipKind::Unreadable,
         }
     }
 }
@@ -126,7 +134,7 @@ pub struct Discovery {
     /// Admission order: priority paths first, then by `priority`.
     pub candidates: Candidates,
     /// Count of skipped entries by reason label.
-    pub skipped: BTreeMap<&'static str, u64>,
+    pub skipped: BTreeMap<SkipKind, u64>,
     /// Every subdirectory seen (relative), for the empty-directory cleanup.
     pub dirs: Vec<PathBuf>,
 }
@@ -176,13 +184,8 @@ pub fn unsafe_name(name: &std::ffi::OsStr, rules: &NameRules) -> Option<&'static
     None
 }
 
-fn mtime_ns(m: &std::fs::Metadata) -> i64 {
-    m.mtime()
-        .saturating_mul(1_000_000_000)
-        .saturating_add(m.mtime_nsec())
-}
-
-/// Walks `source` (never following symlinks) and returns the candidates in admission order.
+/// Walks `source` ([`fsx::walk`]: beneath its handle, never following symlinks) and
+/// returns the candidates in admission order.
 pub fn discover(source: &Path, rules: &Rules, open: &OpenFiles) -> Discovery {
     let mut out = Discovery {
         candidates: Candidates::new(rules),
@@ -194,87 +197,80 @@ pub fn discover(source: &Path, rules: &Rules, open: &OpenFiles) -> Discovery {
         .map(|d| d.as_nanos() as i64)
         .unwrap_or(i64::MAX);
     let stability_ns = rules.stability.map(|d| d.as_nanos() as i64);
-    let mut stack: Vec<PathBuf> = vec![PathBuf::new()];
-    while let Some(rel_dir) = stack.pop() {
-        let entries = match std::fs::read_dir(source.join(&rel_dir)) {
-            Ok(e) => e,
-            Err(e) => {
-                out.skip(&rel_dir, SkipReason::Unreadable(e.to_string()));
-                continue;
+    let root = match fsx::Beneath::open(source) {
+        Ok(r) => r,
+        Err(e) => {
+            out.skip(Path::new(""), SkipReason::Unreadable(e.to_string()));
+            return out;
+        }
+    };
+    fsx::walk(root.root(), |step| {
+        let e = match step {
+            fsx::Step::Entry(e) => e,
+            fsx::Step::Unreadable(rel_dir, e) => {
+                out.skip(rel_dir, SkipReason::Unreadable(e.to_string()));
+                return false;
             }
         };
-        for entry in entries {
-            let entry = match entry {
-                Ok(e) => e,
-                Err(e) => {
-                    out.skip(&rel_dir, SkipReason::Unreadable(e.to_string()));
-                    continue;
-                }
-            };
-            let name = entry.file_name();
-            let rel = rel_dir.join(&name);
-            // DirEntry::metadata does not follow symlinks.
-            let meta = match entry.metadata() {
-                Ok(m) => m,
-                Err(e) => {
-                    out.skip(&rel, SkipReason::Unreadable(e.to_string()));
-                    continue;
-                }
-            };
-            let ft = meta.file_type();
-            if ft.is_symlink() {
-                out.skip(&rel, SkipReason::Symlink);
-                continue;
+        let (name, rel) = (&e.name, &e.rel);
+        // lstat: a symlink is reported as such, never followed.
+        let meta = match e.dir.meta(name) {
+            Ok(m) => m,
+            Err(err) => {
+                out.skip(rel, SkipReason::Unreadable(err.to_string()));
+                return false;
             }
-            if let Some(why) = unsafe_name(&name, &rules.names) {
-                out.skip(&rel, SkipReason::UnsafeName(why));
-                continue;
-            }
-            if ft.is_dir() {
-                out.dirs.push(rel.clone());
-                stack.push(rel);
-                continue;
-            }
-            if !ft.is_file() {
-                use std::os::unix::fs::FileTypeExt;
-                let kind = if ft.is_fifo() {
-                    "FIFO"
-                } else if ft.is_socket() {
-                    "socket"
-                } else {
-                    "device"
-                };
-                out.skip(&rel, SkipReason::Special(kind));
-                continue;
-            }
-            if name.to_str().is_some_and(fsx::is_temp_name) {
-                out.skip(&rel, SkipReason::OwnTempFile);
-                continue;
-            }
-            let mtime = mtime_ns(&meta);
-            if let Some(window) = stability_ns
-                && !is_stable(&meta, mtime, now_ns, window)
-            {
-                out.skip(&rel, SkipReason::RecentlyModified);
-                continue;
-            }
-            if !rules.allow_hard_links && meta.nlink() > 1 {
-                out.skip(&rel, SkipReason::HardLinked(meta.nlink()));
-                continue;
-            }
-            if open.is_open(meta.dev(), meta.ino()) {
-                out.skip(&rel, SkipReason::OpenByProcess);
-                continue;
-            }
-            out.candidates.push(Candidate {
-                rel,
-                size: meta.len(),
-                mtime_ns: mtime,
-                dev: meta.dev(),
-                ino: meta.ino(),
-            });
+        };
+        use rustix::fs::FileType;
+        let ft = meta.kind;
+        if ft == FileType::Symlink {
+            out.skip(rel, SkipReason::Symlink);
+            return false;
         }
-    }
+        if let Some(why) = unsafe_name(name, &rules.names) {
+            out.skip(rel, SkipReason::UnsafeName(why));
+            return false;
+        }
+        if ft == FileType::Directory {
+            out.dirs.push(rel.clone());
+            return true;
+        }
+        if ft != FileType::RegularFile {
+            let kind = match ft {
+                FileType::Fifo => "FIFO",
+                FileType::Socket => "socket",
+                _ => "device",
+            };
+            out.skip(rel, SkipReason::Special(kind));
+            return false;
+        }
+        if name.to_str().is_some_and(fsx::is_temp_name) {
+            out.skip(rel, SkipReason::OwnTempFile);
+            return false;
+        }
+        if let Some(window) = stability_ns
+            && !is_stable(&meta, now_ns, window)
+        {
+            out.skip(rel, SkipReason::RecentlyModified);
+            return false;
+        }
+        if !rules.allow_hard_links && meta.nlink > 1 {
+            out.skip(rel, SkipReason::HardLinked(meta.nlink));
+            return false;
+        }
+        if open.is_open(meta.dev, meta.ino) {
+            out.skip(rel, SkipReason::OpenByProcess);
+            return false;
+        }
+        out.candidates.push(Candidate {
+            rel: rel.clone(),
+            size: meta.size,
+            mtime_ns: meta.mtime_ns,
+            dev: meta.dev,
+            ino: meta.ino,
+        });
+        false
+    });
     out.dirs.sort();
     out
 }
@@ -282,15 +278,11 @@ pub fn discover(source: &Path, rules: &Rules, open: &OpenFiles) -> Discovery {
 /// A file is stable when its mtime is at least `window` old. A file whose mtime lies
 /// in the future (a device with a wrong clock) is judged by its ctime instead, which
 /// only this host's kernel sets, so it is not held back forever.
-fn is_stable(meta: &std::fs::Metadata, mtime_ns: i64, now_ns: i64, window: i64) -> bool {
-    if mtime_ns > now_ns {
-        let ctime = meta
-            .ctime()
-            .saturating_mul(1_000_000_000)
-            .saturating_add(meta.ctime_nsec());
-        return now_ns.saturating_sub(ctime) >= window;
+fn is_stable(meta: &fsx::Meta, now_ns: i64, window: i64) -> bool {
+    if meta.mtime_ns > now_ns {
+        return now_ns.saturating_sub(meta.ctime_ns) >= window;
     }
-    now_ns.saturating_sub(mtime_ns) >= window
+    now_ns.saturating_sub(meta.mtime_ns) >= window
 }
 
 /// Sorts candidates into admission order ([`Candidates`] yields this same order).

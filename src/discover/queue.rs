@@ -26,8 +26,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use super::Priority;
 use super::{Candidate, Rules};
-use crate::config::Priority;
 
 /// In-memory records and path bytes before a sorted run is spilled.
 pub const MEMORY_BUDGET: usize = 8 << 20;

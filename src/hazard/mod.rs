@@ -22,7 +22,7 @@ pub mod key;
 
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use pgp::composed::MessageBuilder;
@@ -31,6 +31,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::Config;
 use crate::fsx;
+use crate::states::ArchiveEntry;
 pub use key::{KeyError, Recipient};
 
 /// Identifies sidecars written by this implementation.
@@ -86,22 +87,11 @@ pub enum HazardError {
     NoName(String),
 }
 
+fsx::impl_io_error!(HazardError);
+
 impl HazardError {
     fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> HazardError + 'a {
-        move |source| {
-            if fsx::is_disk_full(&source) {
-                HazardError::DiskFull {
-                    path: path.to_path_buf(),
-                    source,
-                }
-            } else {
-                HazardError::Io {
-                    action,
-                    path: path.to_path_buf(),
-                    source,
-                }
-            }
-        }
+        fsx::failed(action, path)
     }
 
     /// A full disk stops the run (as in quarantine and delivery).
@@ -216,15 +206,20 @@ impl HazardArchive {
     /// archives the source); the SHA-256 check guarantees it is the same content.
     pub fn store(&self, plaintext: &mut dyn Read, meta: &EntryMeta) -> Result<Stored, HazardError> {
         let now = chrono::Local::now();
-        let temp = self
-            .dir
-            .join(format!("{}{}", fsx::TEMP_PREFIX, meta.file_id));
-        let _ = fsx::remove_if_exists(&temp);
-        let file = fsx::create_new(&temp).map_err(HazardError::io("create", &temp))?;
+        // Every name below is resolved beneath the archive directory's handle.
+        let root = fsx::Beneath::open(&self.dir).map_err(HazardError::io("open", &self.dir))?;
+        let dir = root.root();
+        let temp_name = fsx::temp_name(meta.file_id);
+        let temp_name = std::ffi::OsStr::new(&temp_name);
+        let temp = self.dir.join(temp_name);
+        let _ = dir.remove(temp_name);
+        let file = dir
+            .create_new(temp_name)
+            .map_err(HazardError::io("create", &temp))?;
         let written = self.encrypt(plaintext, &file, &temp, meta);
         drop(file);
         if let Err(e) = written {
-            let _ = fsx::remove_if_exists(&temp);
+            let _ = dir.remove(temp_name);
             return Err(e);
         }
 
@@ -233,14 +228,14 @@ impl HazardArchive {
             safe_name(&meta.original_path),
             now.format("%Y%m%d%H%M%S")
         );
-        let archive = match self.reserve(&temp, &stem) {
-            Ok(p) => p,
+        let archive_name = match self.reserve(dir, temp_name, &stem) {
+            Ok(n) => n,
             Err(e) => {
-                let _ = fsx::remove_if_exists(&temp);
+                let _ = dir.remove(temp_name);
                 return Err(e);
             }
         };
-        let archive_name = file_name(&archive);
+        let archive = self.dir.join(&archive_name);
         let sidecar = Sidecar {
             format: SIDECAR_FORMAT.into(),
             archive: archive_name.clone(),
@@ -255,17 +250,28 @@ impl HazardArchive {
             file_id: meta.file_id,
             withdrawn_from: meta.withdrawn_from.clone(),
         };
-        let sidecar_path = self.dir.join(format!("{archive_name}.json"));
-        let done = self
-            .write_sidecar(&temp, &sidecar_path, &sidecar)
-            .and_then(|()| fsx::fsync_dir(&self.dir).map_err(HazardError::io("fsync", &self.dir)));
+        let sidecar_name = format!("{archive_name}.json");
+        let sidecar_path = self.dir.join(&sidecar_name);
+        // The sidecar is written and renamed without replacing anything, then the
+        // directory fsynced: both entries are durable once this succeeds.
+        let done = serde_json::to_vec_pretty(&sidecar)
+            .map_err(|e| HazardError::Io {
+                action: "serialise",
+                path: sidecar_path.clone(),
+                source: io::Error::other(e),
+            })
+            .and_then(|mut text| {
+                text.push(b'\n');
+                dir.write_new(temp_name, sidecar_name.as_ref(), &text, ARCHIVE_MODE, true)
+                    .map_err(HazardError::io("write", &sidecar_path))
+            });
         if let Err(e) = done {
             // An archive without its description would be listed as damaged: take
             // both back; the source stays and the next run archives it again.
-            let _ = fsx::remove_if_exists(&temp);
-            let _ = fsx::remove_if_exists(&sidecar_path);
-            let _ = fsx::remove_if_exists(&archive);
-            let _ = fsx::fsync_dir(&self.dir);
+            let _ = dir.remove(temp_name);
+            let _ = dir.remove(sidecar_name.as_ref());
+            let _ = dir.remove(archive_name.as_ref());
+            let _ = dir.fsync();
             return Err(e);
         }
         Ok(Stored {
@@ -340,47 +346,29 @@ impl HazardArchive {
     }
 
     /// Renames `temp` to the first free `<stem>.gpg`, `<stem>_2.gpg`, … atomically
-    /// (never replacing anything, even a stray sidecar).
-    fn reserve(&self, temp: &Path, stem: &str) -> Result<PathBuf, HazardError> {
+    /// (never replacing anything, even a stray sidecar); returns the name taken.
+    fn reserve(
+        &self,
+        dir: &fsx::Dir,
+        temp: &std::ffi::OsStr,
+        stem: &str,
+    ) -> Result<String, HazardError> {
         for n in 1..=MAX_COUNTER {
             let name = if n == 1 {
                 format!("{stem}.gpg")
             } else {
                 format!("{stem}_{n}.gpg")
             };
-            let path = self.dir.join(&name);
-            if std::fs::symlink_metadata(self.dir.join(format!("{name}.json"))).is_ok() {
+            if dir.stat(format!("{name}.json").as_ref()).is_ok() {
                 continue;
             }
-            match fsx::rename_noreplace(temp, &path) {
-                Ok(()) => return Ok(path),
+            match dir.rename_to(temp, dir, name.as_ref(), true) {
+                Ok(()) => return Ok(name),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(HazardError::io("rename into", &path)(e)),
+                Err(e) => return Err(HazardError::io("rename into", &self.dir.join(&name))(e)),
             }
         }
         Err(HazardError::NoName(stem.to_string()))
-    }
-
-    fn write_sidecar(
-        &self,
-        temp: &Path,
-        path: &Path,
-        sidecar: &Sidecar,
-    ) -> Result<(), HazardError> {
-        let mut text = serde_json::to_vec_pretty(sidecar).map_err(|e| HazardError::Io {
-            action: "serialise",
-            path: path.to_path_buf(),
-            source: io::Error::other(e),
-        })?;
-        text.push(b'\n');
-        let _ = fsx::remove_if_exists(temp);
-        let mut f = fsx::create_new(temp).map_err(HazardError::io("create", temp))?;
-        f.write_all(&text).map_err(HazardError::io("write", temp))?;
-        f.set_permissions(std::fs::Permissions::from_mode(ARCHIVE_MODE))
-            .map_err(HazardError::io("set mode of", temp))?;
-        f.sync_all().map_err(HazardError::io("fsync", temp))?;
-        drop(f);
-        fsx::rename_noreplace(temp, path).map_err(HazardError::io("rename into", path))
     }
 }
 
@@ -417,12 +405,6 @@ pub fn safe_name(original: &str) -> String {
     s = s.trim_start_matches(['.', '-']).to_string();
     s.truncate(NAME_MAX);
     if s.is_empty() { "file".into() } else { s }
-}
-
-fn file_name(p: &Path) -> String {
-    p.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
 }
 
 /// Hashes what the encryptor reads, and keeps the I/O error it may hide.
@@ -480,8 +462,7 @@ impl<W: Write> Tracking<W> {
 /// One entry of `shuttle hazard list`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Listed {
-    /// "ok", "damaged", "foreign" or "temp".
-    pub status: &'static str,
+    pub status: ArchiveEntry,
     /// File name in the archive directory.
     pub file: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -502,39 +483,42 @@ pub struct Listed {
 /// an OpenPGP message) and foreign files are listed as such; nothing here panics or
 /// stops at a bad file.
 pub fn list(dir: &Path) -> io::Result<Vec<Listed>> {
+    // Every entry is looked at beneath the directory's handle, never through a symlink.
+    let root = fsx::Beneath::open(dir)?;
+    let d = root.root();
     let mut names: Vec<String> = Vec::new();
     let mut out = Vec::new();
-    for e in std::fs::read_dir(dir)? {
-        let e = e?;
-        match e.file_name().into_string() {
+    for (name, _) in d.entries()? {
+        match name.into_string() {
             Ok(n) => names.push(n),
             Err(raw) => out.push(Listed {
-                status: "foreign",
+                status: ArchiveEntry::Foreign,
                 file: raw.to_string_lossy().into_owned(),
                 problem: Some("file name is not UTF-8; not a Shuttle hazard archive file".into()),
                 archive_bytes: None,
                 meta: None,
-                time: mtime(&e.path()),
+                time: mtime(d, &raw),
             }),
         }
     }
     let present: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
     for name in &names {
-        let path = dir.join(name);
         let entry = |status, problem: String| Listed {
             status,
             file: name.clone(),
             problem: Some(problem),
             archive_bytes: None,
             meta: None,
-            time: mtime(&path),
+            time: mtime(d, name.as_ref()),
         };
-        let is_file = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file());
+        let is_file = d
+            .meta(name.as_ref())
+            .is_ok_and(|m| m.kind == rustix::fs::FileType::RegularFile);
         if fsx::is_temp_name(name) {
-            out.push(entry("temp", "Shuttle temp file (an archive being written, or left by an interrupted run; the next run removes it)".into()));
+            out.push(entry(ArchiveEntry::Temp, "Shuttle temp file (an archive being written, or left by an interrupted run; the next run removes it)".into()));
         } else if !is_file {
             out.push(entry(
-                "foreign",
+                ArchiveEntry::Foreign,
                 "not a regular file; not a Shuttle hazard archive file".into(),
             ));
         } else if let Some(archive) = name
@@ -543,45 +527,49 @@ pub fn list(dir: &Path) -> io::Result<Vec<Listed>> {
         {
             if !present.contains(archive) {
                 out.push(entry(
-                    "damaged",
+                    ArchiveEntry::Damaged,
                     format!("sidecar without its archive {archive}"),
                 ));
             }
         } else if name.starts_with("hazard_") && name.ends_with(".gpg") {
-            out.push(check_entry(dir, name));
+            out.push(check_entry(d, name));
         } else {
-            out.push(entry("foreign", "not a Shuttle hazard archive file".into()));
+            out.push(entry(
+                ArchiveEntry::Foreign,
+                "not a Shuttle hazard archive file".into(),
+            ));
         }
     }
     // Archived files first (what the operator hands on), then what needs a look;
     // each group newest first.
     out.sort_by(|a, b| {
-        (b.status == "ok")
-            .cmp(&(a.status == "ok"))
+        (b.status == ArchiveEntry::Ok)
+            .cmp(&(a.status == ArchiveEntry::Ok))
             .then(b.time.cmp(&a.time))
             .then_with(|| b.file.cmp(&a.file))
     });
     Ok(out)
 }
 
-fn mtime(p: &Path) -> i64 {
-    std::fs::symlink_metadata(p).map(|m| m.mtime()).unwrap_or(0)
+fn mtime(d: &fsx::Dir, name: &std::ffi::OsStr) -> i64 {
+    d.meta(name)
+        .map(|m| m.mtime_ns.div_euclid(1_000_000_000))
+        .unwrap_or(0)
 }
 
 /// Checks one `hazard_*.gpg` and its sidecar.
-fn check_entry(dir: &Path, name: &str) -> Listed {
-    let path = dir.join(name);
-    let size = std::fs::symlink_metadata(&path).map(|m| m.len()).ok();
+fn check_entry(d: &fsx::Dir, name: &str) -> Listed {
+    let size = d.meta(name.as_ref()).map(|m| m.size).ok();
     let damaged = |problem: String| Listed {
-        status: "damaged",
+        status: ArchiveEntry::Damaged,
         file: name.to_string(),
         problem: Some(problem),
         archive_bytes: size,
         meta: None,
-        time: mtime(&path),
+        time: mtime(d, name.as_ref()),
     };
-    let sidecar_path = dir.join(format!("{name}.json"));
-    let text = match read_small(&sidecar_path) {
+    let sidecar_name = format!("{name}.json");
+    let text = match read_small(d, &sidecar_name) {
         Ok(t) => t,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return damaged(format!(
@@ -604,7 +592,7 @@ fn check_entry(dir: &Path, name: &str) -> Listed {
             sidecar.archive, sidecar.format
         ));
     }
-    if let Err(why) = looks_encrypted(&path) {
+    if let Err(why) = looks_encrypted(d, name) {
         return Listed {
             meta: Some(sidecar),
             ..damaged(why)
@@ -612,9 +600,9 @@ fn check_entry(dir: &Path, name: &str) -> Listed {
     }
     let time = chrono::DateTime::parse_from_rfc3339(&sidecar.archived_at)
         .map(|t| t.timestamp())
-        .unwrap_or_else(|_| mtime(&path));
+        .unwrap_or_else(|_| mtime(d, name.as_ref()));
     Listed {
-        status: "ok",
+        status: ArchiveEntry::Ok,
         file: name.to_string(),
         problem: None,
         archive_bytes: size,
@@ -623,8 +611,8 @@ fn check_entry(dir: &Path, name: &str) -> Listed {
     }
 }
 
-fn read_small(p: &Path) -> io::Result<Vec<u8>> {
-    let f = fsx::open_read_nofollow(p)?;
+fn read_small(d: &fsx::Dir, name: &str) -> io::Result<Vec<u8>> {
+    let f = d.open_read(name.as_ref())?;
     let mut v = Vec::new();
     f.take(1 << 20).read_to_end(&mut v)?;
     Ok(v)
@@ -633,9 +621,11 @@ fn read_small(p: &Path) -> io::Result<Vec<u8>> {
 /// A Shuttle archive starts with a public-key encrypted session key packet (tag 1,
 /// old or new packet format). Cheap check against truncation and foreign content;
 /// only the private key can prove more.
-fn looks_encrypted(p: &Path) -> Result<(), String> {
+fn looks_encrypted(d: &fsx::Dir, name: &str) -> Result<(), String> {
     let mut first = [0u8; 1];
-    let mut f = fsx::open_read_nofollow(p).map_err(|e| format!("cannot open archive: {e}"))?;
+    let mut f = d
+        .open_read(name.as_ref())
+        .map_err(|e| format!("cannot open archive: {e}"))?;
     match f.read(&mut first) {
         Ok(0) => return Err("archive is empty".into()),
         Ok(_) => {}

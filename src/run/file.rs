@@ -1,4 +1,7 @@
-//! Steps 7–10 for one file: quarantine, scan, dispose, remove the source.
+//! Steps 7–9 for one file: quarantine, scan, dispose. Its life reads top to bottom in
+//! [`handle`], which ends in a typed [`FileResult`]: the outcome, the disposition, and
+//! what may become of the source ([`Settle`]). Recording the end and removing the
+//! source (step 10) is `settle.rs`'s, the same for every outcome.
 //!
 //! Each step is recorded in the journal only after it is durable. Whatever goes
 //! wrong, the source stays where it was unless its copy is safely delivered or
@@ -7,9 +10,9 @@
 use std::fs::File;
 use std::path::Path;
 
-use super::pipeline::{Job, Run, lock};
-use crate::cleanup::{self, SourceKept};
-use crate::deliver::{self, DeliverError, Target};
+use super::context::{Job, Run, identity, lock};
+use super::settle::{FileResult, Settle};
+use crate::deliver::DeliverError;
 use crate::fsx;
 use crate::hazard;
 use crate::journal::{Journal, Outcome};
@@ -18,98 +21,7 @@ use crate::notify;
 use crate::quarantine::{self, QuarantineError, Quarantined, Stamp};
 use crate::report::KeptSource;
 use crate::scan::{EngineResult, FileVerdict};
-
-/// The outcome of one file, sent back to the admission thread.
-#[derive(Debug)]
-pub struct FileResult {
-    pub id: i64,
-    pub rel: String,
-    pub size: u64,
-    pub outcome: Outcome,
-    pub sha256: Option<String>,
-    pub destination: Option<String>,
-    pub detections: Vec<String>,
-    pub error: Option<String>,
-    pub scanners: serde_json::Value,
-    pub kept: Option<KeptSource>,
-    /// A problem that must stop the run (disk full, journal broken).
-    pub fatal: Option<String>,
-    /// "clean", "suspect" or "failed" once scanned.
-    pub verdict: Option<&'static str>,
-    /// Delivered but not yet durable: the admission thread commits it with its batch
-    /// (one syncfs, one journal transaction) and only then removes the source.
-    pub pending: Option<Pending>,
-    /// Per-engine scan figures for the file's log line (empty until scanned).
-    pub figures: String,
-    /// Skipped: the report's `skipped_by_reason` label.
-    pub skip_label: Option<&'static str>,
-}
-
-/// A clean delivery waiting for its batch's commit.
-#[derive(Debug)]
-pub struct Pending {
-    pub q: Quarantined,
-    pub disposition: &'static str,
-}
-
-impl FileResult {
-    fn new(job: &Job) -> FileResult {
-        let rel = job.candidate.rel.to_string_lossy().into_owned();
-        FileResult::blank(job.id, rel, job.candidate.size, Outcome::Failed)
-    }
-
-    /// A file's result before anything is known about it beyond its identity.
-    fn blank(id: i64, rel: String, size: u64, outcome: Outcome) -> FileResult {
-        FileResult {
-            skip_label: None,
-            id,
-            rel,
-            size,
-            outcome,
-            sha256: None,
-            destination: None,
-            detections: Vec::new(),
-            error: None,
-            scanners: serde_json::Value::Null,
-            kept: None,
-            fatal: None,
-            verdict: None,
-            pending: None,
-            figures: String::new(),
-        }
-    }
-
-    /// `; scan: clamav 12 ms for 3000 bytes (timeout 300.0 s)` once scanned.
-    fn scan_part(&self) -> String {
-        if self.figures.is_empty() {
-            String::new()
-        } else {
-            format!("; scan: {}", self.figures)
-        }
-    }
-
-    /// A file set aside before it was admitted (never copied).
-    pub fn set_aside(id: i64, rel: String, size: u64, outcome: Outcome, why: String) -> FileResult {
-        FileResult {
-            error: Some(why),
-            ..FileResult::blank(id, rel, size, outcome)
-        }
-    }
-
-    /// The journal's final record of this file.
-    pub fn finished<'a>(&'a self, disposition: &'a str) -> crate::journal::Finished<'a> {
-        crate::journal::Finished {
-            id: self.id,
-            outcome: self.outcome,
-            disposition,
-            final_path: self.destination.as_deref(),
-            error: self.error.as_deref(),
-            sha256: self.sha256.as_deref(),
-            verdict: self.verdict,
-            scan_results: Some(&self.scanners),
-        }
-    }
-}
+use crate::states::{Disposition, SkipKind, StopReason, Verdict};
 
 /// Runs `f` on the journal; a failed write stops the run (the file stays safe: the
 /// journal only ever lags the disk).
@@ -121,34 +33,29 @@ fn journal(
     if let Err(e) = f(&**lock(run.journal)) {
         tracing::error!("journal write failed for {}: {e}", shown(&r.rel));
         r.fatal
-            .get_or_insert_with(|| format!("journal write failed: {e}"));
+            .get_or_insert_with(|| StopReason::Journal(e.to_string()));
     }
 }
 
+/// The end of a file's handling whose source stays; settling records it.
 fn finish(
-    run: &Run,
     mut r: FileResult,
     outcome: Outcome,
-    disposition: &str,
+    disposition: Disposition,
     error: Option<String>,
 ) -> FileResult {
     r.outcome = outcome;
+    r.disposition = disposition;
     r.error = error;
-    if let Err(e) = lock(run.journal).file_finished(&r.finished(disposition)) {
-        tracing::error!("journal write failed for {}: {e}", shown(&r.rel));
-        r.fatal
-            .get_or_insert_with(|| format!("journal write failed: {e}"));
-    }
     r
 }
 
 /// Ends a file as failed: its quarantine copy (if any) removed, the source left where
 /// it is for the next run, one log line; a full disk also stops the run.
 fn fail(
-    run: &Run,
     mut r: FileResult,
     copy: Option<&Quarantined>,
-    disposition: &str,
+    disposition: Disposition,
     why: String,
     disk_full: bool,
 ) -> FileResult {
@@ -162,16 +69,20 @@ fn fail(
         r.scan_part()
     );
     if disk_full {
-        r.fatal = Some(why.clone());
+        r.fatal = Some(StopReason::Fatal(why.clone()));
     }
-    finish(run, r, Outcome::Failed, disposition, Some(why))
+    finish(r, Outcome::Failed, disposition, Some(why))
 }
 
 /// Handles one admitted file.
 pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
-    let cfg = run.cfg;
     let rel = job.candidate.rel.as_path();
-    let mut r = FileResult::new(job);
+    let mut r = FileResult::blank(
+        job.id,
+        job.candidate.rel.to_string_lossy().into_owned(),
+        job.candidate.size,
+        Outcome::Failed,
+    );
 
     // Files beyond the engines' size limits or max_file_size_mb were set aside
     // before admission (pipeline::Books::set_aside_before_admission).
@@ -197,10 +108,10 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
             | QuarantineError::HardLinked(_)),
         ) => {
             r.skip_label = Some(match e {
-                QuarantineError::OpenForWriting(_) => "open_by_process",
-                QuarantineError::CannotTell(_) => "writer_unknown",
-                QuarantineError::HardLinked(_) => "hard_linked",
-                _ => "changed_or_conflict",
+                QuarantineError::OpenForWriting(_) => SkipKind::OpenByProcess,
+                QuarantineError::CannotTell(_) => SkipKind::WriterUnknown,
+                QuarantineError::HardLinked(_) => SkipKind::HardLinked,
+                _ => SkipKind::ChangedOrConflict,
             });
             if matches!(e, QuarantineError::CannotTell(_)) {
                 tracing::warn!("skipped {:?}: {e}", shown(rel));
@@ -208,16 +119,21 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
                 tracing::info!("skipped {:?}: {e}", shown(rel));
             }
             return finish(
-                run,
                 r,
                 Outcome::Skipped,
-                "left_in_source",
+                Disposition::LeftInSource,
                 Some(e.to_string()),
             );
         }
         Err(e) => {
             let disk_full = matches!(e, QuarantineError::DiskFull { .. });
-            return fail(run, r, None, "quarantine_failed", e.to_string(), disk_full);
+            return fail(
+                r,
+                None,
+                Disposition::QuarantineFailed,
+                e.to_string(),
+                disk_full,
+            );
         }
     };
     r.sha256 = Some(q.sha256.clone());
@@ -240,12 +156,12 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
     let verdict = scan.verdict.clone();
     r.scanners = serde_json::to_value(&scan.results).unwrap_or_default();
     r.verdict = Some(match verdict {
-        FileVerdict::Clean if encrypted_allowed => CLEAN_ENCRYPTED,
-        _ => verdict_label(&verdict),
+        FileVerdict::Clean if encrypted_allowed => Verdict::CleanEncrypted,
+        _ => verdict_of(&verdict),
     });
 
-    // 9. Dispose.
-    let disposed = match verdict {
+    // 9. Dispose. Step 10 (the end recorded, the source removed) is settling's.
+    match verdict {
         FileVerdict::Clean => deliver_clean(run, r, &q, rel, job.id, buf),
         FileVerdict::Suspect(detections) => match scan.removed_by {
             None => dispose_suspect(run, r, &q, job.id, detections, &scan.results, None),
@@ -253,46 +169,8 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
                 removed_by_engine(run, r, &q, job.id, detections, &scan.results, engine, buf)
             }
         },
-        FileVerdict::Failed(why) => return fail(run, r, Some(&q), "scan_failed", why, false),
-        FileVerdict::Unscannable(why) => {
-            return set_aside(run, r, &q, job, Outcome::Unscannable, why);
-        }
-    };
-    let mut r = match disposed {
-        Disposed::SourceMayGo(r) => r,
-        Disposed::Finished(r) => return r,
-    };
-
-    // 10. Source removal.
-    if cfg.delete_source_files {
-        match remove_source(run, &q, buf) {
-            Ok(true) => {
-                let id = r.id;
-                journal(run, &mut r, |j| j.source_removed(id));
-            }
-            Ok(false) => {}
-            Err(kept) => r.kept = Some(kept),
-        }
-    }
-    r
-}
-
-/// Step 10 for one file: removes its source if it still holds the scanned bytes.
-/// `Ok(false)`: it was already gone; `Err`: kept, and why.
-pub fn remove_source(run: &Run, q: &Quarantined, buf: &mut [u8]) -> Result<bool, KeptSource> {
-    match cleanup::remove_source(&run.roots.source, &q.rel, q, run.roots.checks.writers, buf) {
-        Ok(()) => {
-            tracing::debug!("source {:?} removed", shown(&q.rel));
-            Ok(true)
-        }
-        Err(SourceKept::Gone) => Ok(false),
-        Err(kept) => {
-            tracing::warn!("source {:?} kept: {kept}", shown(&q.rel));
-            Err(KeptSource {
-                path: q.rel.to_string_lossy().into_owned(),
-                reason: kept.to_string(),
-            })
-        }
+        FileVerdict::Failed(why) => fail(r, Some(&q), Disposition::ScanFailed, why, false),
+        FileVerdict::Unscannable(why) => set_aside(run, r, &q, job, Outcome::Unscannable, why),
     }
 }
 
@@ -302,16 +180,12 @@ fn remove_copy(q: &Quarantined) {
     }
 }
 
-/// The verdict recorded for an encrypted archive delivered because
-/// `block_encrypted_archives` is off.
-pub const CLEAN_ENCRYPTED: &str = "clean (encrypted archive contents unscanned)";
-
-fn verdict_label(v: &FileVerdict) -> &'static str {
+fn verdict_of(v: &FileVerdict) -> Verdict {
     match v {
-        FileVerdict::Clean => "clean",
-        FileVerdict::Suspect(_) => "suspect",
-        FileVerdict::Failed(_) => "failed",
-        FileVerdict::Unscannable(_) => "unscannable",
+        FileVerdict::Clean => Verdict::Clean,
+        FileVerdict::Suspect(_) => Verdict::Suspect,
+        FileVerdict::Failed(_) => Verdict::Failed,
+        FileVerdict::Unscannable(_) => Verdict::Unscannable,
     }
 }
 
@@ -356,27 +230,18 @@ fn set_aside(
 ) -> FileResult {
     remove_copy(q);
     log_set_aside(&r.rel, outcome, &why);
-    r.verdict = Some(outcome.as_str());
+    r.verdict = Some(Verdict::set_aside(outcome));
     let what = crate::journal::SetAside {
         outcome,
         reason: why.clone(),
         limits: run.limits_fingerprint.to_string(),
     };
-    let identity = super::pipeline::identity(&job.candidate);
+    let identity = identity(&job.candidate);
     let (id, rel) = (r.id, r.rel.clone());
     journal(run, &mut r, |j| {
         j.set_aside(&identity, &rel, &what, Some(id))
     });
-    finish(run, r, outcome, "left_in_source", Some(why))
-}
-
-/// After disposal: may the source be removed (docs/design.md §1.10)?
-enum Disposed {
-    /// The copy is durable in the destination or hazard archive, or deliberately
-    /// deleted as suspect.
-    SourceMayGo(FileResult),
-    /// The file's handling ended here; the source stays.
-    Finished(FileResult),
+    finish(r, outcome, Disposition::LeftInSource, Some(why))
 }
 
 /// Clean branch: deliver, verified and durable.
@@ -387,35 +252,24 @@ fn deliver_clean(
     rel: &Path,
     id: i64,
     buf: &mut [u8],
-) -> Disposed {
-    let cfg = run.cfg;
-    let target = Target {
-        root: &run.roots.destination,
-        on_conflict: cfg.on_conflict,
-        same_fs: run.roots.same_fs,
-        // Made durable with its batch: one syncfs for many files (group commit).
-        durable: false,
-    };
+) -> FileResult {
     tracing::debug!("delivering {:?} to the destination", shown(rel));
-    match deliver::deliver(q, rel, id, &target, buf) {
+    // Made durable with its batch: one syncfs for many files (group commit).
+    match run.roots.destination.deliver(q, rel, id, buf) {
         Ok(d) => {
             r.destination = Some(d.path.display().to_string());
             tracing::info!(
                 "clean: {:?} -> {:?} ({}); {} bytes{}",
                 shown(rel),
                 shown(&d.path),
-                d.how.as_str(),
+                d.how.disposition(),
                 q.size,
                 r.scan_part()
             );
             // Not finished yet: the journal records it, and the source goes, only
-            // once the batch it joins is durable (pipeline::Batch).
-            r.outcome = Outcome::Clean;
-            r.pending = Some(Pending {
-                q: q.clone(),
-                disposition: d.how.as_str(),
-            });
-            Disposed::Finished(r)
+            // once the batch it joins is durable (settle::Settle::AfterSync).
+            r.settle = Settle::AfterSync(q.clone());
+            finish(r, Outcome::Clean, d.how.disposition(), None)
         }
         Err(DeliverError::ConflictSkipped(p)) => {
             remove_copy(q);
@@ -425,24 +279,22 @@ fn deliver_clean(
                 shown(rel),
                 r.scan_part()
             );
-            Disposed::Finished(finish(
-                run,
+            finish(
                 r,
                 Outcome::Skipped,
-                "conflict_skipped",
+                Disposition::ConflictSkipped,
                 Some(format!("{} exists", p.display())),
-            ))
+            )
         }
         Err(e) => {
             let disk_full = matches!(e, DeliverError::DiskFull { .. });
-            Disposed::Finished(fail(
-                run,
+            fail(
                 r,
                 Some(q),
-                "delivery_failed",
+                Disposition::DeliveryFailed,
                 e.to_string(),
                 disk_full,
-            ))
+            )
         }
     }
 }
@@ -459,7 +311,7 @@ fn dispose_suspect(
     detections: Vec<String>,
     engines: &[EngineResult],
     removed_by: Option<(&'static str, File)>,
-) -> Disposed {
+) -> FileResult {
     let found = detections.join(", ");
     r.detections = detections;
     let rel = r.rel.clone();
@@ -518,54 +370,44 @@ fn dispose_suspect(
                         None => String::new(),
                     };
                     (
-                        "archived",
+                        Disposition::Archived,
                         format!("encrypted into {}{from}", shown(&stored.archive)),
                     )
                 }
                 (hazard::Disposal::Deleted, Some(engine)) => (
-                    "removed_by_scanner",
+                    Disposition::RemovedByScanner,
                     format!(
                         "removed by {engine} itself (defender_handles_suspect_files); the source holds the same bytes"
                     ),
                 ),
                 (hazard::Disposal::Deleted, None) => (
-                    "deleted",
+                    Disposition::Deleted,
                     "deleted (no hazard archive configured)".to_string(),
                 ),
             };
-            tracing::warn!(
-                "SUSPECT {:?}: {found}; quarantine copy {place}; {} bytes{}",
-                shown(&rel),
-                q.size,
-                r.scan_part()
+            announce_suspect(
+                run,
+                &r,
+                q,
+                &found,
+                SuspectFate {
+                    logged: &format!("quarantine copy {place}"),
+                    disposal: &place,
+                    source_kept: false,
+                },
             );
-            run.notifier.send(
-                notify::Kind::Hazard,
-                &format!("Shuttle: suspect file {}", shown(&r.rel)),
-                &format!(
-                    "File: {}\nSHA-256: {}\nDetections: {found}\nDisposal: {place}\n",
-                    shown(&r.rel),
-                    q.sha256
-                ),
-            );
-            if !run.cfg.delete_source_files {
+            if !run.policy.delete_source {
                 tracing::warn!(
                     "suspect source {:?} stays in the drop directory (delete_source_files_after_copying is off)",
                     shown(&rel)
                 );
             }
-            Disposed::SourceMayGo(finish(run, r, Outcome::Suspect, how, None))
+            r.settle = Settle::RemoveSource(q.clone());
+            finish(r, Outcome::Suspect, how, None)
         }
         Err(e) => {
             let why = format!("suspect ({found}), but {e}");
-            Disposed::Finished(fail(
-                run,
-                r,
-                Some(q),
-                "hazard_failed",
-                why,
-                e.is_disk_full(),
-            ))
+            fail(r, Some(q), Disposition::HazardFailed, why, e.is_disk_full())
         }
     }
 }
@@ -588,11 +430,10 @@ fn removed_by_engine(
     engines: &[EngineResult],
     engine: &'static str,
     buf: &mut [u8],
-) -> Disposed {
+) -> FileResult {
     let rel = q.rel.as_path();
-    let cfg = run.cfg;
     let found = detections.join(", ");
-    match std::fs::symlink_metadata(&q.path) {
+    match q.stat() {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         other => {
             // Gone during the scan, present again now: not ours to trust.
@@ -600,10 +441,10 @@ fn removed_by_engine(
                 "quarantine copy vanished after {engine}'s detection ({found}) and then reappeared ({other:?})"
             );
             r.detections = detections;
-            return Disposed::Finished(fail(run, r, Some(q), "scan_failed", why, false));
+            return fail(r, Some(q), Disposition::ScanFailed, why, false);
         }
     }
-    let handled = engine == "defender" && cfg.scanning.defender_handles_suspect_files;
+    let handled = engine == "defender" && run.policy.defender_handles_suspects;
     let source_check = if handled {
         source_holds_scanned_bytes(&run.roots.source, rel, q, buf)
     } else {
@@ -620,34 +461,72 @@ fn removed_by_engine(
         }
         Err(why) => {
             r.detections = detections;
-            tracing::error!(
-                "SUSPECT {:?}: {found}; {why}; source kept; {} bytes{}",
-                shown(rel),
-                q.size,
-                r.scan_part()
-            );
-            run.notifier.send(
-                notify::Kind::Hazard,
-                &format!("Shuttle: suspect file {}", shown(&r.rel)),
-                &format!(
-                    "File: {}\nSHA-256: {}\nDetections: {found}\nDisposal: {why}; the source stays in the drop directory\n",
-                    shown(&r.rel),
-                    q.sha256
-                ),
+            announce_suspect(
+                run,
+                &r,
+                q,
+                &found,
+                SuspectFate {
+                    logged: &format!("{why}; source kept"),
+                    disposal: &format!("{why}; the source stays in the drop directory"),
+                    source_kept: true,
+                },
             );
             r.kept = Some(KeptSource {
                 path: r.rel.clone(),
                 reason: why.clone(),
             });
-            Disposed::Finished(finish(
-                run,
+            finish(
                 r,
                 Outcome::Suspect,
-                "removed_by_scanner",
+                Disposition::RemovedByScanner,
                 Some(why),
-            ))
+            )
         }
     }
+}
+
+/// What became of a suspect file, as its log line and its mail say it.
+struct SuspectFate<'a> {
+    /// After the detections in the log line.
+    logged: &'a str,
+    /// The mail's `Disposal:` line.
+    disposal: &'a str,
+    /// The source stays for the administrator: the line is an error, not a warning.
+    source_kept: bool,
+}
+
+/// The one log line and the mail of a suspect file.
+fn announce_suspect(run: &Run, r: &FileResult, q: &Quarantined, found: &str, fate: SuspectFate) {
+    let SuspectFate {
+        logged,
+        disposal,
+        source_kept,
+    } = fate;
+    if source_kept {
+        tracing::error!(
+            "SUSPECT {:?}: {found}; {logged}; {} bytes{}",
+            shown(&r.rel),
+            q.size,
+            r.scan_part()
+        );
+    } else {
+        tracing::warn!(
+            "SUSPECT {:?}: {found}; {logged}; {} bytes{}",
+            shown(&r.rel),
+            q.size,
+            r.scan_part()
+        );
+    }
+    run.notifier.send(
+        notify::Kind::Hazard,
+        &format!("Shuttle: suspect file {}", shown(&r.rel)),
+        &format!(
+            "File: {}\nSHA-256: {}\nDetections: {found}\nDisposal: {disposal}\n",
+            shown(&r.rel),
+            q.sha256
+        ),
+    );
 }
 
 /// Opens the source and checks it is the file that was quarantined (same inode) and
@@ -669,7 +548,7 @@ fn source_holds_scanned_bytes(
     if (before.dev, before.ino) != (q.source.dev, q.source.ino) {
         return Err("the source was replaced after it was quarantined".into());
     }
-    let (sha, _) = quarantine::hash_file(&mut f, buf)
+    let (sha, _) = fsx::hash_file(&mut f, buf)
         .map_err(|e| format!("source {} cannot be read: {e}", path.display()))?;
     if sha != q.sha256 {
         return Err(format!(

@@ -1,8 +1,12 @@
 //! One run, step by step (docs/design.md §1). Each step is a call into the module named after
 //! it; this file only orders them and keeps the run's figures.
 
+mod context;
 mod file;
 mod pipeline;
+mod settle;
+#[cfg(test)]
+mod tests;
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -15,12 +19,16 @@ use crate::config::Config;
 use crate::discover::{self, OpenFiles, Rules};
 use crate::hazard::HazardArchive;
 use crate::journal::{self, Journal};
-use crate::lock::{self, LockError};
+use crate::lock;
 use crate::notify::{self, Notifier};
 use crate::report::{EngineVersion, Report};
 use crate::scan::{self, Scanner, Scanners};
+use crate::states::ExitCode;
 use crate::throttle::Admission;
 use crate::{cleanup, recover};
+
+/// Step 1 and what stops a run before it starts: shared with `shuttle rescan`.
+pub use crate::preflight::{RunError, preflight};
 
 /// Source subdirectories are removed once empty and untouched this long (docs/design.md §1.11).
 const EMPTY_DIR_AGE: Duration = Duration::from_secs(5 * 60);
@@ -36,15 +44,6 @@ pub struct RunOptions {
     pub watch: bool,
 }
 
-/// What stops a run before it starts; everything later ends in the report instead.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error(transparent)]
-    Lock(#[from] LockError),
-    #[error("{0}")]
-    Config(String),
-}
-
 pub fn now_string() -> String {
     chrono::Local::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, false)
 }
@@ -56,27 +55,6 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<Report, RunError> {
     // 2. Single instance.
     let _lock = lock::acquire(&cfg.lock_path)?;
     Ok(pass(cfg, opts))
-}
-
-/// Step 1, configuration: loaded by the caller; the directories and scanners are
-/// checked here, before the lock is taken and any file is touched.
-pub fn preflight(cfg: &Config) -> Result<(), RunError> {
-    let problems = cfg.check_paths();
-    if !problems.is_empty() {
-        return Err(RunError::Config(problems.join("\n")));
-    }
-    scan::enabled(cfg).map_err(RunError::Config)?;
-    crate::ledger::gate(cfg).map_err(RunError::Config)?;
-    // The hazard key is validated here too: a key that cannot be used would turn
-    // every suspect file into a failed one, so it is a configuration error.
-    if let Some(h) = HazardArchive::open(cfg).map_err(|e| RunError::Config(e.to_string()))? {
-        tracing::info!(
-            "hazard archive {}: {}",
-            h.dir().display(),
-            h.recipient().describe()
-        );
-    }
-    Ok(())
 }
 
 /// How long a healthy run can go without showing progress on the lock file: one
@@ -137,7 +115,7 @@ pub fn pass(cfg: &Config, opts: &RunOptions) -> Report {
     report.exit_code = exit_code(&report);
     report.finished = now_string();
     if let Some(j) = &journal
-        && let Err(e) = record_end(&**pipeline::lock(j), &report)
+        && let Err(e) = record_end(&**context::lock(j), &report)
     {
         output_failed(&mut report, e);
     }
@@ -165,20 +143,12 @@ pub fn pass(cfg: &Config, opts: &RunOptions) -> Report {
 /// 0 = finished (files may be suspect, admission may be throttled); 1 = a file failed,
 /// a file was newly set aside (unscannable, too large: reported once, so a later run
 /// that only finds it again exits 0), or the run hit a runtime error (docs/design.md §1).
-fn exit_code(r: &Report) -> i32 {
+fn exit_code(r: &Report) -> ExitCode {
     let f = &r.files;
     if f.failed > 0 || f.unscannable > 0 || f.too_large > 0 || !r.errors.is_empty() {
-        1
+        ExitCode::Failed
     } else {
-        0
-    }
-}
-
-/// `max_signature_age_hours` as a duration; `None` when the gate is off.
-pub fn max_signature_age(cfg: &Config) -> Option<Duration> {
-    match cfg.scanning.max_signature_age_hours {
-        0 => None,
-        h => Some(Duration::from_secs(h.saturating_mul(3600))),
+        ExitCode::Ok
     }
 }
 
@@ -207,7 +177,9 @@ fn record_end(journal: &dyn Journal, report: &Report) -> Result<(), String> {
     let summary = serde_json::json!({ "files": report.files, "bytes": report.bytes, "throttle": report.throttle });
     journal
         .record_endpoints(run_id, &report.endpoints)
-        .and_then(|()| journal.finish_run(run_id, &report.finished, report.exit_code, &summary))
+        .and_then(|()| {
+            journal.finish_run(run_id, &report.finished, report.exit_code.into(), &summary)
+        })
         .map_err(|e| format!("cannot record the end of run {run_id} in the journal: {e}"))
 }
 
@@ -233,7 +205,7 @@ fn run_locked(
         journal::open(cfg).context("cannot open the journal")?,
     ));
     let journal = &*journal;
-    let j = pipeline::lock(journal);
+    let j = context::lock(journal);
     let run_id = j.begin_run(&report.started)?;
     report.run_id = Some(run_id);
     let recovered = recover::reconcile(&**j, cfg, run_id)?;
@@ -266,14 +238,14 @@ fn run_locked(
         .collect();
     // Signature freshness: every engine's database must be dated and young enough,
     // or nothing is delivered this run.
-    let stale = scanners.stale_signatures(max_signature_age(cfg));
+    let stale = scanners.stale_signatures(scan::max_signature_age(&cfg.scanning));
     if !stale.is_empty() {
         anyhow::bail!(
             "signatures too old, no file was touched: {}",
             stale.join("; ")
         );
     }
-    scanners.keep_fresh(max_signature_age(cfg));
+    scanners.keep_fresh(scan::max_signature_age(&cfg.scanning));
     report.endpoints = scanners.endpoints();
     let limits = scan::limits::ScanLimits::for_config(cfg);
     if let Some(d) = limits.describe() {
@@ -325,9 +297,9 @@ fn run_locked(
     drop(j);
     let fingerprint = format!("{};{}", limits.fingerprint(), admission.fingerprint());
     let dirs = discovery.dirs;
-    let roots = pipeline::Roots::open(cfg, writers)
+    let roots = context::Roots::open(cfg, writers)
         .context("cannot open the source, quarantine or destination directory")?;
-    let run = pipeline::Run {
+    let run = context::Run {
         roots: &roots,
         cfg,
         journal,
@@ -339,6 +311,8 @@ fn run_locked(
         limits: &limits,
         set_aside: &set_aside,
         limits_fingerprint: &fingerprint,
+        policy: context::FilePolicy::of(cfg),
+        hooks: context::Hooks::REAL,
     };
     if discovery.candidates.spilled_runs() > 0 {
         tracing::debug!(
@@ -377,7 +351,7 @@ fn run_locked(
             }
         }
     }
-    let j = pipeline::lock(journal);
+    let j = context::lock(journal);
     for (sample, total) in crate::throttle::targets_space(cfg) {
         j.record_space(run_id, &sample, total)?;
     }

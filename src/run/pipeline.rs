@@ -1,6 +1,7 @@
 //! Steps 6–10 for all files: `max_scan_threads` workers, each admitting its own next
-//! file in priority order (docs/design.md §3), and a committer thread making batches of
-//! deliveries durable before their sources are removed (group commit).
+//! file in priority order (docs/design.md §3), handling it (`file.rs`) and settling it
+//! (`settle.rs`), and a committer thread making batches of deliveries durable (one
+//! `syncfs`) before settling them the same way (group commit).
 //!
 //! A waiting file is only its [`Candidate`] record. A worker takes the next one under
 //! the books' lock only when it is free, so a file is admitted — and its free space
@@ -11,70 +12,15 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::mpsc;
 
-use super::file::{self, FileResult};
-use crate::config::Config;
+use super::context::{Job, Run, identity, lock};
+use super::file;
+use super::settle::{self, FileResult, Settle};
 use crate::discover::{Candidate, Queue};
-use crate::journal::{Identity, Journal, Outcome, SetAside};
-use crate::notify::{self, Notifier};
+use crate::journal::{Outcome, SetAside};
+use crate::notify;
 use crate::report::{FileEntry, Report};
-use crate::scan::Scanners;
+use crate::states::{SkipKind, StopReason};
 use crate::throttle::{self, Admission, Denial};
-
-/// The parts of a run every file's handling needs.
-pub struct Run<'a> {
-    pub cfg: &'a Config,
-    pub journal: &'a crate::journal::Shared,
-    pub run_id: i64,
-    pub scanners: &'a Scanners,
-    pub notifier: &'a Notifier,
-    /// The hazard archive, validated before the run started (None: suspects deleted).
-    pub hazard: Option<&'a crate::hazard::HazardArchive>,
-    /// Set by `shuttle watch` on SIGTERM/SIGINT: admit no more files.
-    pub stop: Option<&'a std::sync::atomic::AtomicBool>,
-    pub roots: &'a Roots,
-    /// What the engines can scan whole (sizes, archives).
-    pub limits: &'a crate::scan::limits::ScanLimits,
-    /// Files set aside by earlier runs, by identity, and the limits now in force: a
-    /// file set aside under the same limits is neither copied nor reported again.
-    pub set_aside: &'a HashMap<Identity, SetAside>,
-    pub limits_fingerprint: &'a str,
-}
-
-/// The run's three directories, opened once: every path below them is resolved
-/// through these handles, never through a symlink (fsx::Beneath).
-pub struct Roots {
-    pub source: crate::fsx::Beneath,
-    pub quarantine: std::sync::Arc<crate::fsx::Beneath>,
-    pub destination: crate::fsx::Beneath,
-    /// Quarantine and destination share a filesystem: delivery by rename.
-    pub same_fs: bool,
-    /// What a source must pass before it is copied or removed.
-    pub checks: crate::quarantine::SourceChecks,
-}
-
-impl Roots {
-    pub fn open(cfg: &Config, writers: crate::lease::WriterCheck) -> std::io::Result<Roots> {
-        use std::os::unix::fs::MetadataExt;
-        let same_fs = std::fs::metadata(&cfg.quarantine_path)?.dev()
-            == std::fs::metadata(&cfg.destination_path)?.dev();
-        Ok(Roots {
-            source: crate::fsx::Beneath::open(&cfg.source_path)?,
-            quarantine: std::sync::Arc::new(crate::fsx::Beneath::open(&cfg.quarantine_path)?),
-            destination: crate::fsx::Beneath::open(&cfg.destination_path)?,
-            same_fs,
-            checks: crate::quarantine::SourceChecks {
-                writers,
-                allow_hard_links: cfg.allow_hard_links,
-            },
-        })
-    }
-}
-
-/// Files handed to a worker.
-pub struct Job {
-    pub id: i64,
-    pub candidate: Candidate,
-}
 
 /// The JSON report lists at most this many files, and this many kept sources (the
 /// journal has all of them; the report counts the ones left out).
@@ -129,7 +75,16 @@ pub fn process(
                             b.next_job(run)
                         };
                         let Some(job) = job else { break };
-                        last = Some(file::handle(run, &job, &mut buf));
+                        let mut r = file::handle(run, &job, &mut buf);
+                        // Everything but a delivery waiting for its batch's syncfs is
+                        // settled here, outside the books' lock (it may hash a source).
+                        if !r.settle.needs_sync()
+                            && let Err(stop) =
+                                settle::commit(run, std::slice::from_mut(&mut r), &mut buf)
+                        {
+                            r.fatal.get_or_insert(stop);
+                        }
+                        last = Some(r);
                     }
                 })
             })
@@ -140,8 +95,7 @@ pub fn process(
         }
         let mut b = books.lock().unwrap_or_else(|p| p.into_inner());
         if panicked {
-            b.stop
-                .get_or_insert_with(|| "a worker thread panicked".into());
+            b.stop.get_or_insert(StopReason::WorkerPanicked);
         }
         b.flush();
         let (tx, _) = mpsc::sync_channel(0);
@@ -162,7 +116,7 @@ pub fn process(
         tally(report, r);
     }
     if committed.is_err() {
-        stop = Some("the commit thread panicked; sources of delivered files kept".into())
+        stop = Some(StopReason::CommitterPanicked)
     }
     if let Some(f) = commit_failure
         .lock()
@@ -175,7 +129,7 @@ pub fn process(
 
     report.files.deferred = total.saturating_sub(report.files.admitted + set_aside);
     if let Some(why) = run.scanners.stop_reason() {
-        stop.get_or_insert(why);
+        stop.get_or_insert(StopReason::Scanners(why));
     }
     if let Some(reason) = stop {
         anyhow::bail!(
@@ -201,14 +155,14 @@ struct Books<'a, 'r> {
     ended: bool,
     tickets: HashMap<i64, throttle::Ticket>,
     admission: Admission,
-    stop: Option<String>,
+    stop: Option<StopReason>,
     progress: crate::progress::Progress,
     batch: Vec<FileResult>,
     batch_bytes: u64,
     /// Full batches go to the committer thread.
     commits: mpsc::SyncSender<Vec<FileResult>>,
     /// Set by the committer when a commit failed: admit nothing more.
-    commit_failure: &'a Mutex<Option<String>>,
+    commit_failure: &'a Mutex<Option<StopReason>>,
     /// Files whose batch could not reach the committer: counted, sources kept.
     uncommitted: Vec<FileResult>,
     /// Counted into as files finish; the committer counts the files it commits.
@@ -227,7 +181,7 @@ impl Books<'_, '_> {
             return None;
         }
         if let Some(why) = run.scanners.stop_reason() {
-            self.stop.get_or_insert(why);
+            self.stop.get_or_insert(StopReason::Scanners(why));
         }
         let stop_requested = run
             .stop
@@ -242,7 +196,8 @@ impl Books<'_, '_> {
         let candidate = loop {
             let Some(candidate) = self.queue.next() else {
                 if let Some(e) = self.queue.error() {
-                    self.stop.get_or_insert_with(|| e.to_string());
+                    self.stop
+                        .get_or_insert_with(|| StopReason::Queue(e.to_string()));
                 }
                 self.ended = true;
                 return None;
@@ -253,8 +208,8 @@ impl Books<'_, '_> {
                     continue;
                 }
                 Ok(false) => break candidate,
-                Err(e) => {
-                    self.stop = Some(format!("journal write failed: {e}"));
+                Err(stop) => {
+                    self.stop = Some(stop);
                     self.ended = true;
                     return None;
                 }
@@ -280,7 +235,7 @@ impl Books<'_, '_> {
             Ok(id) => id,
             Err(e) => {
                 self.admission.finish(ticket, false);
-                self.stop = Some(format!("journal write failed: {e}"));
+                self.stop = Some(StopReason::Journal(e.to_string()));
                 self.ended = true;
                 return None;
             }
@@ -300,11 +255,7 @@ impl Books<'_, '_> {
     /// same limits: counted as skipped, not reported again), or now, because of its
     /// size alone (an engine cannot scan that much, or it can never fit a target).
     /// `Ok(true)`: the file is set aside.
-    fn set_aside_before_admission(
-        &mut self,
-        run: &Run,
-        c: &Candidate,
-    ) -> Result<bool, crate::journal::JournalError> {
+    fn set_aside_before_admission(&mut self, run: &Run, c: &Candidate) -> Result<bool, StopReason> {
         let identity = identity(c);
         if let Some(known) = run.set_aside.get(&identity)
             && known.limits == run.limits_fingerprint
@@ -317,7 +268,10 @@ impl Books<'_, '_> {
             );
             let mut report = lock_report(self.report);
             report.files.skipped += 1;
-            *report.skipped_by_reason.entry("set_aside").or_default() += 1;
+            *report
+                .skipped_by_reason
+                .entry(SkipKind::SetAside)
+                .or_default() += 1;
             return Ok(true);
         }
         use crate::scan::limits::SizeRefusal;
@@ -330,27 +284,22 @@ impl Books<'_, '_> {
             },
         };
         let rel = c.rel.to_string_lossy().into_owned();
-        let j = lock(run.journal);
-        let id = j.file_admitted(run.run_id, &rel, c.size, c.mtime_ns)?;
         let what = SetAside {
             outcome,
             reason: reason.clone(),
             limits: run.limits_fingerprint.to_string(),
         };
-        j.set_aside(&identity, &rel, &what, Some(id))?;
-        j.file_finished(&crate::journal::Finished {
-            id,
-            outcome,
-            disposition: "left_in_source",
-            error: Some(&reason),
-            ..Default::default()
-        })?;
-        drop(j);
-        file::log_set_aside(&rel, outcome, &reason);
-        tally(
-            &mut lock_report(self.report),
-            FileResult::set_aside(id, rel, c.size, outcome, reason),
-        );
+        let id = {
+            let j = lock(run.journal);
+            let id = j.file_admitted(run.run_id, &rel, c.size, c.mtime_ns);
+            id.and_then(|id| j.set_aside(&identity, &rel, &what, Some(id)).map(|()| id))
+                .map_err(|e| StopReason::Journal(e.to_string()))?
+        };
+        let mut r = FileResult::set_aside(id, rel, c.size, outcome, reason);
+        // Never copied: its source stays, so settling hashes nothing (no buffer).
+        settle::commit(run, std::slice::from_mut(&mut r), &mut [])?;
+        file::log_set_aside(&r.rel, outcome, r.error.as_deref().unwrap_or_default());
+        tally(&mut lock_report(self.report), r);
         Ok(true)
     }
 
@@ -373,7 +322,7 @@ impl Books<'_, '_> {
         {
             self.stop.get_or_insert_with(|| f.clone());
         }
-        if r.pending.is_none() {
+        if !r.settle.needs_sync() {
             tally(&mut lock_report(self.report), r);
             return;
         }
@@ -394,7 +343,7 @@ impl Books<'_, '_> {
         if let Err(mpsc::SendError(batch)) = self.commits.send(batch) {
             // The committer is gone (it cannot be, short of a panic): keep every
             // source; the files count as failed.
-            let why = "commit thread ended unexpectedly; sources kept".to_string();
+            let why = StopReason::CommitterGone;
             tracing::error!("{why}");
             self.stop.get_or_insert_with(|| why.clone());
             let mut lost = self
@@ -404,7 +353,7 @@ impl Books<'_, '_> {
             lost.get_or_insert(why);
             drop(lost);
             for mut r in batch {
-                r.pending = None;
+                r.settle = Settle::Keep;
                 r.outcome = Outcome::Failed;
                 self.uncommitted.push(r);
             }
@@ -421,7 +370,7 @@ impl Books<'_, '_> {
 fn committer(
     run: &Run,
     batches: mpsc::Receiver<Vec<FileResult>>,
-    failure: &Mutex<Option<String>>,
+    failure: &Mutex<Option<StopReason>>,
     report: &Mutex<&mut Report>,
 ) {
     let mut done = Vec::with_capacity(BATCH_FILES);
@@ -435,15 +384,16 @@ fn committer(
     }
 }
 
+/// One batch of deliveries: made durable by one `syncfs` of the destination, then
+/// settled ([`settle::commit`]: the ends recorded, the sources removed).
 fn commit(
     run: &Run,
     mut batch: Vec<FileResult>,
     buf: &mut [u8],
-    failure: &Mutex<Option<String>>,
+    failure: &Mutex<Option<StopReason>>,
     done: &mut Vec<FileResult>,
 ) {
-    let cfg = run.cfg;
-    let fail = |why: String| {
+    let fail = |why: StopReason| {
         tracing::error!("{why}");
         failure
             .lock()
@@ -452,16 +402,16 @@ fn commit(
     };
     let started = std::time::Instant::now();
     crate::crashpoint::here("commit: before syncfs");
-    if let Err(e) = run.roots.destination.root().syncfs() {
+    if let Err(e) = (run.hooks.syncfs)(&*run.roots.destination) {
         // Delivered, but not known durable: keep every source; the next run finds the
         // same bytes in the destination and counts them as delivered.
         let why = format!(
             "cannot make deliveries durable (syncfs {}: {e}); sources kept",
-            cfg.destination_path.display()
+            run.roots.destination.describe()
         );
-        fail(why.clone());
+        fail(StopReason::Commit(why.clone()));
         for mut r in batch {
-            r.pending = None;
+            r.settle = Settle::Keep;
             r.outcome = Outcome::Failed;
             r.error = Some(why.clone());
             done.push(r);
@@ -469,64 +419,15 @@ fn commit(
         return;
     }
     crate::crashpoint::here("commit: synced, before journal");
-    let recorded = {
-        let records: Vec<_> = batch
-            .iter()
-            .map(|r| r.finished(r.pending.as_ref().map_or("delivered", |p| p.disposition)))
-            .collect();
-        lock(run.journal).finish_batch(&records)
-    };
-    if let Err(e) = recorded {
-        // The journal does not know these files finished: keep their sources.
-        fail(format!(
-            "journal write failed: {e}; sources of {} delivered file(s) kept",
-            batch.len()
-        ));
-        for mut r in batch {
-            r.pending = None;
-            done.push(r);
-        }
-        return;
-    }
-    crate::crashpoint::here("commit: journaled, before source removal");
-    let mut removed = Vec::new();
-    for r in &mut batch {
-        let Some(p) = r.pending.take() else { continue };
-        if cfg.delete_source_files {
-            match file::remove_source(run, &p.q, buf) {
-                Ok(true) => removed.push(r.id),
-                Ok(false) => {}
-                Err(kept) => r.kept = Some(kept),
-            }
-        }
-    }
-    if let Err(e) = lock(run.journal).sources_removed(&removed) {
-        tracing::error!(
-            "cannot record {} source removal(s) in the journal: {e}",
-            removed.len()
-        );
+    if let Err(why) = settle::commit(run, &mut batch, buf) {
+        fail(why);
     }
     tracing::debug!(
-        "batch of {} delivered file(s) durable (syncfs, journal) and {} source(s) removed in {} ms",
+        "batch of {} delivered file(s) durable (syncfs, journal), sources settled in {} ms",
         batch.len(),
-        removed.len(),
         started.elapsed().as_millis()
     );
     done.extend(batch);
-}
-
-/// A candidate's identity, as set-aside files are remembered by.
-pub fn identity(c: &Candidate) -> Identity {
-    Identity {
-        dev: c.dev,
-        ino: c.ino,
-        size: c.size,
-        mtime_ns: c.mtime_ns,
-    }
-}
-
-pub fn lock(j: &crate::journal::Shared) -> std::sync::MutexGuard<'_, Box<dyn Journal>> {
-    j.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn lock_report<'a, 'b>(r: &'a Mutex<&'b mut Report>) -> std::sync::MutexGuard<'a, &'b mut Report> {
@@ -552,7 +453,7 @@ fn tally(report: &mut Report, r: FileResult) {
             f.skipped += 1;
             *report
                 .skipped_by_reason
-                .entry(r.skip_label.unwrap_or("changed_or_conflict"))
+                .entry(r.skip_label.unwrap_or(SkipKind::ChangedOrConflict))
                 .or_default() += 1;
         }
     }
@@ -568,7 +469,7 @@ fn tally(report: &mut Report, r: FileResult) {
     } else {
         report.file_results.push(FileEntry {
             path: r.rel,
-            outcome: r.outcome.as_str(),
+            outcome: r.outcome,
             verdict: r.verdict,
             sha256: r.sha256,
             destination: r.destination,
@@ -593,7 +494,8 @@ fn throttle_stop(run: &Run, denial: &Denial, report: &mut Report) {
             tracing::warn!("cleanup recommendation: {r}");
         }
     }
-    if let Err(e) = lock(run.journal).record_throttle(run.run_id, denial.reason(), denial.message())
+    if let Err(e) =
+        lock(run.journal).record_throttle(run.run_id, denial.reason().as_str(), denial.message())
     {
         tracing::error!("cannot record the throttle decision in the journal: {e}");
     }

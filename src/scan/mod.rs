@@ -540,7 +540,8 @@ impl Scanners {
             );
             let removed_file = removed_by.is_none()
                 && matches!(outcome, Ok(Verdict::Suspect(_)))
-                && matches!(std::fs::symlink_metadata(path), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+                // Asked through `open` (beneath the quarantine's handle), not by path.
+                && matches!(open(), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
             if removed_file {
                 tracing::warn!(
                     "{} removed the quarantine copy {:?} after its detection",
@@ -707,6 +708,14 @@ fn check_canary(engine: &dyn Scanner, policy: &Policy) -> Result<(), EngineProbl
             "canary failed: the EICAR test file was reported clean; the engine cannot be trusted (signatures missing?)".into(),
         )),
         Err(e) => Err(problem(format!("canary scan of the EICAR test file failed: {e}"))),
+    }
+}
+
+/// `max_signature_age_hours` as a duration; `None` when the gate is off.
+pub fn max_signature_age(c: &ScanConfig) -> Option<Duration> {
+    match c.max_signature_age_hours {
+        0 => None,
+        h => Some(Duration::from_secs(h.saturating_mul(3600))),
     }
 }
 

@@ -183,7 +183,7 @@ impl ClamPool {
             freed: Condvar::new(),
             canary: s.canary,
             canary_timeout: super::Policy::from_config(s).timeout_for(68),
-            max_age: crate::run::max_signature_age(cfg),
+            max_age: super::max_signature_age(&cfg.scanning),
             health_every: Duration::from_secs(s.clamd_health_interval_seconds.max(1)),
         }
     }
