@@ -399,31 +399,6 @@ CREATE TABLE IF NOT EXISTS throttle_events (
 );
 ";
 
-/// Keeps the WAL file between runs (`SQLITE_FCNTL_PERSIST_WAL`), at most 4 MiB of it
-/// once checkpointed: a WAL created anew costs every run an fsync of the file and of
-/// its directory, and its deletion at close an unlink. What is durable when does not
-/// change: the checkpoint at close still syncs the WAL and the database.
-fn keep_wal_file(conn: &Connection) -> rusqlite::Result<()> {
-    let mut on: std::os::raw::c_int = 1;
-    // SAFETY: a file control on this connection's open main database, with the int
-    // argument SQLITE_FCNTL_PERSIST_WAL takes, which outlives the call.
-    let rc = unsafe {
-        rusqlite::ffi::sqlite3_file_control(
-            conn.handle(),
-            c"main".as_ptr(),
-            rusqlite::ffi::SQLITE_FCNTL_PERSIST_WAL,
-            (&raw mut on).cast(),
-        )
-    };
-    if rc != rusqlite::ffi::SQLITE_OK {
-        return Err(rusqlite::Error::SqliteFailure(
-            rusqlite::ffi::Error::new(rc),
-            Some("cannot keep the WAL file".into()),
-        ));
-    }
-    conn.pragma_update(None, "journal_size_limit", 4i64 << 20)
-}
-
 /// Brings the journal to the newest schema, one migration per transaction.
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
@@ -487,7 +462,6 @@ impl Journal {
             .map_err(err)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(err)?;
-        keep_wal_file(&conn).map_err(err)?;
         migrate(&conn).map_err(err)?;
         Ok(Journal { conn, path })
     }
