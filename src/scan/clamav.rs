@@ -125,10 +125,10 @@ impl ClamAv {
         }
         let unreachable =
             |e: io::Error| ScanError::Unreachable(format!("clamd at {}: {e}", self.endpoint));
-        let mut sock = connect_unix(path, self.command_timeout).map_err(unreachable)?;
+        let sock = connect_unix(path, self.command_timeout).map_err(unreachable)?;
         sock.set_read_timeout(Some(self.command_timeout))
             .and_then(|()| sock.set_write_timeout(Some(self.command_timeout)))
-            .and_then(|()| sock.write_all(b"zIDSESSION\0"))
+            .and_then(|()| send_all(&sock, b"zIDSESSION\0"))
             .map_err(unreachable)?;
         Ok((
             Session {
@@ -154,7 +154,7 @@ impl ClamAv {
         s.next_id += 1;
         let sent = match file {
             Some(f) => send_fildes(&mut s.sock, f),
-            None => s.sock.write_all(format!("z{cmd}\0").as_bytes()),
+            None => send_all(&s.sock, format!("z{cmd}\0").as_bytes()),
         };
         if let Err(e) = sent {
             return SessionReply::Broken(ScanError::Failed(format!(
@@ -371,7 +371,7 @@ impl Scanner for ClamAv {
 /// `FILDES`: passes `file`'s descriptor (SCM_RIGHTS), so clamd reads it without
 /// access to the quarantine.
 fn send_fildes(sock: &mut UnixStream, file: &File) -> io::Result<()> {
-    sock.write_all(b"zFILDES\0")?;
+    send_all(sock, b"zFILDES\0")?;
     let fds = [file.as_fd()];
     let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut control = SendAncillaryBuffer::new(&mut space);
@@ -384,6 +384,20 @@ fn send_fildes(sock: &mut UnixStream, file: &File) -> io::Result<()> {
         &mut control,
         SendFlags::NOSIGNAL,
     )?;
+    Ok(())
+}
+
+/// Writes all of `buf` with `MSG_NOSIGNAL`: a session clamd has closed meanwhile
+/// answers `EPIPE` (and is replaced), never a SIGPIPE, whatever its disposition.
+fn send_all(sock: &UnixStream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        match rustix::net::send(sock, buf, SendFlags::NOSIGNAL) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     Ok(())
 }
 
