@@ -243,7 +243,12 @@ pub fn deliver(
     if staged_temp {
         let _ = ddir.remove(&temp_name);
     }
-    if result.is_ok() {
+    // When the copy itself was renamed into place there is nothing left to remove.
+    let moved = how == How::Renamed
+        && result
+            .as_ref()
+            .is_ok_and(|d| matches!(d.how, How::Renamed | How::Overwrote));
+    if result.is_ok() && !moved {
         let _ = qdir.remove(name);
     }
     result

@@ -181,10 +181,16 @@ pub fn copy_in(
         ))?;
     let temp_name = fsx::temp_name(id);
     let temp = qdir.path().join(&temp_name);
-    let _ = qdir.remove(temp_name.as_ref());
-    let mut out = qdir
-        .create_new(temp_name.as_ref())
-        .map_err(fsx::failed("create", &temp))?;
+    // A temp file of this id left by a killed run is replaced (removed only when it is
+    // there, not on the chance: one system call fewer per file).
+    let mut out = match qdir.create_new(temp_name.as_ref()) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            let _ = qdir.remove(temp_name.as_ref());
+            qdir.create_new(temp_name.as_ref())
+        }
+        other => other,
+    }
+    .map_err(fsx::failed("create", &temp))?;
     crate::crashpoint::here("quarantine: temp created");
 
     let copied = copy_hashing(&mut src, &mut out, leased, buf, &src_path, &temp);

@@ -35,6 +35,10 @@ struct FsGroup {
     targets: Vec<usize>,
     threshold: u64,
     reserved: u64,
+    /// The filesystem's size, read once (`None`: it could not be read): a file larger
+    /// than it never fits, and a filesystem's size does not change under a run the way
+    /// its free space does.
+    total: Option<u64>,
 }
 
 /// Why admission stopped (docs/design.md §2 "On denial").
@@ -166,6 +170,7 @@ impl Admission {
                     targets: vec![i],
                     threshold: target.threshold,
                     reserved: 0,
+                    total: fsx::space(&target.path).ok().map(|s| s.total),
                 }),
             }
         }
@@ -320,20 +325,20 @@ impl Admission {
     pub fn never_fits(&self, size: u64) -> Option<String> {
         for g in &self.groups {
             let probe = &self.targets[g.targets[0]].path;
-            let Ok(space) = fsx::space(probe) else {
+            let Some(total) = g.total else {
                 continue;
             };
             let need = size.saturating_mul(g.targets.len() as u64);
             let threshold = if self.enabled { g.threshold } else { 0 };
             // A threshold no file could meet is the configuration's fault, not the
             // file's: that stays a throttle stop.
-            if threshold < space.total && need.saturating_add(threshold) > space.total {
+            if threshold < total && need.saturating_add(threshold) > total {
                 return Some(format!(
                     "{:.1} MB cannot fit {} {} even when it is empty ({:.1} MB filesystem{})",
                     mib(size),
                     self.group_names(g),
                     probe.display(),
-                    mib(space.total),
+                    mib(total),
                     if threshold > 0 {
                         format!(", {:.0} MB must stay free", mib(threshold))
                     } else {

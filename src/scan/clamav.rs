@@ -13,7 +13,8 @@ use std::net::TcpStream;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 
@@ -25,11 +26,38 @@ use crate::config::ClamdEndpoint;
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 /// INSTREAM chunk size.
 const CHUNK: usize = 64 * 1024;
+/// The longest an `IDSESSION` connection is used: well within clamd's `IdleTimeout`
+/// (30 s by default), and short enough that a clamd restart or reload is met by new
+/// connections soon.
+const SESSION_AGE: Duration = Duration::from_secs(10);
 
 pub struct ClamAv {
     endpoint: ClamdEndpoint,
     /// Deadline for connecting, each write, and short commands' replies.
     command_timeout: Duration,
+    /// Idle `IDSESSION` connections (unix socket only), for the next command.
+    sessions: Mutex<Vec<Session>>,
+}
+
+/// An open `IDSESSION` connection with no command outstanding.
+struct Session {
+    sock: UnixStream,
+    /// The id clamd gives the next command's reply (the first is 1).
+    next_id: u64,
+    opened: Instant,
+    /// The socket's read timeout now (set only when a command needs another).
+    read_timeout: Option<Duration>,
+}
+
+/// What one command on a session came to.
+enum SessionReply {
+    /// clamd's reply, without the `<id>: ` prefix; the session is fit for reuse.
+    Reply(String, Session),
+    /// A reply that is not fit to reuse the session after (an error, an unexpected
+    /// reply): passed on as it is, the session dropped.
+    Final(Result<String, ScanError>),
+    /// The connection failed before any reply (a reused session clamd had closed).
+    Broken(ScanError),
 }
 
 enum Conn {
@@ -81,6 +109,130 @@ impl ClamAv {
         ClamAv {
             endpoint,
             command_timeout,
+            sessions: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// An idle session young enough to use, or a new one.
+    fn session(&self, path: &Path) -> Result<(Session, bool), ScanError> {
+        let idle = {
+            let mut idle = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            idle.retain(|s| s.opened.elapsed() < SESSION_AGE);
+            idle.pop()
+        };
+        if let Some(s) = idle {
+            return Ok((s, true));
+        }
+        let unreachable =
+            |e: io::Error| ScanError::Unreachable(format!("clamd at {}: {e}", self.endpoint));
+        let sock = connect_unix(path, self.command_timeout).map_err(unreachable)?;
+        sock.set_read_timeout(Some(self.command_timeout))
+            .and_then(|()| sock.set_write_timeout(Some(self.command_timeout)))
+            .and_then(|()| send_all(&sock, b"zIDSESSION\0"))
+            .map_err(unreachable)?;
+        Ok((
+            Session {
+                sock,
+                next_id: 1,
+                opened: Instant::now(),
+                read_timeout: Some(self.command_timeout),
+            },
+            false,
+        ))
+    }
+
+    /// Sends one command on a session (`file`: a descriptor passed with `FILDES`) and
+    /// reads its reply, waiting at most `timeout` for it.
+    fn session_command(
+        &self,
+        mut s: Session,
+        cmd: &str,
+        file: Option<&File>,
+        timeout: Option<Duration>,
+    ) -> SessionReply {
+        let id = s.next_id;
+        s.next_id += 1;
+        let sent = match file {
+            Some(f) => send_fildes(&mut s.sock, f),
+            None => send_all(&s.sock, format!("z{cmd}\0").as_bytes()),
+        };
+        if let Err(e) = sent {
+            return SessionReply::Broken(ScanError::Failed(format!(
+                "sending to clamd failed: {e}"
+            )));
+        }
+        if s.read_timeout != timeout {
+            if let Err(e) = s.sock.set_read_timeout(timeout) {
+                return SessionReply::Final(Err(ScanError::Failed(format!(
+                    "cannot set clamd socket timeout: {e}"
+                ))));
+            }
+            s.read_timeout = timeout;
+        }
+        let reply = match read_reply_opt(&mut s.sock, timeout) {
+            Ok(r) if r.is_empty() => {
+                return SessionReply::Broken(ScanError::Failed(
+                    "clamd closed the connection without a reply".into(),
+                ));
+            }
+            Ok(r) => r,
+            Err(e @ ScanError::Failed(_)) => return SessionReply::Broken(e),
+            Err(e) => return SessionReply::Final(Err(e)),
+        };
+        let prefix = format!("{id}: ");
+        let Some(body) = reply.strip_prefix(&prefix) else {
+            return SessionReply::Final(Err(ScanError::Failed(format!(
+                "unexpected reply in a clamd session (expected id {id}): {reply:?}"
+            ))));
+        };
+        let body = body.trim_end_matches(['\0', '\n']).to_string();
+        // Only a plainly clean scan, or a short command's answer, leaves the session in
+        // a known state: clamd may close it after an error, and may send more than one
+        // line for a detection (AllMatchScanning), so those end the session.
+        let reusable = reply.ends_with('\0')
+            && !body.contains('\0')
+            && match file {
+                Some(_) => body.ends_with(": OK"),
+                None => !body.ends_with("ERROR"),
+            };
+        if reusable {
+            SessionReply::Reply(body, s)
+        } else {
+            SessionReply::Final(Ok(body))
+        }
+    }
+
+    /// One command over a unix socket, through a session: a reused session that
+    /// turns out closed is replaced by a new connection, once.
+    fn over_session(
+        &self,
+        path: &Path,
+        cmd: &str,
+        file: Option<&File>,
+        timeout: Option<Duration>,
+    ) -> Result<String, ScanError> {
+        let (s, reused) = self.session(path)?;
+        let outcome = match self.session_command(s, cmd, file, timeout) {
+            SessionReply::Broken(e) if reused => {
+                tracing::debug!(
+                    "clamd session at {} was closed ({e}); reconnecting",
+                    self.endpoint
+                );
+                let (s, _) = self.session(path)?;
+                self.session_command(s, cmd, file, timeout)
+            }
+            other => other,
+        };
+        match outcome {
+            SessionReply::Reply(body, s) => {
+                self.sessions
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(s);
+                Ok(body)
+            }
+            SessionReply::Final(r) => r,
+            SessionReply::Broken(e) => Err(e),
         }
     }
 
@@ -127,6 +279,14 @@ impl ClamAv {
 
     /// Sends a short command (`PING`, `VERSION`) and returns the reply.
     pub fn command(&self, cmd: &str) -> Result<String, ScanError> {
+        if let ClamdEndpoint::Unix(path) = &self.endpoint {
+            return self
+                .over_session(path, cmd, None, Some(self.command_timeout))
+                .map_err(|e| match e {
+                    ScanError::Failed(m) => ScanError::Failed(format!("clamd {cmd}: {m}")),
+                    other => other,
+                });
+        }
         let mut conn = self.connect()?;
         let io_err = |e: io::Error| ScanError::Failed(format!("clamd {cmd}: {e}"));
         conn.stream()
@@ -134,26 +294,6 @@ impl ClamAv {
             .map_err(io_err)?;
         let reply = read_reply(conn.stream(), self.command_timeout)?;
         Ok(reply.trim_end_matches(['\0', '\n']).to_string())
-    }
-
-    fn scan_fildes(&self, conn: &mut Conn, file: &File) -> io::Result<()> {
-        let Conn::Unix(sock) = conn else {
-            unreachable!("FILDES is only used over a unix socket")
-        };
-        sock.write_all(b"zFILDES\0")?;
-        let fds = [file.as_fd()];
-        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
-        let mut control = SendAncillaryBuffer::new(&mut space);
-        if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
-            return Err(io::Error::other("cannot build SCM_RIGHTS message"));
-        }
-        rustix::net::sendmsg(
-            &*sock,
-            &[IoSlice::new(b"\0")],
-            &mut control,
-            SendFlags::NOSIGNAL,
-        )?;
-        Ok(())
     }
 
     fn scan_instream(&self, conn: &mut Conn, file: &File) -> io::Result<()> {
@@ -202,11 +342,12 @@ impl Scanner for ClamAv {
         _size: u64,
         timeout: Option<Duration>,
     ) -> Result<Verdict, ScanError> {
+        if let ClamdEndpoint::Unix(path) = &self.endpoint {
+            let reply = self.over_session(path, "FILDES", Some(file), timeout)?;
+            return parse_reply(&reply);
+        }
         let mut conn = self.connect()?;
-        let sent = match self.endpoint {
-            ClamdEndpoint::Unix(_) => self.scan_fildes(&mut conn, file),
-            ClamdEndpoint::Tcp(_) => self.scan_instream(&mut conn, file),
-        };
+        let sent = self.scan_instream(&mut conn, file);
         // The scan itself may take long: wait for the reply up to the scan timeout.
         if let Err(e) = conn.set_timeout(timeout) {
             return Err(ScanError::Failed(format!(
@@ -225,6 +366,39 @@ impl Scanner for ClamAv {
             (Ok(()), Err(e)) => Err(e),
         }
     }
+}
+
+/// `FILDES`: passes `file`'s descriptor (SCM_RIGHTS), so clamd reads it without
+/// access to the quarantine.
+fn send_fildes(sock: &mut UnixStream, file: &File) -> io::Result<()> {
+    send_all(sock, b"zFILDES\0")?;
+    let fds = [file.as_fd()];
+    let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+        return Err(io::Error::other("cannot build SCM_RIGHTS message"));
+    }
+    rustix::net::sendmsg(
+        &*sock,
+        &[IoSlice::new(b"\0")],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )?;
+    Ok(())
+}
+
+/// Writes all of `buf` with `MSG_NOSIGNAL`: a session clamd has closed meanwhile
+/// answers `EPIPE` (and is replaced), never a SIGPIPE, whatever its disposition.
+fn send_all(sock: &UnixStream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        match rustix::net::send(sock, buf, SendFlags::NOSIGNAL) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// Connects to clamd's unix socket within `deadline`. `UnixStream::connect` blocks

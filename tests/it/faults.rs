@@ -22,39 +22,20 @@ enum Fake {
 
 /// A fake clamd: answers VERSION, passes the canary (first scan), then misbehaves.
 fn fake_clamd(dir: &Path, mode: Fake) -> PathBuf {
+    use crate::common::fake_clamd::{Answer, serve};
     let sock = dir.join("fake-clamd.sock");
-    let listener = UnixListener::bind(&sock).unwrap();
-    std::thread::spawn(move || {
-        let mut scans = 0;
-        for conn in listener.incoming() {
-            let Ok(mut c) = conn else { continue };
-            let mut cmd = Vec::new();
-            let mut b = [0u8; 1];
-            while c.read(&mut b).unwrap_or(0) == 1 && b[0] != 0 {
-                cmd.push(b[0]);
-            }
-            if cmd == b"zVERSION" {
-                let _ = c.write_all(b"ClamAV 1.4.6/1/fake\0");
-                continue;
-            }
-            scans += 1;
-            let _ = c.read(&mut b); // FILDES: the byte carrying the descriptor
-            if scans == 1 {
-                let _ = c.write_all(b"fd[3]: Eicar-Test-Signature FOUND\0");
-                continue;
-            }
-            match mode {
-                Fake::Garbage => {
-                    let _ = c.write_all(b"banana split\0");
-                }
-                Fake::Hang => {
-                    std::thread::spawn(move || {
-                        std::thread::sleep(Duration::from_secs(30));
-                        drop(c);
-                    });
-                }
-                Fake::Drop => drop(c),
-            }
+    let scans = std::sync::atomic::AtomicUsize::new(0);
+    serve(&sock, move |cmd| {
+        if cmd == b"zVERSION" {
+            return Answer::Reply(b"ClamAV 1.4.6/1/fake".to_vec());
+        }
+        if scans.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            return Answer::Reply(b"fd[3]: Eicar-Test-Signature FOUND".to_vec());
+        }
+        match mode {
+            Fake::Garbage => Answer::Reply(b"banana split".to_vec()),
+            Fake::Hang => Answer::Hang(Duration::from_secs(30)),
+            Fake::Drop => Answer::Drop,
         }
     });
     sock

@@ -2,7 +2,7 @@
 //! clamd, with real GnuPG keys; every archive is decrypted with stock `gpg`.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -367,40 +367,24 @@ fn an_rsa_key_in_binary_form_works_and_sources_stay_when_delete_is_off() {
 /// the canary) appends to `mutate` before answering, i.e. the source changes after
 /// it was quarantined.
 fn fake_clamd(dir: &Path, mutate: PathBuf) -> PathBuf {
+    use crate::common::fake_clamd::{Answer, serve};
     let sock = dir.join("fake-clamd.sock");
-    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
-    std::thread::spawn(move || {
-        let mut scans = 0;
-        for conn in listener.incoming() {
-            let Ok(mut c) = conn else { continue };
-            let mut got = Vec::new();
-            let mut buf = [0u8; 64];
-            while !got.ends_with(b"\0") {
-                match c.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => got.extend_from_slice(&buf[..n]),
-                }
-            }
-            let reply: &[u8] = if got.starts_with(b"zVERSION") {
-                b"ClamAV 0.0.0-fake/1/Thu Jan  1 00:00:00 1970\0"
-            } else if got.starts_with(b"zPING") {
-                b"PONG\0"
-            } else {
-                if got == b"zFILDES\0" {
-                    let _ = c.read(&mut buf);
-                }
-                scans += 1;
-                if scans > 1 {
-                    let mut f = std::fs::OpenOptions::new()
-                        .append(true)
-                        .open(&mutate)
-                        .unwrap();
-                    f.write_all(b"changed").unwrap();
-                }
-                b"fd[5]: Fake.Suspect FOUND\0"
-            };
-            let _ = c.write_all(reply);
+    let scans = std::sync::atomic::AtomicUsize::new(0);
+    serve(&sock, move |cmd| {
+        if cmd.starts_with(b"zVERSION") {
+            return Answer::Reply(b"ClamAV 0.0.0-fake/1/Thu Jan  1 00:00:00 1970".to_vec());
         }
+        if cmd.starts_with(b"zPING") {
+            return Answer::Reply(b"PONG".to_vec());
+        }
+        if scans.fetch_add(1, std::sync::atomic::Ordering::SeqCst) > 0 {
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&mutate)
+                .unwrap();
+            f.write_all(b"changed").unwrap();
+        }
+        Answer::Reply(b"fd[5]: Fake.Suspect FOUND".to_vec())
     });
     sock
 }

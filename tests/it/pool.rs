@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
@@ -272,38 +272,23 @@ fn an_endpoint_too_old_for_the_gate_is_stale_and_alone_stops_the_run() {
 /// A fake clamd that answers PING and VERSION as the `real` one does and detects the
 /// first file it is sent (the health check's canary), then answers garbage.
 fn garbage_clamd(dir: &Path, real: PathBuf) -> PathBuf {
+    use crate::common::fake_clamd::{Answer, serve};
     let path = dir.join("garbage.sock");
-    let listener = UnixListener::bind(&path).unwrap();
-    std::thread::spawn(move || {
-        let mut scans = 0;
-        for conn in listener.incoming() {
-            let Ok(mut c) = conn else { continue };
-            let mut cmd = Vec::new();
-            let mut b = [0u8; 1];
-            while c.read(&mut b).unwrap_or(0) == 1 && b[0] != 0 {
-                cmd.push(b[0]);
-            }
-            match cmd.as_slice() {
-                b"zPING" => {
-                    let _ = c.write_all(b"PONG\0");
-                }
-                b"zVERSION" => {
-                    let mut r = UnixStream::connect(&real).unwrap();
-                    r.write_all(b"zVERSION\0").unwrap();
-                    let mut v = Vec::new();
-                    let _ = r.read_to_end(&mut v);
-                    let _ = c.write_all(&v);
-                }
-                _ => {
-                    scans += 1;
-                    let _ = c.read(&mut b);
-                    let reply: &[u8] = if scans == 1 {
-                        b"fd[3]: Eicar-Test-Signature FOUND\0"
-                    } else {
-                        b"banana split\0"
-                    };
-                    let _ = c.write_all(reply);
-                }
+    let scans = std::sync::atomic::AtomicUsize::new(0);
+    serve(&path, move |cmd| match cmd {
+        b"zPING" => Answer::Reply(b"PONG".to_vec()),
+        b"zVERSION" => {
+            let mut r = UnixStream::connect(&real).unwrap();
+            r.write_all(b"zVERSION\0").unwrap();
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            Answer::Reply(v.strip_suffix(b"\0").unwrap_or(&v).to_vec())
+        }
+        _ => {
+            if scans.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                Answer::Reply(b"fd[3]: Eicar-Test-Signature FOUND".to_vec())
+            } else {
+                Answer::Reply(b"banana split".to_vec())
             }
         }
     });
