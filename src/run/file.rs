@@ -396,6 +396,36 @@ fn deliver_clean(
         // Made durable with its batch: one syncfs for many files (group commit).
         durable: false,
     };
+    // Fleet: a node whose claim was taken over does not deliver (the group commit
+    // checks the fencing token again; this only narrows the window).
+    match lock(run.journal).claim_held(id) {
+        Ok(true) => {}
+        Ok(false) => {
+            remove_copy(q);
+            tracing::warn!(
+                "not delivered: {:?} was taken over by another node (lease expired); source left to it",
+                shown(rel)
+            );
+            r.skip_label = Some("claim_lost");
+            return Disposed::Finished(finish(
+                run,
+                r,
+                Outcome::Skipped,
+                "claim_lost",
+                Some("claim lost: lease expired, another node took the file over".into()),
+            ));
+        }
+        Err(e) => {
+            return Disposed::Finished(fail(
+                run,
+                r,
+                Some(q),
+                "journal_failed",
+                format!("cannot check this node's claim: {e}"),
+                false,
+            ));
+        }
+    }
     tracing::debug!("delivering {:?} to the destination", shown(rel));
     match deliver::deliver(q, rel, id, &target, buf) {
         Ok(d) => {

@@ -14,7 +14,7 @@ use std::sync::mpsc;
 use super::file::{self, FileResult};
 use crate::config::Config;
 use crate::discover::{Candidate, Queue};
-use crate::journal::{Identity, Journal, Outcome, SetAside};
+use crate::journal::{Admit, DayLimits, Identity, Journal, Outcome, SetAside};
 use crate::notify::{self, Notifier};
 use crate::report::{FileEntry, Report};
 use crate::scan::Scanners;
@@ -38,6 +38,10 @@ pub struct Run<'a> {
     /// file set aside under the same limits is neither copied nor reported again.
     pub set_aside: &'a HashMap<Identity, SetAside>,
     pub limits_fingerprint: &'a str,
+    /// Fleet mode: the lease keeper; once it says the lease is lost, admit nothing.
+    pub fleet: Option<&'a crate::journal::Heartbeat>,
+    /// The daily limits a fleet claim counts (exact across nodes).
+    pub day_limits: DayLimits,
 }
 
 /// The run's three directories, opened once: every path below them is resolved
@@ -109,6 +113,7 @@ pub fn process(
         uncommitted: Vec::new(),
         report: &report,
         set_aside: 0,
+        elsewhere: 0,
     });
 
     let committed = std::thread::scope(|scope| {
@@ -155,6 +160,7 @@ pub fn process(
         mut stop,
         progress,
         set_aside,
+        elsewhere,
         ..
     } = books;
     let report = report.into_inner().unwrap_or_else(|p| p.into_inner());
@@ -173,8 +179,11 @@ pub fn process(
     }
     progress.finish();
 
-    report.files.deferred = total.saturating_sub(report.files.admitted + set_aside);
+    report.files.deferred = total.saturating_sub(report.files.admitted + set_aside + elsewhere);
     if let Some(why) = run.scanners.stop_reason() {
+        stop.get_or_insert(why);
+    }
+    if let Some(why) = run.fleet.and_then(|h| h.lost()) {
         stop.get_or_insert(why);
     }
     if let Some(reason) = stop {
@@ -216,6 +225,8 @@ struct Books<'a, 'r> {
     /// Files set aside before admission (newly, or known from an earlier run): not
     /// admitted, yet not waiting for a later run either.
     set_aside: u64,
+    /// Fleet: files another node holds (left to it, not deferred).
+    elsewhere: u64,
 }
 
 impl Books<'_, '_> {
@@ -239,61 +250,91 @@ impl Books<'_, '_> {
             self.ended = true;
             return None;
         }
-        let candidate = loop {
-            let Some(candidate) = self.queue.next() else {
-                if let Some(e) = self.queue.error() {
-                    self.stop.get_or_insert_with(|| e.to_string());
+        if let Some(why) = run.fleet.and_then(|h| h.lost()) {
+            self.stop.get_or_insert(why);
+            self.ended = true;
+            return None;
+        }
+        loop {
+            let candidate = loop {
+                let Some(candidate) = self.queue.next() else {
+                    if let Some(e) = self.queue.error() {
+                        self.stop.get_or_insert_with(|| e.to_string());
+                    }
+                    self.ended = true;
+                    return None;
+                };
+                match self.set_aside_before_admission(run, &candidate) {
+                    Ok(true) => {
+                        self.set_aside += 1;
+                        continue;
+                    }
+                    Ok(false) => break candidate,
+                    Err(e) => {
+                        self.stop = Some(format!("journal write failed: {e}"));
+                        self.ended = true;
+                        return None;
+                    }
                 }
-                self.ended = true;
-                return None;
             };
-            match self.set_aside_before_admission(run, &candidate) {
-                Ok(true) => {
-                    self.set_aside += 1;
+            let ticket = match self.admission.admit(candidate.size) {
+                Ok(t) => t,
+                Err(denial) => {
+                    throttle_stop(run, &denial, &mut lock_report(self.report));
+                    self.ended = true;
+                    return None;
+                }
+            };
+            // Committed at once (not batched): recovery finds a dead run's temp files
+            // through this row.
+            let rel = candidate.rel.to_string_lossy().into_owned();
+            let admitted = lock(run.journal).admit_file(
+                run.run_id,
+                &rel,
+                candidate.size,
+                candidate.mtime_ns,
+                &run.day_limits,
+            );
+            let id = match admitted {
+                Ok(Admit::Admitted { id, .. }) => id,
+                Ok(Admit::Taken(why)) => {
+                    // Another node of the fleet has it: not this node's to count.
+                    self.admission.finish(ticket, false);
+                    tracing::debug!(
+                        "{:?} left to another node: {why}",
+                        crate::names::shown(&rel)
+                    );
+                    let mut report = lock_report(self.report);
+                    report.files.skipped += 1;
+                    *report.skipped_by_reason.entry("other_node").or_default() += 1;
+                    drop(report);
+                    self.elsewhere += 1;
                     continue;
                 }
-                Ok(false) => break candidate,
+                Ok(Admit::Limit(message)) => {
+                    self.admission.finish(ticket, false);
+                    let denial = Denial::DailyLimit { message };
+                    throttle_stop(run, &denial, &mut lock_report(self.report));
+                    self.ended = true;
+                    return None;
+                }
                 Err(e) => {
+                    self.admission.finish(ticket, false);
                     self.stop = Some(format!("journal write failed: {e}"));
                     self.ended = true;
                     return None;
                 }
-            }
-        };
-        let ticket = match self.admission.admit(candidate.size) {
-            Ok(t) => t,
-            Err(denial) => {
-                throttle_stop(run, &denial, &mut lock_report(self.report));
-                self.ended = true;
-                return None;
-            }
-        };
-        // Committed at once (not batched): recovery finds a dead run's temp files
-        // through this row.
-        let rel = candidate.rel.to_string_lossy().into_owned();
-        let id = match lock(run.journal).file_admitted(
-            run.run_id,
-            &rel,
-            candidate.size,
-            candidate.mtime_ns,
-        ) {
-            Ok(id) => id,
-            Err(e) => {
-                self.admission.finish(ticket, false);
-                self.stop = Some(format!("journal write failed: {e}"));
-                self.ended = true;
-                return None;
-            }
-        };
-        tracing::debug!(
-            "admitted {:?}: {} bytes, journal id {id}",
-            crate::names::shown(&rel),
-            candidate.size
-        );
-        self.tickets.insert(id, ticket);
-        lock_report(self.report).files.admitted += 1;
-        self.progress.admitted(candidate.size);
-        Some(Job { id, candidate })
+            };
+            tracing::debug!(
+                "admitted {:?}: {} bytes, journal id {id}",
+                crate::names::shown(&rel),
+                candidate.size
+            );
+            self.tickets.insert(id, ticket);
+            lock_report(self.report).files.admitted += 1;
+            self.progress.admitted(candidate.size);
+            return Some(Job { id, candidate });
+        }
     }
 
     /// A file that is not admitted because it is set aside: already (same identity,
@@ -476,17 +517,33 @@ fn commit(
             .collect();
         lock(run.journal).finish_batch(&records)
     };
-    if let Err(e) = recorded {
-        // The journal does not know these files finished: keep their sources.
-        fail(format!(
-            "journal write failed: {e}; sources of {} delivered file(s) kept",
-            batch.len()
-        ));
-        for mut r in batch {
-            r.pending = None;
-            done.push(r);
+    let lost = match recorded {
+        Ok(lost) => lost,
+        Err(e) => {
+            // The journal does not know these files finished: keep their sources.
+            fail(format!(
+                "journal write failed: {e}; sources of {} delivered file(s) kept",
+                batch.len()
+            ));
+            for mut r in batch {
+                r.pending = None;
+                done.push(r);
+            }
+            return;
         }
-        return;
+    };
+    for r in batch.iter_mut().filter(|r| lost.contains(&r.id)) {
+        // Fleet: this node's lease ran out and another node took the file over. The
+        // delivered bytes stay (the new owner finds them already present); the source
+        // is the new owner's to remove.
+        tracing::warn!(
+            "{:?}: claim lost to another node (lease expired); source left to it",
+            crate::names::shown(&r.rel)
+        );
+        r.pending = None;
+        r.outcome = Outcome::Skipped;
+        r.skip_label = Some("claim_lost");
+        r.error = Some("claim lost: lease expired, another node took the file over".into());
     }
     crate::crashpoint::here("commit: journaled, before source removal");
     let mut removed = Vec::new();
