@@ -398,7 +398,9 @@ fn deliver_clean(
     };
     // Fleet: a node whose claim was taken over does not deliver (the group commit
     // checks the fencing token again; this only narrows the window).
-    match lock(run.journal).claim_held(id) {
+    // (The guard must be gone before `finish` or `fail` takes the journal again.)
+    let held = lock(run.journal).claim_held(id);
+    match held {
         Ok(true) => {}
         Ok(false) => {
             remove_copy(q);

@@ -3,6 +3,7 @@
 //! journal, config file) per test, and the built `shuttle` binary.
 #![allow(dead_code)]
 
+pub mod pg;
 pub mod smtp;
 
 use std::collections::BTreeMap;
