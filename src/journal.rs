@@ -7,6 +7,7 @@
 
 use std::path::PathBuf;
 
+pub mod migrate;
 mod pg;
 mod sqlite;
 

@@ -469,3 +469,70 @@ fn a_bad_journal_url_is_a_clear_error() {
         f.stderr
     );
 }
+
+/// `shuttle journal migrate --to URL` copies a SQLite journal with its history into
+/// PostgreSQL: the runs, every file record (so today's totals and `shuttle history`
+/// carry over), and the ids go on from there. A second migration into the now
+/// non-empty journal is refused.
+#[test]
+fn a_sqlite_journal_is_migrated_into_postgresql_with_its_history() {
+    let pg = Postgres::start();
+    let env = Env::new();
+    for i in 0..3 {
+        env.drop_file(&format!("m{i}.txt"), format!("file {i}").as_bytes());
+    }
+    let r = env.run(&[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let cfg = env.config.to_str().unwrap();
+    let m = env.shuttle(&[
+        "journal",
+        "migrate",
+        "--config",
+        cfg,
+        "--fleet-node-name",
+        "first",
+        "--to",
+        &pg.url(),
+    ]);
+    assert_eq!(m.code, 0, "{}", m.stderr);
+    assert!(m.stdout.contains("3 files"), "{}", m.stdout);
+    assert_eq!(
+        pg.query("SELECT count(*) FROM files WHERE outcome = 'clean' AND node = 'first'"),
+        "3"
+    );
+    assert_eq!(pg.query("SELECT count(*) FROM runs"), "1");
+    // History reads the migrated records from PostgreSQL.
+    let h = env.shuttle(&[
+        "history",
+        "--config",
+        cfg,
+        "--journal-url",
+        &pg.url(),
+        "m1.txt",
+    ]);
+    assert_eq!(h.code, 0, "{}", h.stderr);
+    assert!(h.stdout.contains("m1.txt"), "{}", h.stdout);
+    // The node now runs on PostgreSQL: its ids continue after the migrated ones.
+    env.drop_file("m3.txt", b"file 3");
+    let r = env.shuttle(&[
+        "run",
+        "--config",
+        cfg,
+        "--journal-url",
+        &pg.url(),
+        "--fleet-node-name",
+        "first",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        pg.query("SELECT min(id) FROM files WHERE rel_path = 'm3.txt'"),
+        "4"
+    );
+    assert_eq!(
+        pg.query("SELECT count(*) FROM files WHERE outcome = 'clean'"),
+        "4"
+    );
+    let again = env.shuttle(&["journal", "migrate", "--config", cfg, "--to", &pg.url()]);
+    assert_eq!(again.code, 1);
+    assert!(again.stderr.contains("already holds"), "{}", again.stderr);
+}

@@ -269,6 +269,9 @@ pub struct Config {
     pub metrics_path: Option<PathBuf>,
     /// Fleet mode: the journal in PostgreSQL (`None`: SQLite in `tracking_data_path`).
     pub fleet: Option<FleetConfig>,
+    /// The fleet keys other than the URL (node name, password file, lease), for
+    /// `shuttle journal migrate --to URL`.
+    pub fleet_keys: FleetConfig,
     pub delete_source_files: bool,
     pub max_scan_threads: usize,
     pub throttle: ThrottleConfig,
@@ -303,10 +306,30 @@ pub struct FleetConfig {
 
 /// The fleet keys. A URL that is not PostgreSQL's, or that carries a password, is a
 /// configuration error: passwords come from a file, never a flag or a URL.
-fn fleet_config(r: &mut Reader) -> Option<FleetConfig> {
+fn fleet_config(r: &mut Reader) -> (FleetConfig, Option<FleetConfig>) {
     let password_file = r.path("journal_password_file");
     let node = r.text("fleet_node_name");
     let lease_seconds = r.number("fleet_lease_seconds", 300, 3);
+    let base = FleetConfig {
+        url: String::new(),
+        password_file,
+        node: node.unwrap_or_else(|| {
+            rustix::system::uname()
+                .nodename()
+                .to_string_lossy()
+                .into_owned()
+        }),
+        lease_seconds,
+    };
+    let fleet = fleet_url(r).map(|url| FleetConfig {
+        url,
+        ..base.clone()
+    });
+    (base, fleet)
+}
+
+/// `journal_url`, when it names a PostgreSQL database without a password.
+fn fleet_url(r: &mut Reader) -> Option<String> {
     let (url, origin) = r.get("journal_url")?;
     if url.is_empty() {
         return None;
@@ -334,17 +357,7 @@ fn fleet_config(r: &mut Reader) -> Option<FleetConfig> {
         )));
         return None;
     }
-    Some(FleetConfig {
-        url: url.to_string(),
-        password_file,
-        node: node.unwrap_or_else(|| {
-            rustix::system::uname()
-                .nodename()
-                .to_string_lossy()
-                .into_owned()
-        }),
-        lease_seconds,
-    })
+    Some(url.to_string())
 }
 
 /// What the command being run needs from the configuration.
@@ -688,7 +701,7 @@ fn build(r: &mut Reader, file: Option<PathBuf>, warnings: &mut Vec<String>) -> C
         .or_else(|| log_path.clone())
         .unwrap_or_else(|| expand_tilde("~/.local/state/shuttle"));
 
-    let fleet = fleet_config(r);
+    let (fleet_keys, fleet) = fleet_config(r);
     let free = r.number("throttle_free_space_mb", 10_000, 0);
     let throttle = ThrottleConfig {
         enabled: r.bool("throttle", false),
@@ -793,6 +806,7 @@ fn build(r: &mut Reader, file: Option<PathBuf>, warnings: &mut Vec<String>) -> C
         tracking_data_path,
         metrics_path: r.path("metrics_path"),
         fleet,
+        fleet_keys,
         delete_source_files: r.bool("delete_source_files_after_copying", false),
         max_scan_threads: usize::try_from(threads).unwrap_or(usize::MAX),
         throttle,
