@@ -7,6 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
+use shuttle::journal::Journal as _;
 
 #[test]
 fn clean_files_arrive_byte_identical_with_their_tree_and_sources_go() {

@@ -3,6 +3,7 @@
 mod common;
 
 use common::*;
+use shuttle::journal::Journal as _;
 
 const MIB: usize = 1 << 20;
 

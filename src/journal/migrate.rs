@@ -24,8 +24,11 @@ enum Col {
 }
 use Col::*;
 
-/// Table, columns (in both schemas), and whether PostgreSQL adds the node's name.
-const TABLES: &[(&str, &[(&str, Col)], bool)] = &[
+/// A table's name, its columns (in both schemas) with their kinds, and whether
+/// PostgreSQL adds the node's name.
+type Table = (&'static str, &'static [(&'static str, Col)], bool);
+
+const TABLES: &[Table] = &[
     (
         "runs",
         &[
