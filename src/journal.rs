@@ -1,9 +1,15 @@
-//! The journal (docs/design.md §4): an SQLite database recording every file's lifecycle, each
-//! run's totals, throttle decisions and per-target free space.
+//! The journal (docs/design.md §4): every file's lifecycle, each run's totals, throttle
+//! decisions and per-target free space.
 //!
 //! It is the source of truth for daily limits, `shuttle status` and crash recovery. The
 //! pipeline writes a step here only after that step is durable on disk, so the journal
 //! may under-claim after a crash but never over-claims.
+//!
+//! Why a trait: one node keeps its journal in SQLite beside its state
+//! ([`SqliteJournal`]); a fleet of nodes sharing a drop directory keeps it in
+//! PostgreSQL ([`PgJournal`], docs/fleet.md), where a file is also claimed by one node
+//! before it is copied. The run and the commands see only [`Journal`], opened in one
+//! place, [`open`], from the configuration.
 
 use std::path::PathBuf;
 
