@@ -536,3 +536,21 @@ fn a_sqlite_journal_is_migrated_into_postgresql_with_its_history() {
     assert_eq!(again.code, 1);
     assert!(again.stderr.contains("already holds"), "{}", again.stderr);
 }
+
+/// A PostgreSQL journal that a newer Shuttle migrated is refused before any file is
+/// touched, with a message that says so.
+#[test]
+fn a_journal_from_a_newer_shuttle_is_refused() {
+    let pg = Postgres::start();
+    let fleet = Fleet::new(&pg, 3);
+    pg.query("CREATE TABLE schema_version (version INTEGER NOT NULL); INSERT INTO schema_version VALUES (99)");
+    let f = fleet.node("a", &[]).run();
+    assert_eq!(f.code, 1, "{}", f.stderr);
+    assert!(
+        f.stderr.contains("schema version 99 is newer"),
+        "{}",
+        f.stderr
+    );
+    assert_eq!(count_files(&fleet.src), 3, "no file touched");
+    assert_eq!(count_files(&fleet.dst), 0);
+}
