@@ -322,7 +322,19 @@ fn a_node_stopped_past_its_lease_delivers_no_duplicate() {
         "{}",
         af.stderr
     );
-    assert_eq!(clean(&af), 0, "a committed nothing after losing its claims");
+    assert_eq!(
+        clean(&af),
+        0,
+        "a committed nothing after losing its claims; b: {} {}",
+        bf.report["files"],
+        bf.report["skipped_by_reason"]
+    );
+    let temps = Env::tree(&a.dir.join("quarantine"));
+    assert!(
+        temps.is_empty(),
+        "a left temp files: {:?}",
+        temps.keys().collect::<Vec<_>>()
+    );
     assert_eq!(clean(&bf), 500);
     fleet.assert_all_delivered_once();
 }

@@ -527,6 +527,14 @@ fn commit(
             ));
             for mut r in batch {
                 r.pending = None;
+                if run.fleet.is_some() {
+                    // Not this node's to count: its claim is unconfirmed, and another
+                    // node may take the file over (and find these bytes delivered).
+                    r.outcome = Outcome::Failed;
+                    r.error = Some(format!(
+                        "delivered but not recorded (journal write failed: {e}); source kept for the next run"
+                    ));
+                }
                 done.push(r);
             }
             return;
