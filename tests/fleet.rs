@@ -257,6 +257,7 @@ fn two_and_three_nodes_deliver_each_file_exactly_once() {
 /// A node killed mid-run (SIGKILL at its 400th kill point) leaves claims that hold
 /// until their lease runs out: another node leaves those files alone, then takes them
 /// over after the lease and finishes them. Nothing is lost or duplicated.
+#[cfg(feature = "crashpoints")]
 #[test]
 fn a_killed_nodes_files_are_finished_by_another_after_its_lease() {
     let pg = Postgres::start();
