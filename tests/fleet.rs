@@ -443,6 +443,16 @@ fn status_shows_the_fleet() {
             .all(|n| n["state"] == "idle" && n["heartbeat_age_seconds"].as_i64().unwrap() < 60)
     );
     assert_eq!(s["fleet"]["claims_in_flight"], 0);
+    let c = Command::new(shuttle_bin())
+        .args(["check", "--config", a.config.to_str().unwrap()])
+        .env("HOME", &a.dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&c.stdout);
+    assert!(
+        text.contains("ok: fleet journal") && text.contains("2 node(s) known"),
+        "{text}"
+    );
     assert_eq!(s["fleet"]["today_files"], 20);
     let text = Command::new(shuttle_bin())
         .args(["status", "--config", a.config.to_str().unwrap()])
@@ -474,6 +484,19 @@ fn a_bad_journal_url_is_a_clear_error() {
         f.stderr
     );
     assert_eq!(count_files(&fleet.src), 3, "no file touched");
+    // `shuttle check` says so too, and fails.
+    let c = Command::new(shuttle_bin())
+        .args(["check", "--config", n.config.to_str().unwrap()])
+        .env("HOME", &n.dir)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&c.stdout).into_owned() + &String::from_utf8_lossy(&c.stderr);
+    assert_eq!(c.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("cannot connect") && text.contains("journal_url"),
+        "{text}"
+    );
     let with_pw = fleet.url.replace("postgres@", "postgres:secret@");
     let text = std::fs::read_to_string(&n.config)
         .unwrap()
