@@ -73,6 +73,22 @@ pub fn check(cli: &CommandLine) -> ExitCode {
             }
         }
     }
+    if let Some(f) = &cfg.fleet {
+        // Fleet mode: the journal must answer (and be a schema this Shuttle knows)
+        // before a node joins; opening it creates or migrates the schema.
+        match crate::journal::open(cfg).and_then(|j| j.fleet_status()) {
+            Ok(status) => println!(
+                "ok: fleet journal {} as node {} (lease {} s): {} node(s) known",
+                f.url,
+                f.node,
+                f.lease_seconds,
+                status.map_or(0, |s| s.nodes.len())
+            ),
+            Err(e) => problems.push(format!(
+                "{e} (check journal_url, journal_password_file or PGPASSFILE, and that PostgreSQL is running)"
+            )),
+        }
+    }
     if let Err(e) = crate::ledger::gate(cfg) {
         problems.push(e);
     } else if cfg.scanning.defender

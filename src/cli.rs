@@ -77,6 +77,16 @@ pub fn command() -> Command {
                 .arg(Arg::new("json").long("json").action(ArgAction::SetTrue).help("Machine-readable output")),
         )
         .subcommand(
+            Command::new("journal")
+                .about("The journal itself")
+                .subcommand_required(true)
+                .subcommand(
+                    Command::new("migrate")
+                        .about("Copy this node's SQLite journal, with its history, into an empty PostgreSQL journal (fleet mode; the password comes from journal_password_file or PGPASSFILE)")
+                        .arg(Arg::new("to").long("to").value_name("URL").required(true).help("postgresql://user@host:port/database, without a password")),
+                ),
+        )
+        .subcommand(
             Command::new("rescan")
                 .about("Retro-scan now: rescan in place the destination copies of recent deliveries that older signatures cleared, with no time budget; alert or withdraw what is detected (rescan_action)")
                 .arg(Arg::new("days").long("days").value_name("N").value_parser(clap::value_parser!(u64)).help("Deliveries of the last N days [default: rescan_days]"))
@@ -190,6 +200,13 @@ pub fn main() -> ExitCode {
             sub.get_one::<u64>("days").copied(),
             sub.get_one::<String>("path").map(String::as_str),
         ),
+        "journal" => match sub.subcommand() {
+            Some(("migrate", m)) => crate::journal::migrate::main(
+                &command_line(m),
+                m.get_one::<String>("to").map_or("", String::as_str),
+            ),
+            _ => ExitCode::Usage,
+        },
         "hazard" => match sub.subcommand() {
             Some(("list", list)) => hazard_list(&command_line(list), list.get_flag("json")),
             _ => ExitCode::Usage,

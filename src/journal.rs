@@ -1,14 +1,23 @@
-//! The journal (docs/design.md §4): an SQLite database recording every file's lifecycle, each
-//! run's totals, throttle decisions and per-target free space.
+//! The journal (docs/design.md §4): every file's lifecycle, each run's totals, throttle
+//! decisions and per-target free space.
 //!
 //! It is the source of truth for daily limits, `shuttle status` and crash recovery. The
 //! pipeline writes a step here only after that step is durable on disk, so the journal
 //! may under-claim after a crash but never over-claims.
+//!
+//! Why a trait: one node keeps its journal in SQLite beside its state
+//! ([`SqliteJournal`]); a fleet of nodes sharing a drop directory keeps it in
+//! PostgreSQL ([`PgJournal`], docs/fleet.md), where a file is also claimed by one node
+//! before it is copied. The run and the commands see only [`Journal`], opened in one
+//! place, [`open`], from the configuration.
 
 use std::path::PathBuf;
 
+pub mod migrate;
+mod pg;
 mod sqlite;
 
+pub use pg::{Heartbeat, PgJournal, pgpass_lookup};
 pub use sqlite::{FILE_NAME, MIGRATIONS, SCHEMA_V1, SqliteJournal};
 
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +32,15 @@ pub enum JournalError {
         path: PathBuf,
         source: rusqlite::Error,
     },
+    #[error("journal {url}: cannot connect: {why}")]
+    Connect { url: String, why: String },
+    #[error("journal {url}: {}", pg::describe_error(source))]
+    Postgres {
+        url: String,
+        source: postgres::Error,
+    },
+    #[error("{0}")]
+    Schema(String),
 }
 
 /// A file's final outcome.
@@ -276,6 +294,33 @@ pub trait Journal: Send {
     /// What the journal is, for messages (`/var/lib/shuttle/shuttle-journal.sqlite3`).
     fn describe(&self) -> String;
 
+    /// Admits a file: records it (as [`Journal::file_admitted`]) and, in a fleet, claims
+    /// it for this node in the same transaction, counting the fleet's daily totals
+    /// against `limits`. A journal without claims admits every file.
+    fn admit_file(
+        &self,
+        run: i64,
+        rel_path: &str,
+        size: u64,
+        mtime_ns: i64,
+        limits: &DayLimits,
+    ) -> Result<Admit, JournalError> {
+        let _ = limits;
+        let id = self.file_admitted(run, rel_path, size, mtime_ns)?;
+        Ok(Admit::Admitted { id, token: 0 })
+    }
+
+    /// Whether this node still holds the claim on file `id` (always, without claims).
+    fn claim_held(&self, id: i64) -> Result<bool, JournalError> {
+        let _ = id;
+        Ok(true)
+    }
+
+    /// The fleet's nodes and today's totals; `None` for a journal of one node.
+    fn fleet_status(&self) -> Result<Option<FleetStatus>, JournalError> {
+        Ok(None)
+    }
+
     fn begin_run(&self, started: &str) -> Result<i64, JournalError>;
 
     fn finish_run(
@@ -306,8 +351,11 @@ pub trait Journal: Send {
     /// failed), with what was learned on the way: hash, verdict, each engine's answer.
     fn file_finished(&self, f: &Finished) -> Result<(), JournalError>;
 
-    /// Many files finished at once, in one transaction (group commit).
-    fn finish_batch(&self, items: &[Finished]) -> Result<(), JournalError>;
+    /// Many files finished at once, in one transaction (group commit). Returns the ids
+    /// of files whose fleet claim was lost (another node took them over): those are
+    /// recorded as skipped, and their sources must be left alone. Always empty for a
+    /// journal without claims.
+    fn finish_batch(&self, items: &[Finished]) -> Result<Vec<i64>, JournalError>;
 
     /// Sources removed, in one transaction.
     fn sources_removed(&self, ids: &[i64]) -> Result<(), JournalError>;
@@ -429,10 +477,72 @@ pub fn local_day(t: chrono::DateTime<chrono::Local>) -> String {
     t.format("%Y-%m-%d").to_string()
 }
 
+/// The daily limits a fleet claim counts against (0 = none).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DayLimits {
+    pub files: u64,
+    pub bytes: u64,
+}
+
+impl DayLimits {
+    pub fn of(cfg: &crate::config::Config) -> DayLimits {
+        let t = &cfg.throttle;
+        if !t.enabled {
+            return DayLimits::default();
+        }
+        DayLimits {
+            files: t.max_files_per_day,
+            bytes: t.max_mb_per_day.saturating_mul(1_048_576),
+        }
+    }
+}
+
+/// What [`Journal::admit_file`] decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admit {
+    /// Recorded (and claimed): `id` names its temp files; `token` fences its commits.
+    Admitted { id: i64, token: i64 },
+    /// Another node holds or is taking the file: left to it.
+    Taken(String),
+    /// The fleet's daily limit is reached: admission stops.
+    Limit(String),
+}
+
+/// The fleet, for `shuttle status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FleetStatus {
+    pub nodes: Vec<FleetNode>,
+    /// Live claims of every node.
+    pub claims_in_flight: u64,
+    /// Files and bytes the fleet finished today (clean or suspect).
+    pub today_files: u64,
+    pub today_bytes: u64,
+}
+
+/// One node of a fleet.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FleetNode {
+    pub name: String,
+    pub pid: i64,
+    pub run_id: Option<i64>,
+    /// When its current or last run started (RFC 3339, the node's clock).
+    pub started: String,
+    /// `running` or `idle` (its last run ended).
+    pub state: String,
+    /// The database's clock, UTC.
+    pub last_heartbeat: String,
+    pub heartbeat_age_seconds: i64,
+    pub lease_seconds: i64,
+    pub claims_in_flight: u64,
+}
+
 /// Opens the journal the configuration names: the one place a journal is opened, so
 /// the run, `status`, `history`, `metrics` and `rescan` all see the same store.
 pub fn open(cfg: &crate::config::Config) -> Result<Box<dyn Journal>, JournalError> {
-    Ok(Box::new(SqliteJournal::open(&cfg.tracking_data_path)?))
+    match &cfg.fleet {
+        Some(f) => Ok(Box::new(PgJournal::open(f)?)),
+        None => Ok(Box::new(SqliteJournal::open(&cfg.tracking_data_path)?)),
+    }
 }
 
 /// The journal as the run's threads share it (one connection, one mutex).
@@ -441,6 +551,9 @@ pub type Shared = std::sync::Mutex<Box<dyn Journal>>;
 /// Why there is nothing to read yet: the configured SQLite journal does not exist
 /// (`None` when it does, or when the journal is a database server).
 pub fn absent(cfg: &crate::config::Config) -> Option<String> {
+    if cfg.fleet.is_some() {
+        return None;
+    }
     let db = cfg.tracking_data_path.join(FILE_NAME);
     (!db.is_file()).then(|| {
         format!(

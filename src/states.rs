@@ -215,6 +215,10 @@ pub enum SkipKind {
     ChangedOrConflict,
     /// Nothing could tell whether another process writes it.
     WriterUnknown,
+    /// Fleet mode: another node holds the file's claim; left to it.
+    OtherNode,
+    /// Fleet mode: this node's lease ran out and another node took the file over.
+    ClaimLost,
 }
 
 impl SkipKind {
@@ -231,6 +235,8 @@ impl SkipKind {
             SkipKind::SetAside => "set_aside",
             SkipKind::ChangedOrConflict => "changed_or_conflict",
             SkipKind::WriterUnknown => "writer_unknown",
+            SkipKind::OtherNode => "other_node",
+            SkipKind::ClaimLost => "claim_lost",
         }
     }
 }
@@ -289,6 +295,9 @@ pub enum StopReason {
     Fatal(String),
     /// A batch could not be made durable or recorded; its sources were kept.
     Commit(String),
+    /// Fleet mode: this node's lease could not be renewed (PostgreSQL gone, or the
+    /// node was stalled past its lease).
+    Fleet(String),
     /// The committer thread ended before the workers did.
     CommitterGone,
     CommitterPanicked,
@@ -301,7 +310,8 @@ impl std::fmt::Display for StopReason {
             StopReason::Scanners(why)
             | StopReason::Queue(why)
             | StopReason::Fatal(why)
-            | StopReason::Commit(why) => f.write_str(why),
+            | StopReason::Commit(why)
+            | StopReason::Fleet(why) => f.write_str(why),
             StopReason::Journal(e) => write!(f, "journal write failed: {e}"),
             StopReason::CommitterGone => {
                 f.write_str("commit thread ended unexpectedly; sources kept")

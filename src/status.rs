@@ -46,6 +46,10 @@ pub struct Status {
     pub targets: Vec<TargetStatus>,
     pub hazard_archive_mb: Option<f64>,
     pub last_runs: Vec<RunRow>,
+    /// Fleet mode: every node with its last heartbeat and claims, and the fleet's
+    /// totals of today (absent for a journal of one node).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<journal::FleetStatus>,
 }
 
 /// Builds the status from the journal and the filesystems, at `now` (unix seconds).
@@ -109,6 +113,7 @@ pub fn gather(
         throttle_enabled: cfg.throttle.enabled,
         targets,
         hazard_archive_mb,
+        fleet: journal.fleet_status()?,
         last_runs: journal.last_runs(5)?,
     })
 }
@@ -199,6 +204,34 @@ pub fn print(s: &Status) {
     }
     if let Some(h) = s.hazard_archive_mb {
         println!("  hazard archive: {h:.1} MB");
+    }
+    if let Some(f) = &s.fleet {
+        println!(
+            "  fleet: {} node(s), {} claim(s) in flight, today {} files, {:.1} MB",
+            f.nodes.len(),
+            f.claims_in_flight,
+            f.today_files,
+            mib(f.today_bytes)
+        );
+        for n in &f.nodes {
+            let silent = if n.state == "running" && n.heartbeat_age_seconds > n.lease_seconds {
+                " (SILENT PAST ITS LEASE)"
+            } else {
+                ""
+            };
+            println!(
+                "    {} pid {} {}: last heartbeat {} ({} s ago){silent}, {} claim(s) in flight, run #{}",
+                n.name,
+                n.pid,
+                n.state,
+                n.last_heartbeat,
+                n.heartbeat_age_seconds,
+                n.claims_in_flight,
+                n.run_id
+                    .map(|r| r.to_string())
+                    .unwrap_or_else(|| "-".into())
+            );
+        }
     }
     println!("  last runs:");
     for r in &s.last_runs {

@@ -163,6 +163,26 @@ pub const KEYS: &[Key] = &[
         "Directory of the journal database [default: log_path, else ~/.local/state/shuttle]"
     ),
     key!(
+        "journal_url",
+        S,
+        "Where the journal lives: empty for the SQLite file in tracking_data_path, or postgresql://user@host:port/db (fleet mode: several nodes share one drop directory, see docs/fleet.md). The URL must not carry a password: use journal_password_file or PGPASSFILE / ~/.pgpass"
+    ),
+    key!(
+        "journal_password_file",
+        S,
+        "File holding the PostgreSQL password of journal_url (first line); without it PGPASSFILE or ~/.pgpass is read"
+    ),
+    key!(
+        "fleet_node_name",
+        S,
+        "Fleet mode: this node's name in the claims and in shuttle status; unique per node [default: the host name]"
+    ),
+    key!(
+        "fleet_lease_seconds",
+        S,
+        "Fleet mode: how long a claim on a file holds without renewal; renewed every third of it. A node silent for longer loses its files to the others [default: 300]"
+    ),
+    key!(
         "metrics_path",
         P,
         "Prometheus text file written after each run"

@@ -261,6 +261,11 @@ pub struct Config {
     pub lock_path: PathBuf,
     pub tracking_data_path: PathBuf,
     pub metrics_path: Option<PathBuf>,
+    /// Fleet mode: the journal in PostgreSQL (`None`: SQLite in `tracking_data_path`).
+    pub fleet: Option<FleetConfig>,
+    /// The fleet keys other than the URL (node name, password file, lease), for
+    /// `shuttle journal migrate --to URL`.
+    pub fleet_keys: FleetConfig,
     pub delete_source_files: bool,
     pub max_scan_threads: usize,
     pub throttle: ThrottleConfig,
@@ -280,6 +285,73 @@ pub struct Config {
     pub notifications: NotifyConfig,
     /// Which name rules discovery relaxes (all strict by default).
     pub name_rules: crate::discover::NameRules,
+}
+
+/// Fleet mode (docs/fleet.md): the journal in PostgreSQL, shared by several nodes.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// `postgresql://user@host:port/db`, never with a password.
+    pub url: String,
+    pub password_file: Option<PathBuf>,
+    /// This node's name in claims and status.
+    pub node: String,
+    pub lease_seconds: u64,
+}
+
+/// The fleet keys. A URL that is not PostgreSQL's, or that carries a password, is a
+/// configuration error: passwords come from a file, never a flag or a URL.
+fn fleet_config(r: &mut Reader) -> (FleetConfig, Option<FleetConfig>) {
+    let password_file = r.path("journal_password_file");
+    let node = r.text("fleet_node_name");
+    let lease_seconds = r.number("fleet_lease_seconds", 300, 3);
+    let base = FleetConfig {
+        url: String::new(),
+        password_file,
+        node: node.unwrap_or_else(|| {
+            rustix::system::uname()
+                .nodename()
+                .to_string_lossy()
+                .into_owned()
+        }),
+        lease_seconds,
+    };
+    let fleet = fleet_url(r).map(|url| FleetConfig {
+        url,
+        ..base.clone()
+    });
+    (base, fleet)
+}
+
+/// `journal_url`, when it names a PostgreSQL database without a password.
+fn fleet_url(r: &mut Reader) -> Option<String> {
+    let (url, origin) = r.get("journal_url")?;
+    if url.is_empty() {
+        return None;
+    }
+    let origin = origin.clone();
+    let Some(rest) = url
+        .strip_prefix("postgresql://")
+        .or_else(|| url.strip_prefix("postgres://"))
+    else {
+        r.invalid(
+            "journal_url",
+            url,
+            &origin,
+            "empty (SQLite) or postgresql://user@host:port/database",
+        );
+        return None;
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    if let Some((userinfo, _)) = authority.rsplit_once('@')
+        && userinfo.contains(':')
+    {
+        // Never echo the value: it holds a password.
+        r.errors.push(ConfigError::Problem(format!(
+            "journal_url ({origin}) carries a password: remove it and put it in journal_password_file or PGPASSFILE"
+        )));
+        return None;
+    }
+    Some(url.to_string())
 }
 
 /// What the command being run needs from the configuration.
@@ -623,6 +695,7 @@ fn build(r: &mut Reader, file: Option<PathBuf>, warnings: &mut Vec<String>) -> C
         .or_else(|| log_path.clone())
         .unwrap_or_else(|| expand_tilde("~/.local/state/shuttle"));
 
+    let (fleet_keys, fleet) = fleet_config(r);
     let free = r.number("throttle_free_space_mb", 10_000, 0);
     let throttle = ThrottleConfig {
         enabled: r.bool("throttle", false),
@@ -726,6 +799,8 @@ fn build(r: &mut Reader, file: Option<PathBuf>, warnings: &mut Vec<String>) -> C
             .unwrap_or_else(|| PathBuf::from(DEFAULT_LOCK_PATH)),
         tracking_data_path,
         metrics_path: r.path("metrics_path"),
+        fleet,
+        fleet_keys,
         delete_source_files: r.bool("delete_source_files_after_copying", false),
         max_scan_threads: usize::try_from(threads).unwrap_or(usize::MAX),
         throttle,

@@ -318,12 +318,13 @@ impl Journal for SqliteJournal {
     }
 
     /// Many files finished at once, in one transaction (group commit).
-    fn finish_batch(&self, items: &[Finished]) -> Result<(), JournalError> {
+    fn finish_batch(&self, items: &[Finished]) -> Result<Vec<i64>, JournalError> {
         let tx = self.wrap(self.conn.unchecked_transaction())?;
         for f in items {
             self.file_finished(f)?;
         }
-        self.wrap(tx.commit())
+        self.wrap(tx.commit())?;
+        Ok(Vec::new())
     }
 
     /// Sources removed, in one transaction.

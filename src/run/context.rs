@@ -37,6 +37,10 @@ pub struct Run<'a> {
     pub policy: FilePolicy,
     /// The steps of settling a test must be able to fail on demand.
     pub hooks: Hooks,
+    /// Fleet mode: the lease keeper; once it says the lease is lost, admit nothing.
+    pub fleet: Option<&'a crate::journal::Heartbeat>,
+    /// The daily limits a fleet claim counts (exact across nodes).
+    pub day_limits: crate::journal::DayLimits,
 }
 
 /// What one file's handling and settling need of the configuration, resolved once
@@ -60,20 +64,23 @@ impl FilePolicy {
     }
 }
 
+/// Records a batch's ends; `Ok` lists the files whose fleet claim was lost meanwhile.
+pub type RecordBatch = fn(&dyn Journal, &[Finished]) -> Result<Vec<i64>, JournalError>;
+
 /// Settling's `syncfs` of the destination and its journal record of a batch, as
 /// plain functions: a run uses [`Hooks::REAL`]; the run core's unit tests put
 /// failing ones in their place.
 #[derive(Clone, Copy)]
 pub struct Hooks {
     pub syncfs: fn(&dyn Destination) -> std::io::Result<()>,
-    pub record_batch: fn(&dyn Journal, &[Finished]) -> Result<(), JournalError>,
+    pub record_batch: RecordBatch,
 }
 
 fn sync_destination(d: &dyn Destination) -> std::io::Result<()> {
     d.sync()
 }
 
-fn record_batch(j: &dyn Journal, batch: &[Finished]) -> Result<(), JournalError> {
+fn record_batch(j: &dyn Journal, batch: &[Finished]) -> Result<Vec<i64>, JournalError> {
     j.finish_batch(batch)
 }
 

@@ -253,6 +253,36 @@ fn deliver_clean(
     id: i64,
     buf: &mut [u8],
 ) -> FileResult {
+    // Fleet: a node whose claim was taken over does not deliver (settling checks the
+    // fencing token again; this only narrows the window). The journal's guard is
+    // dropped before anything below takes it again.
+    let held = lock(run.journal).claim_held(id);
+    match held {
+        Ok(true) => {}
+        Ok(false) => {
+            remove_copy(q);
+            tracing::warn!(
+                "not delivered: {:?} was taken over by another node (lease expired); source left to it",
+                shown(rel)
+            );
+            r.skip_label = Some(SkipKind::ClaimLost);
+            return finish(
+                r,
+                Outcome::Skipped,
+                Disposition::LeftInSource,
+                Some("claim lost: lease expired, another node took the file over".into()),
+            );
+        }
+        Err(e) => {
+            return fail(
+                r,
+                Some(q),
+                Disposition::DeliveryFailed,
+                format!("cannot check this node's claim: {e}"),
+                false,
+            );
+        }
+    }
     tracing::debug!("delivering {:?} to the destination", shown(rel));
     // Made durable with its batch: one syncfs for many files (group commit).
     match run.roots.destination.deliver(q, rel, id, buf) {

@@ -208,6 +208,11 @@ fn run_locked(
     let j = context::lock(journal);
     let run_id = j.begin_run(&report.started)?;
     report.run_id = Some(run_id);
+    // Fleet: the lease keeper renews this node's claims from its own connection.
+    let heartbeat = match &cfg.fleet {
+        Some(f) => Some(journal::Heartbeat::start(f).context("cannot start the fleet heartbeat")?),
+        None => None,
+    };
     let recovered = recover::reconcile(&**j, cfg, run_id)?;
     if recovered.interrupted_files > 0 {
         tracing::warn!(
@@ -313,6 +318,8 @@ fn run_locked(
         limits_fingerprint: &fingerprint,
         policy: context::FilePolicy::of(cfg),
         hooks: context::Hooks::REAL,
+        fleet: heartbeat.as_ref(),
+        day_limits: journal::DayLimits::of(cfg),
     };
     if discovery.candidates.spilled_runs() > 0 {
         tracing::debug!(

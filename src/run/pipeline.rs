@@ -16,7 +16,7 @@ use super::context::{Job, Run, identity, lock};
 use super::file;
 use super::settle::{self, FileResult, Settle};
 use crate::discover::{Candidate, Queue};
-use crate::journal::{Outcome, SetAside};
+use crate::journal::{Admit, Outcome, SetAside};
 use crate::notify;
 use crate::report::{FileEntry, Report};
 use crate::states::{SkipKind, StopReason};
@@ -55,6 +55,7 @@ pub fn process(
         uncommitted: Vec::new(),
         report: &report,
         set_aside: 0,
+        elsewhere: 0,
     });
 
     let committed = std::thread::scope(|scope| {
@@ -109,6 +110,7 @@ pub fn process(
         mut stop,
         progress,
         set_aside,
+        elsewhere,
         ..
     } = books;
     let report = report.into_inner().unwrap_or_else(|p| p.into_inner());
@@ -127,9 +129,12 @@ pub fn process(
     }
     progress.finish();
 
-    report.files.deferred = total.saturating_sub(report.files.admitted + set_aside);
+    report.files.deferred = total.saturating_sub(report.files.admitted + set_aside + elsewhere);
     if let Some(why) = run.scanners.stop_reason() {
         stop.get_or_insert(StopReason::Scanners(why));
+    }
+    if let Some(why) = run.fleet.and_then(|h| h.lost()) {
+        stop.get_or_insert(StopReason::Fleet(why));
     }
     if let Some(reason) = stop {
         anyhow::bail!(
@@ -170,6 +175,8 @@ struct Books<'a, 'r> {
     /// Files set aside before admission (newly, or known from an earlier run): not
     /// admitted, yet not waiting for a later run either.
     set_aside: u64,
+    /// Fleet: files another node holds (left to it, not deferred).
+    elsewhere: u64,
 }
 
 impl Books<'_, '_> {
@@ -193,62 +200,95 @@ impl Books<'_, '_> {
             self.ended = true;
             return None;
         }
-        let candidate = loop {
-            let Some(candidate) = self.queue.next() else {
-                if let Some(e) = self.queue.error() {
-                    self.stop
-                        .get_or_insert_with(|| StopReason::Queue(e.to_string()));
+        if let Some(why) = run.fleet.and_then(|h| h.lost()) {
+            self.stop.get_or_insert(StopReason::Fleet(why));
+            self.ended = true;
+            return None;
+        }
+        loop {
+            let candidate = loop {
+                let Some(candidate) = self.queue.next() else {
+                    if let Some(e) = self.queue.error() {
+                        self.stop
+                            .get_or_insert_with(|| StopReason::Queue(e.to_string()));
+                    }
+                    self.ended = true;
+                    return None;
+                };
+                match self.set_aside_before_admission(run, &candidate) {
+                    Ok(true) => {
+                        self.set_aside += 1;
+                        continue;
+                    }
+                    Ok(false) => break candidate,
+                    Err(stop) => {
+                        self.stop = Some(stop);
+                        self.ended = true;
+                        return None;
+                    }
                 }
-                self.ended = true;
-                return None;
             };
-            match self.set_aside_before_admission(run, &candidate) {
-                Ok(true) => {
-                    self.set_aside += 1;
-                    continue;
-                }
-                Ok(false) => break candidate,
-                Err(stop) => {
-                    self.stop = Some(stop);
+            let ticket = match self.admission.admit(candidate.size) {
+                Ok(t) => t,
+                Err(denial) => {
+                    throttle_stop(run, &denial, &mut lock_report(self.report));
                     self.ended = true;
                     return None;
                 }
-            }
-        };
-        let ticket = match self.admission.admit(candidate.size) {
-            Ok(t) => t,
-            Err(denial) => {
-                throttle_stop(run, &denial, &mut lock_report(self.report));
-                self.ended = true;
-                return None;
-            }
-        };
-        // Committed at once (not batched): recovery finds a dead run's temp files
-        // through this row.
-        let rel = candidate.rel.to_string_lossy().into_owned();
-        let id = match lock(run.journal).file_admitted(
-            run.run_id,
-            &rel,
-            candidate.size,
-            candidate.mtime_ns,
-        ) {
-            Ok(id) => id,
-            Err(e) => {
-                self.admission.finish(ticket, false);
-                self.stop = Some(StopReason::Journal(e.to_string()));
-                self.ended = true;
-                return None;
-            }
-        };
-        tracing::debug!(
-            "admitted {:?}: {} bytes, journal id {id}",
-            crate::names::shown(&rel),
-            candidate.size
-        );
-        self.tickets.insert(id, ticket);
-        lock_report(self.report).files.admitted += 1;
-        self.progress.admitted(candidate.size);
-        Some(Job { id, candidate })
+            };
+            // Committed at once (not batched): recovery finds a dead run's temp files
+            // through this row.
+            let rel = candidate.rel.to_string_lossy().into_owned();
+            let admitted = lock(run.journal).admit_file(
+                run.run_id,
+                &rel,
+                candidate.size,
+                candidate.mtime_ns,
+                &run.day_limits,
+            );
+            let id = match admitted {
+                Ok(Admit::Admitted { id, .. }) => id,
+                Ok(Admit::Taken(why)) => {
+                    // Another node of the fleet has it: not this node's to count.
+                    self.admission.finish(ticket, false);
+                    tracing::debug!(
+                        "{:?} left to another node: {why}",
+                        crate::names::shown(&rel)
+                    );
+                    let mut report = lock_report(self.report);
+                    report.files.skipped += 1;
+                    *report
+                        .skipped_by_reason
+                        .entry(SkipKind::OtherNode)
+                        .or_default() += 1;
+                    drop(report);
+                    self.elsewhere += 1;
+                    continue;
+                }
+                Ok(Admit::Limit(message)) => {
+                    self.admission.finish(ticket, false);
+                    let denial = Denial::DailyLimit { message };
+                    throttle_stop(run, &denial, &mut lock_report(self.report));
+                    self.ended = true;
+                    return None;
+                }
+                Err(e) => {
+                    self.admission.finish(ticket, false);
+                    self.stop = Some(StopReason::Journal(e.to_string()));
+                    self.ended = true;
+                    return None;
+                }
+            };
+            tracing::debug!(
+                "admitted {:?}: {} bytes, journal id {id}",
+                crate::names::shown(&rel),
+                candidate.size
+            );
+            self.tickets.insert(id, ticket);
+            lock_report(self.report).files.admitted += 1;
+            self.progress.admitted(candidate.size);
+            return Some(Job { id, candidate });
+        }
     }
 
     /// A file that is not admitted because it is set aside: already (same identity,

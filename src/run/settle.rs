@@ -134,21 +134,46 @@ pub fn commit(run: &Run, batch: &mut [FileResult], buf: &mut [u8]) -> Result<(),
         let records: Vec<_> = batch.iter().map(FileResult::finished).collect();
         (run.hooks.record_batch)(&**lock(run.journal), &records)
     };
-    if let Err(e) = recorded {
-        // The journal does not know these files finished: keep their sources.
-        let mut kept = 0;
-        for r in batch.iter_mut() {
-            if !matches!(std::mem::replace(&mut r.settle, Settle::Keep), Settle::Keep) {
-                kept += 1;
+    let lost = match recorded {
+        Ok(lost) => lost,
+        Err(e) => {
+            // The journal does not know these files finished: keep their sources.
+            let mut kept = 0;
+            for r in batch.iter_mut() {
+                if !matches!(std::mem::replace(&mut r.settle, Settle::Keep), Settle::Keep) {
+                    kept += 1;
+                    if run.fleet.is_some() && r.outcome == Outcome::Clean {
+                        // Not this node's to count: its claim is unconfirmed, and
+                        // another node may take the file over (and find these bytes
+                        // delivered).
+                        r.outcome = Outcome::Failed;
+                        r.error = Some(format!(
+                            "delivered but not recorded (journal write failed: {e}); source kept for the next run"
+                        ));
+                    }
+                }
             }
+            let why = StopReason::Journal(if kept > 0 {
+                format!("{e}; sources of {kept} file(s) kept")
+            } else {
+                e.to_string()
+            });
+            tracing::error!("{why}");
+            return Err(why);
         }
-        let why = StopReason::Journal(if kept > 0 {
-            format!("{e}; sources of {kept} file(s) kept")
-        } else {
-            e.to_string()
-        });
-        tracing::error!("{why}");
-        return Err(why);
+    };
+    for r in batch.iter_mut().filter(|r| lost.contains(&r.id)) {
+        // Fleet: this node's lease ran out and another node took the file over. What
+        // it delivered stays (the new owner finds the same bytes already present);
+        // the source is the new owner's to remove.
+        tracing::warn!(
+            "{:?}: claim lost to another node (lease expired); source left to it",
+            shown(&r.rel)
+        );
+        r.settle = Settle::Keep;
+        r.outcome = Outcome::Skipped;
+        r.skip_label = Some(SkipKind::ClaimLost);
+        r.error = Some("claim lost: lease expired, another node took the file over".into());
     }
     if batch.iter().any(|r| !matches!(r.settle, Settle::Keep)) {
         crate::crashpoint::here("commit: journaled, before source removal");

@@ -145,6 +145,8 @@ impl World {
             limits_fingerprint: "test",
             policy: context::FilePolicy::of(cfg),
             hooks,
+            fleet: None,
+            day_limits: crate::journal::DayLimits::of(cfg),
         };
         let done = pipeline::process(
             &run,
@@ -178,7 +180,7 @@ fn panicking_syncfs(_: &dyn crate::deliver::Destination) -> std::io::Result<()> 
     panic!("syncfs exploded (test)")
 }
 
-fn failing_batch(_: &dyn Journal, _: &[Finished]) -> Result<(), JournalError> {
+fn failing_batch(_: &dyn Journal, _: &[Finished]) -> Result<Vec<i64>, JournalError> {
     Err(JournalError::Sqlite {
         path: PathBuf::from("journal (test)"),
         source: rusqlite::Error::InvalidQuery,

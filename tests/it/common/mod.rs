@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod fake_clamd;
+pub mod pg;
 pub mod smtp;
 
 use std::collections::BTreeMap;
