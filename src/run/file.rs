@@ -244,44 +244,56 @@ fn set_aside(
     finish(r, outcome, Disposition::LeftInSource, Some(why))
 }
 
-/// Clean branch: deliver, verified and durable.
-fn deliver_clean(
+/// Fleet mode: is this file's claim still this node's? A node whose lease ran out
+/// and whose file another node took over neither delivers nor archives it (settling
+/// checks the fencing token again before any source is removed; this check narrows
+/// the window in which both nodes act). `false`: the returned result is the file's
+/// end, its copy removed. One node (SQLite) always holds its claims.
+fn still_ours(
     run: &Run,
     mut r: FileResult,
     q: &Quarantined,
-    rel: &Path,
     id: i64,
-    buf: &mut [u8],
-) -> FileResult {
-    // Fleet: a node whose claim was taken over does not deliver (settling checks the
-    // fencing token again; this only narrows the window). The journal's guard is
-    // dropped before anything below takes it again.
+    on_error: Disposition,
+) -> (FileResult, bool) {
+    // The journal's guard is dropped before anything below takes it again.
     let held = lock(run.journal).claim_held(id);
     match held {
-        Ok(true) => {}
+        Ok(true) => (r, true),
         Ok(false) => {
             remove_copy(q);
             tracing::warn!(
-                "not delivered: {:?} was taken over by another node (lease expired); source left to it",
-                shown(rel)
+                "not handled: {:?} was taken over by another node (lease expired); source left to it",
+                shown(&r.rel)
             );
             r.skip_label = Some(SkipKind::ClaimLost);
-            return finish(
+            let ended = finish(
                 r,
                 Outcome::Skipped,
                 Disposition::LeftInSource,
                 Some("claim lost: lease expired, another node took the file over".into()),
             );
+            (ended, false)
         }
         Err(e) => {
-            return fail(
-                r,
-                Some(q),
-                Disposition::DeliveryFailed,
-                format!("cannot check this node's claim: {e}"),
-                false,
-            );
+            let why = format!("cannot check this node's claim: {e}");
+            (fail(r, Some(q), on_error, why, false), false)
         }
+    }
+}
+
+/// Clean branch: deliver, verified and durable.
+fn deliver_clean(
+    run: &Run,
+    r: FileResult,
+    q: &Quarantined,
+    rel: &Path,
+    id: i64,
+    buf: &mut [u8],
+) -> FileResult {
+    let (mut r, ours) = still_ours(run, r, q, id, Disposition::DeliveryFailed);
+    if !ours {
+        return r;
     }
     tracing::debug!("delivering {:?} to the destination", shown(rel));
     // Made durable with its batch: one syncfs for many files (group commit).
@@ -335,13 +347,17 @@ fn deliver_clean(
 /// [`removed_by_engine`]).
 fn dispose_suspect(
     run: &Run,
-    mut r: FileResult,
+    r: FileResult,
     q: &Quarantined,
     id: i64,
     detections: Vec<String>,
     engines: &[EngineResult],
     removed_by: Option<(&'static str, File)>,
 ) -> FileResult {
+    let (mut r, ours) = still_ours(run, r, q, id, Disposition::HazardFailed);
+    if !ours {
+        return r;
+    }
     let found = detections.join(", ");
     r.detections = detections;
     let rel = r.rel.clone();
