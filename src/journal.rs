@@ -373,7 +373,16 @@ pub trait Journal: Send {
 
     fn mark_run_interrupted(&self, run: i64) -> Result<(), JournalError>;
 
-    fn mark_interrupted(&self, id: i64, note: &str) -> Result<(), JournalError>;
+    /// Ends file `id` of an interrupted run as `interrupted` (recovery), with `note`.
+    fn mark_interrupted(&self, id: i64, note: &str) -> Result<(), JournalError> {
+        self.file_finished(&Finished {
+            id,
+            outcome: Outcome::Interrupted,
+            disposition: "recovered",
+            error: Some(note),
+            ..Finished::default()
+        })
+    }
 
     /// Files and bytes finished on local day `day` (clean or suspect), across runs.
     fn day_totals(&self, day: &str) -> Result<(u64, u64), JournalError>;

@@ -856,16 +856,6 @@ impl Journal for PgJournal {
         })
     }
 
-    fn mark_interrupted(&self, id: i64, note: &str) -> Result<(), JournalError> {
-        self.file_finished(&Finished {
-            id,
-            outcome: Outcome::Interrupted,
-            disposition: "recovered",
-            error: Some(note),
-            ..Finished::default()
-        })
-    }
-
     fn day_totals(&self, day: &str) -> Result<(u64, u64), JournalError> {
         self.with(|c| {
             let r = c.query_one(

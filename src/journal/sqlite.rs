@@ -163,6 +163,22 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// A delivery, from `SELECT id, rel_path, size, mtime_ns, sha256, scan_results,
+/// final_path, finished_at`.
+fn delivery_row(r: &rusqlite::Row) -> rusqlite::Result<Delivery> {
+    let results: Option<String> = r.get(5)?;
+    Ok(Delivery {
+        file_id: r.get(0)?,
+        rel_path: r.get(1)?,
+        size: r.get::<_, i64>(2)?.max(0) as u64,
+        mtime_ns: r.get(3)?,
+        sha256: r.get(4)?,
+        scan_results: results.and_then(|s| serde_json::from_str(&s).ok()),
+        final_path: r.get(6)?,
+        finished_at: r.get::<_, Option<i64>>(7)?.unwrap_or(0),
+    })
+}
+
 fn rescan_row(r: &rusqlite::Row) -> rusqlite::Result<RescanRow> {
     let state: String = r.get(5)?;
     let dets: Option<String> = r.get(6)?;
@@ -403,16 +419,6 @@ impl Journal for SqliteJournal {
         .map(drop)
     }
 
-    fn mark_interrupted(&self, id: i64, note: &str) -> Result<(), JournalError> {
-        self.file_finished(&Finished {
-            id,
-            outcome: Outcome::Interrupted,
-            disposition: "recovered",
-            error: Some(note),
-            ..Finished::default()
-        })
-    }
-
     /// Files and bytes finished on local day `day` (clean or suspect), across runs.
     fn day_totals(&self, day: &str) -> Result<(u64, u64), JournalError> {
         let row: (i64, i64) = self.wrap(self.conn.query_row(
@@ -586,19 +592,7 @@ impl Journal for SqliteJournal {
         ))?;
         let rows = self.wrap(st.query_map(
             params![since, generation, after, limit, RESCAN_ATTEMPTS],
-            |r| {
-                let results: Option<String> = r.get(5)?;
-                Ok(Delivery {
-                    file_id: r.get(0)?,
-                    rel_path: r.get(1)?,
-                    size: r.get::<_, i64>(2)?.max(0) as u64,
-                    mtime_ns: r.get(3)?,
-                    sha256: r.get(4)?,
-                    scan_results: results.and_then(|s| serde_json::from_str(&s).ok()),
-                    final_path: r.get(6)?,
-                    finished_at: r.get::<_, Option<i64>>(7)?.unwrap_or(0),
-                })
-            },
+            delivery_row,
         ))?;
         self.wrap(rows.collect())
     }
@@ -694,19 +688,7 @@ impl Journal for SqliteJournal {
                     "SELECT id, rel_path, size, mtime_ns, sha256, scan_results, final_path, finished_at
                      FROM files WHERE id = ?1 AND final_path IS NOT NULL",
                     [file_id],
-                    |r| {
-                        let results: Option<String> = r.get(5)?;
-                        Ok(Delivery {
-                            file_id: r.get(0)?,
-                            rel_path: r.get(1)?,
-                            size: r.get::<_, i64>(2)?.max(0) as u64,
-                            mtime_ns: r.get(3)?,
-                            sha256: r.get(4)?,
-                            scan_results: results.and_then(|s| serde_json::from_str(&s).ok()),
-                            final_path: r.get(6)?,
-                            finished_at: r.get::<_, Option<i64>>(7)?.unwrap_or(0),
-                        })
-                    },
+                    delivery_row,
                 )
                 .optional(),
         )
