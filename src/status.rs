@@ -165,6 +165,15 @@ fn limit_text(l: &Limit, unit: &str) -> String {
     }
 }
 
+/// Today's use of a filesystem, from its free space: when others freed more than was
+/// written, "none (free space grew …)" rather than a negative figure.
+fn consumed(mb: Option<f64>) -> String {
+    match mb {
+        Some(x) if x < 0.0 => format!("none (free space grew {:.1} MB)", -x),
+        v => opt(v, "MB"),
+    }
+}
+
 fn opt(v: Option<f64>, unit: &str) -> String {
     v.map(|x| format!("{x:.1} {unit}"))
         .unwrap_or_else(|| "unknown".into())
@@ -198,7 +207,7 @@ pub fn print(s: &Status) {
             } else {
                 ""
             },
-            opt(t.consumed_today_mb, "MB"),
+            consumed(t.consumed_today_mb),
             opt(t.avg_daily_consumption_mb, "MB"),
         );
     }

@@ -1028,6 +1028,10 @@ impl Config {
             match std::fs::canonicalize(path) {
                 Ok(c) if c.is_dir() => dirs.push((key, c)),
                 Ok(_) => problems.push(format!("{key} {} is not a directory", path.display())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => problems.push(format!(
+                    "{key} {} cannot be used: {e}; create it (or mount what belongs there): Shuttle never creates it, so that a missing mount is not filled by accident",
+                    path.display()
+                )),
                 Err(e) => problems.push(format!("{key} {} cannot be used: {e}", path.display())),
             }
         }
