@@ -1314,18 +1314,21 @@ impl Heartbeat {
                         ));
                         return;
                     }
-                    let renewed = client
-                        .execute(
-                            "UPDATE claims SET lease_until = now() + make_interval(secs => $2)
-                             WHERE node = $1 AND lease_until > now()",
-                            &[&node, &lease_secs],
-                        )
-                        .and_then(|_| {
-                            client.execute(
-                                "UPDATE nodes SET heartbeat = now() WHERE name = $1",
-                                &[&node],
-                            )
-                        });
+                    // The renewal locks every claim of this node at once, while the
+                    // node's own commits lock some of them in another order: PostgreSQL
+                    // may pick the renewal as a deadlock's victim. That is not a lost
+                    // lease: try again at once (the lease check above still bounds how
+                    // long renewals may fail).
+                    let mut renewed = renew(&mut client, &node, lease_secs);
+                    for _ in 0..3 {
+                        match &renewed {
+                            Err(e) if transient(e) => {
+                                std::thread::sleep(Duration::from_millis(50));
+                                renewed = renew(&mut client, &node, lease_secs);
+                            }
+                            _ => break,
+                        }
+                    }
                     match renewed {
                         Ok(_) => last_ok = Instant::now(),
                         Err(e) => {
@@ -1357,6 +1360,37 @@ impl Heartbeat {
         }
         self.lost.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
+}
+
+/// One heartbeat: renews this node's live claims and its `nodes` row.
+fn renew(
+    client: &mut postgres::Client,
+    node: &str,
+    lease_secs: f64,
+) -> Result<u64, postgres::Error> {
+    client.execute(
+        "UPDATE claims SET lease_until = now() + make_interval(secs => $2)
+         WHERE node = $1 AND lease_until > now()",
+        &[&node, &lease_secs],
+    )?;
+    client.execute(
+        "UPDATE nodes SET heartbeat = now() WHERE name = $1",
+        &[&node],
+    )
+}
+
+/// A failure PostgreSQL asks the client to retry: a deadlock's victim, a
+/// serialization failure, a lock not available.
+fn transient(e: &postgres::Error) -> bool {
+    use postgres::error::SqlState;
+    e.code().is_some_and(|c| {
+        [
+            SqlState::T_R_DEADLOCK_DETECTED,
+            SqlState::T_R_SERIALIZATION_FAILURE,
+            SqlState::LOCK_NOT_AVAILABLE,
+        ]
+        .contains(c)
+    })
 }
 
 impl Drop for Heartbeat {
