@@ -49,13 +49,13 @@ struct Session {
     read_timeout: Option<Duration>,
 }
 
-/// What one command on a session came to.
-enum SessionReply {
+/// What one command (or a scan with its `VERSION`) on a session came to.
+enum SessionReply<T = String> {
     /// clamd's reply, without the `<id>: ` prefix; the session is fit for reuse.
-    Reply(String, Session),
+    Reply(T, Session),
     /// A reply that is not fit to reuse the session after (an error, an unexpected
     /// reply): passed on as it is, the session dropped.
-    Final(Result<String, ScanError>),
+    Final(Result<T, ScanError>),
     /// The connection failed before any reply (a reused session clamd had closed).
     Broken(ScanError),
 }
@@ -202,24 +202,22 @@ impl ClamAv {
         }
     }
 
-    /// One command over a unix socket, through a session: a reused session that
+    /// One exchange over a unix socket, through a session: a reused session that
     /// turns out closed is replaced by a new connection, once.
-    fn over_session(
+    fn over_session<T>(
         &self,
         path: &Path,
-        cmd: &str,
-        file: Option<&File>,
-        timeout: Option<Duration>,
-    ) -> Result<String, ScanError> {
+        exchange: impl Fn(Session) -> SessionReply<T>,
+    ) -> Result<T, ScanError> {
         let (s, reused) = self.session(path)?;
-        let outcome = match self.session_command(s, cmd, file, timeout) {
+        let outcome = match exchange(s) {
             SessionReply::Broken(e) if reused => {
                 tracing::debug!(
                     "clamd session at {} was closed ({e}); reconnecting",
                     self.endpoint
                 );
                 let (s, _) = self.session(path)?;
-                self.session_command(s, cmd, file, timeout)
+                exchange(s)
             }
             other => other,
         };
@@ -234,6 +232,137 @@ impl ClamAv {
             SessionReply::Final(r) => r,
             SessionReply::Broken(e) => Err(e),
         }
+    }
+
+    /// `FILDES` and `VERSION` sent together on a session, both replies read: the
+    /// scan's verdict and the signatures clamd had when it took the scan, in one
+    /// round trip instead of two.
+    ///
+    /// clamd reads a session's commands in order and answers `VERSION` at once (it may
+    /// come before the scan's reply, each tagged with its id), from the database
+    /// loaded at that moment; a reload in between shows as the newer database, which
+    /// is what the freshness check must judge. A reload on an open session is seen by
+    /// its next `VERSION` (checked against clamd 1.4).
+    fn session_scan(
+        &self,
+        mut s: Session,
+        file: &File,
+        timeout: Option<Duration>,
+    ) -> SessionReply<(String, Option<String>)> {
+        let scan_id = s.next_id;
+        let version_id = scan_id + 1;
+        s.next_id += 2;
+        if let Err(e) =
+            send_fildes(&mut s.sock, file).and_then(|()| send_all(&s.sock, b"zVERSION\0"))
+        {
+            return SessionReply::Broken(ScanError::Failed(format!(
+                "sending to clamd failed: {e}"
+            )));
+        }
+        if s.read_timeout != timeout {
+            if let Err(e) = s.sock.set_read_timeout(timeout) {
+                return SessionReply::Final(Err(ScanError::Failed(format!(
+                    "cannot set clamd socket timeout: {e}"
+                ))));
+            }
+            s.read_timeout = timeout;
+        }
+        let started = Instant::now();
+        let mut pending = Vec::new();
+        let (mut scan, mut version, mut extra, mut interleaved) = (None, None, false, false);
+        while scan.is_none() || version.is_none() {
+            let msg = match next_message(&mut s.sock, &mut pending, started, timeout) {
+                Ok(Some(m)) => m,
+                // Closed: after the scan's reply this is the scan's outcome (clamd
+                // ends a session after some errors); before it, the session broke.
+                Ok(None) if scan.is_some() => break,
+                Ok(None) if version.is_none() => {
+                    return SessionReply::Broken(ScanError::Failed(
+                        "clamd closed the connection without a reply".into(),
+                    ));
+                }
+                Ok(None) => {
+                    return SessionReply::Final(Err(ScanError::Failed(
+                        "clamd closed the connection without the scan's reply".into(),
+                    )));
+                }
+                Err(e @ ScanError::Failed(_)) if scan.is_none() && version.is_none() => {
+                    return SessionReply::Broken(e);
+                }
+                Err(e) => return SessionReply::Final(Err(e)),
+            };
+            let tagged = split_id(&msg);
+            // clamd writes a `VERSION` reply's `<id>: ` and its text separately, so a
+            // scan's reply finished meanwhile can land between them:
+            // `<v>: <s>: fd[..]: OK\0ClamAV ...\0`. Such a message is the scan's, and
+            // the untagged `ClamAV ...` after it the version.
+            let tagged = match tagged {
+                Some((id, body)) if id == version_id && version.is_none() => match split_id(body) {
+                    Some((inner, rest)) if inner == scan_id => {
+                        interleaved = true;
+                        Some((scan_id, rest))
+                    }
+                    _ => Some((id, body)),
+                },
+                other => other,
+            };
+            match tagged {
+                Some((id, body)) if id == scan_id && scan.is_none() => {
+                    scan = Some(body.trim_end_matches('\n').to_string());
+                }
+                // More than one line for the scan (AllMatchScanning): a detection.
+                Some((id, _)) if id == scan_id => extra = true,
+                Some((id, body)) if id == version_id && version.is_none() => {
+                    version = Some(body.trim_end_matches('\n').to_string());
+                }
+                None if interleaved && version.is_none() && msg.starts_with("ClamAV ") => {
+                    version = Some(msg.trim_end_matches('\n').to_string());
+                }
+                _ => {
+                    return SessionReply::Final(Err(ScanError::Failed(format!(
+                        "unexpected reply in a clamd session (expected ids {scan_id} and \
+                         {version_id}; so far scan {scan:?}, version {version:?}): {msg:?}"
+                    ))));
+                }
+            }
+        }
+        let Some(scan) = scan else {
+            return SessionReply::Final(Err(ScanError::Failed(
+                "clamd closed the connection without the scan's reply".into(),
+            )));
+        };
+        // Only a plainly clean scan and a plain VERSION, with nothing left over, leave
+        // the session in a known state.
+        let reusable = !extra
+            && !interleaved
+            && pending.is_empty()
+            && scan.ends_with(": OK")
+            && version.as_deref().is_some_and(|v| v.starts_with("ClamAV "));
+        if reusable {
+            SessionReply::Reply((scan, version), s)
+        } else {
+            SessionReply::Final(Ok((scan, version)))
+        }
+    }
+
+    /// Scans `file` and asks clamd's version right after: the verdict, and the
+    /// `VERSION` reply if clamd gave one (`None`: it did not answer it). Over a unix
+    /// socket both go in one round trip on a session.
+    pub fn scan_with_version(
+        &self,
+        file: &File,
+        path: &Path,
+        size: u64,
+        timeout: Option<Duration>,
+    ) -> Result<(Verdict, Option<String>), ScanError> {
+        if let ClamdEndpoint::Unix(sock) = &self.endpoint {
+            let (reply, version) =
+                self.over_session(sock, |s| self.session_scan(s, file, timeout))?;
+            let version = version.filter(|v| v.starts_with("ClamAV "));
+            return Ok((parse_reply(&reply)?, version));
+        }
+        let verdict = self.scan(file, path, size, timeout)?;
+        Ok((verdict, self.version().ok()))
     }
 
     fn connect(&self) -> Result<Conn, ScanError> {
@@ -281,7 +410,9 @@ impl ClamAv {
     pub fn command(&self, cmd: &str) -> Result<String, ScanError> {
         if let ClamdEndpoint::Unix(path) = &self.endpoint {
             return self
-                .over_session(path, cmd, None, Some(self.command_timeout))
+                .over_session(path, |s| {
+                    self.session_command(s, cmd, None, Some(self.command_timeout))
+                })
                 .map_err(|e| match e {
                     ScanError::Failed(m) => ScanError::Failed(format!("clamd {cmd}: {m}")),
                     other => other,
@@ -343,7 +474,9 @@ impl Scanner for ClamAv {
         timeout: Option<Duration>,
     ) -> Result<Verdict, ScanError> {
         if let ClamdEndpoint::Unix(path) = &self.endpoint {
-            let reply = self.over_session(path, "FILDES", Some(file), timeout)?;
+            let reply = self.over_session(path, |s| {
+                self.session_command(s, "FILDES", Some(file), timeout)
+            })?;
             return parse_reply(&reply);
         }
         let mut conn = self.connect()?;
@@ -480,6 +613,62 @@ fn read_reply_opt(s: &mut dyn ReadWrite, timeout: Option<Duration>) -> Result<St
         }
     }
     Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// `<id>: <rest>` split, if the message starts with a session id.
+fn split_id(msg: &str) -> Option<(u64, &str)> {
+    let (id, rest) = msg.split_once(": ")?;
+    Some((id.parse().ok()?, rest))
+}
+
+/// The next NUL-terminated message on a session, from `pending` (bytes read earlier)
+/// or the socket; `None` once clamd has closed the connection with nothing pending.
+/// Waits at most `timeout` from `started` in all.
+fn next_message(
+    s: &mut UnixStream,
+    pending: &mut Vec<u8>,
+    started: Instant,
+    timeout: Option<Duration>,
+) -> Result<Option<String>, ScanError> {
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = pending.iter().position(|&b| b == 0) {
+            let msg = String::from_utf8_lossy(&pending[..end]).into_owned();
+            pending.drain(..=end);
+            return Ok(Some(msg));
+        }
+        if let Some(t) = timeout
+            && started.elapsed() >= t
+        {
+            return Err(ScanError::Timeout(t));
+        }
+        // clamd closing with the `VERSION` still unread resets the connection: to this
+        // side that is the same end of the session as a plain close.
+        let read = match s.read(&mut buf) {
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok(0),
+            other => other,
+        };
+        match read {
+            Ok(0) if pending.is_empty() => return Ok(None),
+            // An unterminated last message: what clamd sent before closing.
+            Ok(0) => {
+                let msg = String::from_utf8_lossy(pending).into_owned();
+                pending.clear();
+                return Ok(Some(msg));
+            }
+            Ok(n) => {
+                pending.extend_from_slice(&buf[..n]);
+                if pending.len() > 64 * 1024 {
+                    return Err(ScanError::Failed("clamd reply is implausibly long".into()));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if is_timeout(&e) => {
+                return Err(ScanError::Timeout(timeout.unwrap_or(COMMAND_TIMEOUT)));
+            }
+            Err(e) => return Err(ScanError::Failed(format!("reading clamd reply: {e}"))),
+        }
+    }
 }
 
 /// The signature database in a `VERSION` reply: `ClamAV 1.4.6/27450/Mon Nov 24
@@ -679,5 +868,110 @@ mod tests {
             parse_reply("fd[5]: Heuristics.Limits.Exceeded FOUND\0fd[5]: Win.Trojan FOUND\0"),
             Ok(Verdict::Suspect(vec!["Win.Trojan".into()]))
         );
+    }
+}
+
+#[cfg(test)]
+mod session_tests {
+    use super::*;
+
+    /// A session to a stand-in that reads `FILDES` + descriptor + `VERSION` and
+    /// writes `replies` (then closes if `close`).
+    fn exchange(replies: &'static [u8], close: bool) -> SessionReply<(String, Option<String>)> {
+        let (ours, mut theirs) = UnixStream::pair().expect("socketpair");
+        let clamd = std::thread::spawn(move || {
+            // "zFILDES\0", the byte carrying the descriptor, "zVERSION\0".
+            let mut got = vec![0u8; 8 + 1 + 9];
+            theirs.read_exact(&mut got).expect("commands");
+            assert_eq!(&got[..8], b"zFILDES\0");
+            assert_eq!(&got[9..], b"zVERSION\0");
+            theirs.write_all(replies).expect("replies");
+            if !close {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        let av = ClamAv::new(
+            ClamdEndpoint::Unix("/nonexistent".into()),
+            Duration::from_secs(5),
+        );
+        let s = Session {
+            sock: ours,
+            next_id: 7,
+            opened: Instant::now(),
+            read_timeout: None,
+        };
+        let file = File::open("/dev/null").expect("/dev/null");
+        let out = av.session_scan(s, &file, Some(Duration::from_secs(5)));
+        clamd.join().expect("stand-in");
+        out
+    }
+
+    #[test]
+    fn version_answered_before_the_scan_is_matched_by_id() {
+        match exchange(
+            b"8: ClamAV 1.4.6/27450/Sat Dec  5 08:00:00 2026\x007: fd[3]: OK\0",
+            false,
+        ) {
+            SessionReply::Reply((scan, version), s) => {
+                assert_eq!(scan, "fd[3]: OK");
+                assert_eq!(
+                    version.as_deref(),
+                    Some("ClamAV 1.4.6/27450/Sat Dec  5 08:00:00 2026")
+                );
+                assert_eq!(s.next_id, 9);
+            }
+            _ => panic!("a clean scan with its version leaves the session reusable"),
+        }
+    }
+
+    #[test]
+    fn a_detection_then_a_closed_session_has_no_version_and_is_not_reused() {
+        match exchange(b"7: fd[3]: Eicar-Signature FOUND\0", true) {
+            SessionReply::Final(Ok((scan, None))) => {
+                assert_eq!(scan, "fd[3]: Eicar-Signature FOUND")
+            }
+            _ => panic!("expected the detection, without a version, session dropped"),
+        }
+    }
+
+    #[test]
+    fn a_scan_reply_inside_the_version_reply_is_untangled() {
+        // clamd wrote "8: ", then the scan thread "7: fd[3]: OK\0", then the version.
+        match exchange(
+            b"8: 7: fd[3]: OK\0ClamAV 1.4.6/27450/Sat Dec  5 08:00:00 2026\0",
+            false,
+        ) {
+            SessionReply::Final(Ok((scan, Some(v)))) => {
+                assert_eq!(scan, "fd[3]: OK");
+                assert!(v.starts_with("ClamAV 1.4.6/27450/"), "{v}");
+            }
+            _ => panic!("both replies are clamd's; the session is not reused after"),
+        }
+    }
+
+    #[test]
+    fn an_untagged_version_otherwise_is_an_error() {
+        assert!(matches!(
+            exchange(
+                b"7: fd[3]: OK\0ClamAV 1.4.6/27450/Sat Dec  5 08:00:00 2026\0",
+                true
+            ),
+            SessionReply::Final(Err(ScanError::Failed(_)))
+        ));
+    }
+
+    #[test]
+    fn a_reply_with_a_foreign_id_is_an_error() {
+        match exchange(b"3: fd[3]: OK\0", true) {
+            SessionReply::Final(Err(ScanError::Failed(m))) => {
+                assert!(m.contains("expected ids 7 and 8"), "{m}")
+            }
+            _ => panic!("a reply to another command must not be taken as this scan's"),
+        }
+    }
+
+    #[test]
+    fn nothing_at_all_is_a_broken_session() {
+        assert!(matches!(exchange(b"", true), SessionReply::Broken(_)));
     }
 }

@@ -378,11 +378,16 @@ impl ClamPool {
         self.freed.notify_all();
     }
 
-    /// After a scan by endpoint `i`: asks its version again. A scan after which the
-    /// endpoint no longer has current signatures does not count.
-    fn confirm(&self, i: usize, verdict: Verdict) -> Result<Verdict, ScanError> {
-        // An endpoint that does not answer now is caught by the next scan or check.
-        let Ok(version) = self.members[i].clamd.version() else {
+    /// After a scan by endpoint `i`, with the version it answered with the scan: a
+    /// scan after which the endpoint no longer has current signatures does not count.
+    fn confirm(
+        &self,
+        i: usize,
+        verdict: Verdict,
+        version: Option<String>,
+    ) -> Result<Verdict, ScanError> {
+        // An endpoint that did not answer is caught by the next scan or check.
+        let Some(version) = version else {
             return Ok(verdict);
         };
         let mut st = self.lock();
@@ -526,8 +531,11 @@ impl Scanner for ClamPool {
             tried[i] = true;
             let name = label(self.members[i].clamd.endpoint());
             let started = Instant::now();
-            let out = match self.members[i].clamd.scan(&file, path, size, timeout) {
-                Ok(v) => self.confirm(i, v),
+            let out = match self.members[i]
+                .clamd
+                .scan_with_version(&file, path, size, timeout)
+            {
+                Ok((v, version)) => self.confirm(i, v, version),
                 Err(e) => Err(e),
             };
             self.release(i, started.elapsed(), &out);
