@@ -49,6 +49,19 @@ struct Session {
     read_timeout: Option<Duration>,
 }
 
+impl Session {
+    /// Sets how long a read waits for clamd (only when that changes).
+    fn wait_at_most(&mut self, timeout: Option<Duration>) -> Result<(), ScanError> {
+        if self.read_timeout != timeout {
+            self.sock
+                .set_read_timeout(timeout)
+                .map_err(|e| ScanError::Failed(format!("cannot set clamd socket timeout: {e}")))?;
+            self.read_timeout = timeout;
+        }
+        Ok(())
+    }
+}
+
 /// What one command (or a scan with its `VERSION`) on a session came to.
 enum SessionReply<T = String> {
     /// clamd's reply, without the `<id>: ` prefix; the session is fit for reuse.
@@ -161,13 +174,8 @@ impl ClamAv {
                 "sending to clamd failed: {e}"
             )));
         }
-        if s.read_timeout != timeout {
-            if let Err(e) = s.sock.set_read_timeout(timeout) {
-                return SessionReply::Final(Err(ScanError::Failed(format!(
-                    "cannot set clamd socket timeout: {e}"
-                ))));
-            }
-            s.read_timeout = timeout;
+        if let Err(e) = s.wait_at_most(timeout) {
+            return SessionReply::Final(Err(e));
         }
         let reply = match read_reply_opt(&mut s.sock, timeout) {
             Ok(r) if r.is_empty() => {
@@ -259,13 +267,8 @@ impl ClamAv {
                 "sending to clamd failed: {e}"
             )));
         }
-        if s.read_timeout != timeout {
-            if let Err(e) = s.sock.set_read_timeout(timeout) {
-                return SessionReply::Final(Err(ScanError::Failed(format!(
-                    "cannot set clamd socket timeout: {e}"
-                ))));
-            }
-            s.read_timeout = timeout;
+        if let Err(e) = s.wait_at_most(timeout) {
+            return SessionReply::Final(Err(e));
         }
         let started = Instant::now();
         let mut pending = Vec::new();

@@ -379,16 +379,22 @@ impl ClamPool {
     }
 
     /// After a scan by endpoint `i`, with the version it answered with the scan: a
-    /// scan after which the endpoint no longer has current signatures does not count.
+    /// scan after which the endpoint no longer has current signatures, or that came
+    /// without a version, does not count.
     fn confirm(
         &self,
         i: usize,
         verdict: Verdict,
         version: Option<String>,
     ) -> Result<Verdict, ScanError> {
-        // An endpoint that did not answer is caught by the next scan or check.
+        // Without an answer the signatures this scan used are not known to be current:
+        // the scan does not count (the file is scanned again elsewhere or next run).
         let Some(version) = version else {
-            return Ok(verdict);
+            return Err(ScanError::Failed(format!(
+                "clamd {} did not answer VERSION with the scan, so the signatures it \
+                 scanned with are not confirmed",
+                self.members[i].clamd.endpoint()
+            )));
         };
         let mut st = self.lock();
         if st.ends[i].version.as_deref() != Some(version.as_str()) {

@@ -18,6 +18,8 @@ enum Fake {
     Garbage,
     Hang,
     Drop,
+    /// Answers a scan `OK`, then closes without answering the `VERSION` sent with it.
+    CleanWithoutVersion,
 }
 
 /// A fake clamd: answers VERSION, passes the canary (first scan), then misbehaves.
@@ -25,8 +27,12 @@ fn fake_clamd(dir: &Path, mode: Fake) -> PathBuf {
     use crate::common::fake_clamd::{Answer, serve};
     let sock = dir.join("fake-clamd.sock");
     let scans = std::sync::atomic::AtomicUsize::new(0);
+    let scanned = std::sync::atomic::AtomicBool::new(false);
     serve(&sock, move |cmd| {
         if cmd == b"zVERSION" {
+            if scanned.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                return Answer::Drop;
+            }
             return Answer::Reply(b"ClamAV 1.4.6/1/fake".to_vec());
         }
         if scans.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
@@ -36,6 +42,10 @@ fn fake_clamd(dir: &Path, mode: Fake) -> PathBuf {
             Fake::Garbage => Answer::Reply(b"banana split".to_vec()),
             Fake::Hang => Answer::Hang(Duration::from_secs(30)),
             Fake::Drop => Answer::Drop,
+            Fake::CleanWithoutVersion => {
+                scanned.store(true, std::sync::atomic::Ordering::SeqCst);
+                Answer::Reply(b"fd[3]: OK".to_vec())
+            }
         }
     });
     sock
@@ -66,6 +76,24 @@ fn clamd_answering_garbage_fails_the_file_and_keeps_the_source() {
     assert_eq!(std::fs::read(env.src.join("a.txt")).unwrap(), b"a");
     assert!(Env::tree(&env.quarantine).is_empty());
     assert_eq!(env.report()["files"]["failed"], 1);
+}
+
+#[test]
+fn a_clean_scan_whose_signatures_clamd_does_not_confirm_is_not_delivered() {
+    let env = env_with_fake(Fake::CleanWithoutVersion);
+    env.drop_file("a.txt", b"a");
+    let r = env.run(&[]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("did not answer VERSION with the scan"),
+        "{}",
+        r.stderr
+    );
+    assert!(Env::tree(&env.dst).is_empty());
+    assert_eq!(std::fs::read(env.src.join("a.txt")).unwrap(), b"a");
+    assert!(Env::tree(&env.quarantine).is_empty());
+    assert_eq!(env.report()["files"]["failed"], 1);
+    assert_eq!(env.report()["files"]["clean"], 0);
 }
 
 #[test]
