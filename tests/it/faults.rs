@@ -60,39 +60,32 @@ fn env_with_fake(mode: Fake) -> Env {
     env
 }
 
-#[test]
-fn clamd_answering_garbage_fails_the_file_and_keeps_the_source() {
-    let env = env_with_fake(Fake::Garbage);
+/// One file `a.txt` (`a`) dropped, the fake in `mode`: the run fails it with a message
+/// containing `says`, delivers nothing, keeps the source and leaves no quarantine copy.
+fn fails_and_keeps_the_source(mode: Fake, says: &str) -> Env {
+    let env = env_with_fake(mode);
     env.drop_file("a.txt", b"a");
     let r = env.run(&[]);
     assert_eq!(r.code, 1, "{}", r.stderr);
-    assert!(
-        r.stderr
-            .contains("unrecognised clamd reply: \"banana split\""),
-        "{}",
-        r.stderr
-    );
+    assert!(r.stderr.contains(says), "{}", r.stderr);
     assert!(Env::tree(&env.dst).is_empty());
     assert_eq!(std::fs::read(env.src.join("a.txt")).unwrap(), b"a");
     assert!(Env::tree(&env.quarantine).is_empty());
     assert_eq!(env.report()["files"]["failed"], 1);
+    env
+}
+
+#[test]
+fn clamd_answering_garbage_fails_the_file_and_keeps_the_source() {
+    fails_and_keeps_the_source(Fake::Garbage, "unrecognised clamd reply: \"banana split\"");
 }
 
 #[test]
 fn a_clean_scan_whose_signatures_clamd_does_not_confirm_is_not_delivered() {
-    let env = env_with_fake(Fake::CleanWithoutVersion);
-    env.drop_file("a.txt", b"a");
-    let r = env.run(&[]);
-    assert_eq!(r.code, 1, "{}", r.stderr);
-    assert!(
-        r.stderr.contains("did not answer VERSION with the scan"),
-        "{}",
-        r.stderr
+    let env = fails_and_keeps_the_source(
+        Fake::CleanWithoutVersion,
+        "did not answer VERSION with the scan",
     );
-    assert!(Env::tree(&env.dst).is_empty());
-    assert_eq!(std::fs::read(env.src.join("a.txt")).unwrap(), b"a");
-    assert!(Env::tree(&env.quarantine).is_empty());
-    assert_eq!(env.report()["files"]["failed"], 1);
     assert_eq!(env.report()["files"]["clean"], 0);
 }
 
