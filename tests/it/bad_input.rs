@@ -171,13 +171,7 @@ mod planted {
     fn run_paused_at(env: &Env, at: &str) -> (Child, PathBuf) {
         let resume = env.root().join("resume");
         let child = env
-            .command(&[
-                "run",
-                "--config",
-                env.config.to_str().unwrap(),
-                "--report-json",
-                env.report.to_str().unwrap(),
-            ])
+            .run_command()
             .env("SHUTTLE_PAUSE_AT", at)
             .env("SHUTTLE_PAUSE_FILE", &resume)
             .stderr(Stdio::piped())

@@ -158,17 +158,7 @@ fn clamd_killed_mid_run_leaves_every_file_delivered_or_in_the_source() {
         env.drop_file(&format!("d{}/f{i:03}.bin", i % 4), &data);
         files.push((format!("d{}/f{i:03}.bin", i % 4), data));
     }
-    let child = env
-        .command(&[
-            "run",
-            "--config",
-            env.config.to_str().unwrap(),
-            "--report-json",
-            env.report.to_str().unwrap(),
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = env.run_command().stderr(Stdio::piped()).spawn().unwrap();
     let started = Instant::now();
     while Env::tree(&env.dst).len() < 20 && started.elapsed() < Duration::from_secs(20) {
         std::thread::sleep(Duration::from_millis(5));
@@ -298,17 +288,7 @@ fn sources_deleted_truncated_or_appended_after_discovery_are_left_alone() {
     let gone = env.drop_file("1-gone.txt", b"to be deleted");
     let short = env.drop_file("2-short.txt", b"to be truncated");
     let long = env.drop_file("3-long.txt", b"to be appended");
-    let mut child = env
-        .command(&[
-            "run",
-            "--config",
-            env.config.to_str().unwrap(),
-            "--report-json",
-            env.report.to_str().unwrap(),
-        ])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = env.run_command().stderr(Stdio::null()).spawn().unwrap();
     // While the big (oldest) file is being handled, change the others.
     let started = Instant::now();
     while !Env::tree(&env.quarantine)

@@ -378,6 +378,13 @@ fn parse_metrics(text: &str) -> Vec<(String, String, f64)> {
     out
 }
 
+/// Asserts each `(name, labels, value)` of `want` in the parsed metrics `m`.
+fn assert_metrics(m: &[(String, String, f64)], want: &[(&str, &str, f64)]) {
+    for &(name, labels, value) in want {
+        assert_eq!(metric(m, name, labels), Some(value), "{name}{{{labels}}}");
+    }
+}
+
 fn metric(m: &[(String, String, f64)], name: &str, labels: &str) -> Option<f64> {
     m.iter()
         .find(|(n, l, _)| n == name && l.contains(labels))
@@ -397,25 +404,19 @@ fn metrics_file_has_the_run_figures_and_keeps_the_last_success() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     let text = std::fs::read_to_string(&path).unwrap();
     let m = parse_metrics(&text);
-    assert_eq!(
-        metric(&m, "shuttle_run_files", "outcome=\"clean\""),
-        Some(2.0)
-    );
-    assert_eq!(
-        metric(&m, "shuttle_run_files", "outcome=\"suspect\""),
-        Some(1.0)
-    );
-    assert_eq!(
-        metric(&m, "shuttle_run_files", "outcome=\"failed\""),
-        Some(0.0)
-    );
-    assert_eq!(
-        metric(&m, "shuttle_run_bytes", "outcome=\"clean\""),
-        Some(5096.0)
-    );
-    assert_eq!(
-        metric(&m, "shuttle_run_bytes", "outcome=\"suspect\""),
-        Some(EICAR.len() as f64)
+    assert_metrics(
+        &m,
+        &[
+            ("shuttle_run_files", "outcome=\"clean\"", 2.0),
+            ("shuttle_run_files", "outcome=\"suspect\"", 1.0),
+            ("shuttle_run_files", "outcome=\"failed\"", 0.0),
+            ("shuttle_run_bytes", "outcome=\"clean\"", 5096.0),
+            (
+                "shuttle_run_bytes",
+                "outcome=\"suspect\"",
+                EICAR.len() as f64,
+            ),
+        ],
     );
     assert!(metric(&m, "shuttle_run_duration_seconds", "").unwrap() > 0.0);
     assert_eq!(metric(&m, "shuttle_throttle_stopped", ""), Some(0.0));
@@ -454,14 +455,13 @@ fn metrics_file_has_the_run_figures_and_keeps_the_last_success() {
     let r = env.run(&[]);
     assert_eq!(r.code, 1);
     let m = parse_metrics(&std::fs::read_to_string(&path).unwrap());
-    assert_eq!(
-        metric(&m, "shuttle_run_files", "outcome=\"too_large\""),
-        Some(1.0)
-    );
-    assert_eq!(metric(&m, "shuttle_run_exit_code", ""), Some(1.0));
-    assert_eq!(
-        metric(&m, "shuttle_last_success_timestamp_seconds", ""),
-        Some(success)
+    assert_metrics(
+        &m,
+        &[
+            ("shuttle_run_files", "outcome=\"too_large\"", 1.0),
+            ("shuttle_run_exit_code", "", 1.0),
+            ("shuttle_last_success_timestamp_seconds", "", success),
+        ],
     );
 
     // Throttled: state and reason.
@@ -525,19 +525,15 @@ fn metrics_pass_promtool_and_counters_add_up_across_runs() {
     let r = env.run(&[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let first = promtool(&path);
-    assert_eq!(
-        metric(&first, "shuttle_files_total", "outcome=\"clean\""),
-        Some(2.0)
+    assert_metrics(
+        &first,
+        &[
+            ("shuttle_files_total", "outcome=\"clean\"", 2.0),
+            ("shuttle_files_total", "outcome=\"suspect\"", 1.0),
+            ("shuttle_bytes_total", "outcome=\"clean\"", 3500.0),
+            ("shuttle_passes_total", "", 1.0),
+        ],
     );
-    assert_eq!(
-        metric(&first, "shuttle_files_total", "outcome=\"suspect\""),
-        Some(1.0)
-    );
-    assert_eq!(
-        metric(&first, "shuttle_bytes_total", "outcome=\"clean\""),
-        Some(3500.0)
-    );
-    assert_eq!(metric(&first, "shuttle_passes_total", ""), Some(1.0));
 
     env.drop_file("c.bin", &noise(100, 3));
     env.drop_file("marker.txt", MARKER);

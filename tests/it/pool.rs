@@ -356,13 +356,7 @@ fn an_endpoint_frozen_mid_run_costs_its_timeouts_not_the_run() {
     let pause = env.root().join("pause");
     let started = Instant::now();
     let mut run = env
-        .command(&[
-            "run",
-            "--config",
-            env.config.to_str().unwrap(),
-            "--report-json",
-            env.report.to_str().unwrap(),
-        ])
+        .run_command()
         .env("SHUTTLE_PAUSE_AT", "scan: quarantined, before scan")
         .env("SHUTTLE_PAUSE_FILE", &pause)
         .spawn()

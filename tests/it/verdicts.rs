@@ -340,13 +340,7 @@ fn defender_definitions_age_comes_from_mdatp_health() {
     );
     env.drop_file("a.txt", b"a");
     let run = |age: &str| {
-        let mut c = env.command(&[
-            "run",
-            "--config",
-            env.config.to_str().unwrap(),
-            "--report-json",
-            env.report.to_str().unwrap(),
-        ]);
+        let mut c = env.run_command();
         c.env("MDATP_SIM_DEFS_AGE_MINUTES", age);
         Run::from(c.output().unwrap())
     };

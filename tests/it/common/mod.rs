@@ -271,15 +271,25 @@ impl Env {
 
     /// `shuttle run --config … --report-json …` plus `extra`.
     pub fn run(&self, extra: &[&str]) -> Run {
-        let mut args = vec![
+        let mut args = self.run_args().to_vec();
+        args.extend_from_slice(extra);
+        self.shuttle(&args)
+    }
+
+    /// `shuttle run` with this environment's config and report, not yet started: for
+    /// tests that act while it runs or give it more environment.
+    pub fn run_command(&self) -> Command {
+        self.command(&self.run_args())
+    }
+
+    fn run_args(&self) -> [&str; 5] {
+        [
             "run",
             "--config",
             self.config.to_str().unwrap(),
             "--report-json",
             self.report.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        self.shuttle(&args)
+        ]
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
