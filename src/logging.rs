@@ -1,18 +1,19 @@
 //! Logging (docs/design.md §8): stderr plus one log file per run in `log_path`
-//! (`shuttle_YYYYMMDD_HHMMSS_<pid>.log`), written by one buffered background writer
-//! so that logging rarely waits on the disk in the middle of a file's handling.
+//! (`shuttle_YYYYMMDD_HHMMSS_<pid>.log`).
 //!
-//! The file log is lossless: when the writer falls [`LINES_QUEUED`] lines behind, the
-//! thread that logs waits for it (tracing-appender's default would drop the line).
-//! The queue is short so that it bounds memory too; the writer batches what is
-//! queued into few `write`s through a [`BufWriter`], flushed whenever the queue is
-//! empty.
+//! Each line is formatted once and written, whole, by the thread that logs it: first
+//! to the file (one `write` to an `O_APPEND` descriptor, so lines from several threads
+//! never interleave), then to stderr. Nothing is queued, so nothing can be dropped and
+//! nothing is lost when the process is killed: the log ends with the last thing
+//! Shuttle did, which is the line an administrator looks for after a crash. A write
+//! to the page cache rarely waits on the disk; a background writer (tried earlier)
+//! cost more than it saved, a thread hand-off and a wake-up for every line.
 //!
 //! The log file is created mode 0640 explicitly (and the process runs under umask
 //! 007, set first thing in `main`): it names files and hosts, and is never
 //! world-readable, whatever umask Shuttle was started with.
 
-use std::io::BufWriter;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
@@ -21,22 +22,16 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-/// Lines waiting for the log file writer before a logging thread waits.
-pub const LINES_QUEUED: usize = 4096;
-
-/// Keeps the background log writer alive; dropping it flushes the file.
+/// The per-run log file's name and the first write to it that failed.
 pub struct LogGuard {
-    worker: Option<tracing_appender::non_blocking::WorkerGuard>,
     pub file: Option<PathBuf>,
     failure: Arc<OnceLock<String>>,
 }
 
 impl LogGuard {
-    /// Flushes the log file and stops its writer; `Err` names the first write to the
-    /// file that failed (a full disk, say): the log is incomplete, which makes the
-    /// run a failure.
-    pub fn finish(mut self) -> Result<(), String> {
-        drop(self.worker.take());
+    /// `Err` names the first write to the log file that failed (a full disk, say):
+    /// the log is incomplete, which makes the run a failure.
+    pub fn finish(self) -> Result<(), String> {
         match (self.failure.get(), &self.file) {
             (Some(e), Some(f)) => Err(format!("cannot write the log file {}: {e}", f.display())),
             _ => Ok(()),
@@ -44,46 +39,47 @@ impl LogGuard {
     }
 }
 
-/// The log file, remembering its first write error (tracing-appender's writer
-/// thread has nowhere to return one to).
-struct Watched {
-    file: std::fs::File,
+/// Where each formatted line goes: the log file (if any), then stderr. A failed
+/// write to the file is remembered, not returned (the formatter has nowhere to
+/// report it), and does not keep the line from stderr.
+struct Tee {
+    file: Option<std::fs::File>,
     failure: Arc<OnceLock<String>>,
 }
 
-impl Watched {
-    fn note<T>(&self, r: std::io::Result<T>) -> std::io::Result<T> {
-        if let Err(e) = &r {
-            self.failure.get_or_init(|| e.to_string());
-        }
-        r
+/// One line on its way, as the formatter writes it in one `write_all`.
+struct TeeLine<'a>(&'a Tee);
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Tee {
+    type Writer = TeeLine<'a>;
+
+    fn make_writer(&'a self) -> TeeLine<'a> {
+        TeeLine(self)
     }
 }
 
-impl std::io::Write for Watched {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let r = self.file.write(buf);
-        self.note(r)
+impl Write for TeeLine<'_> {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        let Tee { file, failure } = self.0;
+        if let Some(mut f) = file.as_ref()
+            && let Err(e) = f.write_all(line)
+        {
+            failure.get_or_init(|| e.to_string());
+        }
+        // stderr may be a closed pipe (cron's mailer gone): the file has the line.
+        let _ = std::io::stderr().lock().write_all(line);
+        Ok(line.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        let r = self.file.flush();
-        self.note(r)
+        Ok(())
     }
 }
 
 /// Starts logging at `level` to stderr and, with `dir`, to a new file in it.
 pub fn init(level: &str, dir: Option<&Path>) -> std::io::Result<LogGuard> {
-    let filter = || EnvFilter::new(format!("shuttle={level},warn"));
-    let timer = || ChronoLocal::new("%Y-%m-%d %H:%M:%S%.3f".into());
-    let stderr = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_timer(timer())
-        .with_ansi(false)
-        .with_filter(filter());
     let failure = Arc::new(OnceLock::new());
-    let (file_layer, guard, file) = match dir {
+    let (file, path) = match dir {
         Some(dir) => {
             std::fs::create_dir_all(dir)?;
             let name = format!(
@@ -98,35 +94,23 @@ pub fn init(level: &str, dir: Option<&Path>) -> std::io::Result<LogGuard> {
                 .append(true)
                 .mode(0o640)
                 .open(&path)?;
-            let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-                .lossy(false)
-                .buffered_lines_limit(LINES_QUEUED)
-                .thread_name("shuttle-log")
-                .finish(BufWriter::with_capacity(
-                    64 << 10,
-                    Watched {
-                        file: f,
-                        failure: failure.clone(),
-                    },
-                ));
-            let layer = tracing_subscriber::fmt::layer()
-                .with_writer(writer)
-                .with_target(false)
-                .with_timer(timer())
-                .with_ansi(false)
-                .with_filter(filter());
-            (Some(layer), Some(guard), Some(path))
+            (Some(f), Some(path))
         }
-        None => (None, None, None),
+        None => (None, None),
     };
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(Tee {
+            file,
+            failure: failure.clone(),
+        })
+        .with_target(false)
+        .with_timer(ChronoLocal::new("%Y-%m-%d %H:%M:%S%.3f".into()))
+        .with_ansi(false)
+        .with_filter(EnvFilter::new(format!("shuttle={level},warn")));
     // A second init (tests calling the library twice) keeps the first subscriber.
-    let _ = tracing_subscriber::registry()
-        .with(stderr)
-        .with(file_layer)
-        .try_init();
+    let _ = tracing_subscriber::registry().with(layer).try_init();
     Ok(LogGuard {
-        worker: guard,
-        file,
+        file: path,
         failure,
     })
 }
