@@ -310,6 +310,42 @@ pub trait Journal: Send {
         Ok(Admit::Admitted { id, token: 0 })
     }
 
+    /// Admits `files` in order, as [`Journal::admit_file`] does one, in one
+    /// transaction where the store allows: the price of one commit for a group of
+    /// small files. Stops at the first [`Admit::Limit`], so the answer may be shorter
+    /// than `files`: the rest were not admitted.
+    fn admit_files(
+        &self,
+        run: i64,
+        files: &[NewFile<'_>],
+        limits: &DayLimits,
+    ) -> Result<Vec<Admit>, JournalError> {
+        let mut out = Vec::with_capacity(files.len());
+        for f in files {
+            let admit = self.admit_file(run, f.rel_path, f.size, f.mtime_ns, limits)?;
+            let limit = matches!(admit, Admit::Limit(_));
+            out.push(admit);
+            if limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Ends file `id`, admitted but never handled because the run stopped first, as
+    /// skipped: nothing was done to it, and its source waits for the next run.
+    fn release_file(&self, id: i64) -> Result<(), JournalError> {
+        self.file_finished(&Finished {
+            id,
+            outcome: Outcome::Skipped,
+            disposition: crate::states::Disposition::LeftInSource.as_str(),
+            error: Some(
+                "not handled: the run stopped before its turn; left in the source for the next run",
+            ),
+            ..Finished::default()
+        })
+    }
+
     /// Whether this node still holds the claim on file `id` (always, without claims).
     fn claim_held(&self, id: i64) -> Result<bool, JournalError> {
         let _ = id;
@@ -504,6 +540,14 @@ impl DayLimits {
             bytes: t.max_mb_per_day.saturating_mul(1_048_576),
         }
     }
+}
+
+/// A file to admit ([`Journal::admit_files`]).
+#[derive(Debug, Clone, Copy)]
+pub struct NewFile<'a> {
+    pub rel_path: &'a str,
+    pub size: u64,
+    pub mtime_ns: i64,
 }
 
 /// What [`Journal::admit_file`] decided.

@@ -7,9 +7,9 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
-    Delivery, FileHistory, Finished, HazardRow, Identity, Journal, JournalError, Outcome,
-    RESCAN_ATTEMPTS, RescanRow, RescanState, RunRow, SetAside, SpaceSample, Unfinished, local_day,
-    now_secs,
+    Admit, DayLimits, Delivery, FileHistory, Finished, HazardRow, Identity, Journal, JournalError,
+    NewFile, Outcome, RESCAN_ATTEMPTS, RescanRow, RescanState, RunRow, SetAside, SpaceSample,
+    Unfinished, local_day, now_secs,
 };
 
 pub const FILE_NAME: &str = "shuttle-journal.sqlite3";
@@ -302,6 +302,23 @@ impl Journal for SqliteJournal {
         ))?;
         self.wrap(st.execute(params![run, rel_path, size as i64, mtime_ns, now_secs()]))?;
         Ok(self.conn.last_insert_rowid())
+    }
+
+    /// One transaction for the whole group (one node: no claims, no fleet limits).
+    fn admit_files(
+        &self,
+        run: i64,
+        files: &[NewFile<'_>],
+        _limits: &DayLimits,
+    ) -> Result<Vec<Admit>, JournalError> {
+        let tx = self.wrap(self.conn.unchecked_transaction())?;
+        let mut out = Vec::with_capacity(files.len());
+        for f in files {
+            let id = self.file_admitted(run, f.rel_path, f.size, f.mtime_ns)?;
+            out.push(Admit::Admitted { id, token: 0 });
+        }
+        self.wrap(tx.commit())?;
+        Ok(out)
     }
 
     /// The file's outcome is final and durable (delivered, archived, deleted or

@@ -4,11 +4,16 @@
 //! `syncfs`) before settling them the same way (group commit).
 //!
 //! A waiting file is only its [`Candidate`] record. A worker takes the next one under
-//! the books' lock only when it is free, so a file is admitted — and its free space
-//! checked — just before it is handled, and the first denial stops admission for all.
-//! Results are settled by the file's journal id, never matched by position.
+//! the books' lock only when it is free. Files are admitted — their free space checked,
+//! their journal rows written — just before they are handled: one at a time, or for
+//! small files a short group at a time in one journal transaction (at most
+//! [`ADMIT_GROUP`] files and [`ADMIT_GROUP_BYTES`]), each group handed out one file per
+//! worker. The first denial stops admission for all; files admitted ahead whose turn
+//! does not come because the run stops are released (journal row ended as skipped,
+//! reservation returned, source untouched). Results are settled by the file's journal
+//! id, never matched by position.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::sync::mpsc;
 
@@ -16,7 +21,7 @@ use super::context::{Job, Run, identity, lock};
 use super::file;
 use super::settle::{self, FileResult, Settle};
 use crate::discover::{Candidate, Queue};
-use crate::journal::{Admit, Outcome, SetAside};
+use crate::journal::{Admit, NewFile, Outcome, SetAside};
 use crate::notify;
 use crate::report::{FileEntry, Report};
 use crate::states::{SkipKind, StopReason};
@@ -43,6 +48,7 @@ pub fn process(
     let report = Mutex::new(report);
     let books = Mutex::new(Books {
         queue: candidates,
+        ready: VecDeque::new(),
         ended: false,
         tickets: HashMap::new(),
         admission,
@@ -98,6 +104,7 @@ pub fn process(
         if panicked {
             b.stop.get_or_insert(StopReason::WorkerPanicked);
         }
+        b.release(run);
         b.flush();
         let (tx, _) = mpsc::sync_channel(0);
         drop(std::mem::replace(&mut b.commits, tx));
@@ -148,6 +155,10 @@ pub fn process(
 /// A batch is committed at this many files or bytes (and at the end of the run).
 const BATCH_FILES: usize = 128;
 const BATCH_BYTES: u64 = 128 << 20;
+/// At most this many files, and (but for a file larger on its own) this many bytes,
+/// are admitted in one journal transaction.
+const ADMIT_GROUP: usize = 16;
+const ADMIT_GROUP_BYTES: u64 = 1 << 20;
 /// Full batches waiting for the committer; beyond this the workers wait.
 const COMMITS_QUEUED: usize = 2;
 
@@ -156,6 +167,8 @@ const COMMITS_QUEUED: usize = 2;
 /// of deliveries waiting to be made durable.
 struct Books<'a, 'r> {
     queue: Queue,
+    /// Files admitted (journal row, reservation) and waiting for a worker, in order.
+    ready: VecDeque<Job>,
     /// Admission has stopped (throttle, stop request, fatal problem, no more files).
     ended: bool,
     tickets: HashMap<i64, throttle::Ticket>,
@@ -182,73 +195,107 @@ struct Books<'a, 'r> {
 impl Books<'_, '_> {
     /// Step 6 for the next file in priority order: admits it (throttle, limits),
     /// records it in the journal, and hands it to the calling worker. `None` once
-    /// admission has stopped; the first denial stops it for every worker.
+    /// admission has stopped; the first denial stops it for every worker. Small files
+    /// are admitted a few at a time ([`Books::admit_group`]) and handed out one by one.
     fn next_job(&mut self, run: &Run) -> Option<Job> {
-        if self.ended {
-            return None;
-        }
-        if let Some(why) = run.scanners.stop_reason() {
-            self.stop.get_or_insert(StopReason::Scanners(why));
+        if self.stop.is_none()
+            && let Some(why) = run.scanners.stop_reason()
+        {
+            self.stop = Some(StopReason::Scanners(why));
         }
         let stop_requested = run
             .stop
             .is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
-        if stop_requested {
+        if stop_requested && !self.ended {
             tracing::info!("stop requested: no more files admitted; in-flight files finish");
         }
+        if self.stop.is_none()
+            && let Some(why) = run.fleet.and_then(|h| h.lost())
+        {
+            self.stop = Some(StopReason::Fleet(why));
+        }
         if self.stop.is_some() || stop_requested {
+            // Files admitted ahead but not begun are released at the end (`release`).
             self.ended = true;
             return None;
         }
-        if let Some(why) = run.fleet.and_then(|h| h.lost()) {
-            self.stop.get_or_insert(StopReason::Fleet(why));
-            self.ended = true;
-            return None;
+        // A group may come back empty without ending admission (in a fleet, every
+        // file of it taken by another node): admit the next one.
+        while self.ready.is_empty() && !self.ended {
+            self.admit_group(run);
         }
-        loop {
-            let candidate = loop {
-                let Some(candidate) = self.queue.next() else {
-                    if let Some(e) = self.queue.error() {
-                        self.stop
-                            .get_or_insert_with(|| StopReason::Queue(e.to_string()));
-                    }
-                    self.ended = true;
-                    return None;
-                };
-                match self.set_aside_before_admission(run, &candidate) {
-                    Ok(true) => {
-                        self.set_aside += 1;
-                        continue;
-                    }
-                    Ok(false) => break candidate,
-                    Err(stop) => {
-                        self.stop = Some(stop);
-                        self.ended = true;
-                        return None;
-                    }
-                }
+        self.ready.pop_front()
+    }
+
+    /// Admits the next files in priority order into `ready`: up to [`ADMIT_GROUP`]
+    /// files and [`ADMIT_GROUP_BYTES`] (a large file is a group of its own; in a fleet,
+    /// one file at a time, so that the nodes share the work evenly), each checked
+    /// against the throttle in turn, recorded in one journal transaction. The rows are
+    /// durable before any of the files is copied, as one file's row would be; a crash
+    /// leaves the ones not begun to recovery, like any admitted file.
+    fn admit_group(&mut self, run: &Run) {
+        let most = if run.fleet.is_some() { 1 } else { ADMIT_GROUP };
+        let mut group: Vec<(Candidate, throttle::Ticket)> = Vec::new();
+        let mut bytes = 0u64;
+        while group.len() < most && bytes < ADMIT_GROUP_BYTES {
+            let Some(candidate) = self.next_candidate(run) else {
+                break;
             };
-            let ticket = match self.admission.admit(candidate.size) {
-                Ok(t) => t,
+            match self.admission.admit(candidate.size) {
+                Ok(ticket) => {
+                    bytes += candidate.size;
+                    group.push((candidate, ticket));
+                }
                 Err(denial) => {
                     throttle_stop(run, &denial, &mut lock_report(self.report));
                     self.ended = true;
-                    return None;
+                    break;
                 }
-            };
-            // Committed at once (not batched): recovery finds a dead run's temp files
-            // through this row.
-            let rel = candidate.rel.to_string_lossy().into_owned();
-            let admitted = lock(run.journal).admit_file(
-                run.run_id,
-                &rel,
-                candidate.size,
-                candidate.mtime_ns,
-                &run.day_limits,
-            );
-            let id = match admitted {
-                Ok(Admit::Admitted { id, .. }) => id,
-                Ok(Admit::Taken(why)) => {
+            }
+        }
+        if group.is_empty() {
+            return;
+        }
+        let names: Vec<String> = group
+            .iter()
+            .map(|(c, _)| c.rel.to_string_lossy().into_owned())
+            .collect();
+        let files: Vec<NewFile> = group
+            .iter()
+            .zip(&names)
+            .map(|((c, _), rel)| NewFile {
+                rel_path: rel,
+                size: c.size,
+                mtime_ns: c.mtime_ns,
+            })
+            .collect();
+        let admitted = lock(run.journal).admit_files(run.run_id, &files, &run.day_limits);
+        let admitted = match admitted {
+            Ok(a) => a,
+            Err(e) => {
+                for (_, ticket) in group {
+                    self.admission.finish(ticket, false);
+                }
+                self.stop = Some(StopReason::Journal(e.to_string()));
+                self.ended = true;
+                return;
+            }
+        };
+        let mut answers = admitted.into_iter();
+        for ((candidate, ticket), rel) in group.into_iter().zip(names) {
+            match answers.next() {
+                Some(Admit::Admitted { id, .. }) => {
+                    tracing::debug!(
+                        "admitted {:?}: {} bytes, journal id {id}",
+                        crate::names::shown(&rel),
+                        candidate.size
+                    );
+                    self.tickets.insert(id, ticket);
+                    lock_report(self.report).files.admitted += 1;
+                    self.progress.admitted(candidate.size);
+                    self.ready.push_back(Job { id, candidate });
+                }
+                Some(Admit::Taken(why)) => {
                     // Another node of the fleet has it: not this node's to count.
                     self.admission.finish(ticket, false);
                     tracing::debug!(
@@ -263,31 +310,60 @@ impl Books<'_, '_> {
                         .or_default() += 1;
                     drop(report);
                     self.elsewhere += 1;
-                    continue;
                 }
-                Ok(Admit::Limit(message)) => {
+                Some(Admit::Limit(message)) => {
                     self.admission.finish(ticket, false);
                     let denial = Denial::DailyLimit { message };
                     throttle_stop(run, &denial, &mut lock_report(self.report));
                     self.ended = true;
-                    return None;
                 }
-                Err(e) => {
-                    self.admission.finish(ticket, false);
-                    self.stop = Some(StopReason::Journal(e.to_string()));
+                // After a limit: not admitted, waits for a later run.
+                None => self.admission.finish(ticket, false),
+            }
+        }
+    }
+
+    /// The next file in priority order that is not set aside; `None` (admission
+    /// ended) at the end of the queue or when setting one aside failed.
+    fn next_candidate(&mut self, run: &Run) -> Option<Candidate> {
+        loop {
+            let Some(candidate) = self.queue.next() else {
+                if let Some(e) = self.queue.error() {
+                    self.stop
+                        .get_or_insert_with(|| StopReason::Queue(e.to_string()));
+                }
+                self.ended = true;
+                return None;
+            };
+            match self.set_aside_before_admission(run, &candidate) {
+                Ok(true) => self.set_aside += 1,
+                Ok(false) => return Some(candidate),
+                Err(stop) => {
+                    self.stop = Some(stop);
                     self.ended = true;
                     return None;
                 }
-            };
-            tracing::debug!(
-                "admitted {:?}: {} bytes, journal id {id}",
-                crate::names::shown(&rel),
-                candidate.size
-            );
-            self.tickets.insert(id, ticket);
-            lock_report(self.report).files.admitted += 1;
-            self.progress.admitted(candidate.size);
-            return Some(Job { id, candidate });
+            }
+        }
+    }
+
+    /// Files admitted ahead whose turn never came (the run stopped first): their
+    /// reservations are returned, the journal ends them as skipped, and they count
+    /// as waiting for the next run, not as admitted.
+    fn release(&mut self, run: &Run) {
+        for job in std::mem::take(&mut self.ready) {
+            if let Some(t) = self.tickets.remove(&job.id) {
+                self.admission.finish(t, false);
+            }
+            lock_report(self.report).files.admitted -= 1;
+            if let Err(e) = lock(run.journal).release_file(job.id) {
+                tracing::error!(
+                    "journal write failed for {}: {e}",
+                    crate::names::shown(&job.candidate.rel)
+                );
+                self.stop
+                    .get_or_insert_with(|| StopReason::Journal(e.to_string()));
+            }
         }
     }
 

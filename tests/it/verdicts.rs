@@ -494,5 +494,24 @@ fn signatures_reloaded_mid_run_to_stale_ones_stop_delivery() {
     }
     let rep = env.report();
     assert_eq!(rep["files"]["failed"], 1);
+    assert_eq!(rep["files"]["admitted"], 1);
     assert_eq!(rep["files"]["deferred"], 2);
+    // The three small files were admitted as one group; the two whose turn never came
+    // are released: ended as skipped in the journal, none left open for recovery.
+    let j = shuttle::journal::SqliteJournal::open(&env.state).unwrap();
+    let rows: Vec<(String, String, Option<String>)> = j
+        .connection()
+        .prepare("SELECT rel_path, outcome, error FROM files ORDER BY id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert_eq!(rows[0].1, "failed", "{rows:?}");
+    for row in &rows[1..] {
+        assert_eq!(row.1, "skipped", "{rows:?}");
+        let note = row.2.as_deref().unwrap_or_default();
+        assert!(note.contains("the run stopped before its turn"), "{rows:?}");
+    }
 }
