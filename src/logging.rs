@@ -17,7 +17,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use tracing_subscriber::fmt::time::ChronoLocal;
+use chrono::format::{Item, StrftimeItems};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -76,6 +76,30 @@ impl Write for TeeLine<'_> {
     }
 }
 
+/// Each line's local time, `2026-12-05 23:24:17.655`: the format parsed once, not
+/// for every line as tracing-subscriber's `ChronoLocal` does.
+struct LocalTime(Vec<Item<'static>>);
+
+impl LocalTime {
+    fn new() -> LocalTime {
+        // A constant format: it parses.
+        let items = StrftimeItems::new("%Y-%m-%d %H:%M:%S%.3f")
+            .parse_to_owned()
+            .unwrap_or_default();
+        LocalTime(items)
+    }
+}
+
+impl tracing_subscriber::fmt::time::FormatTime for LocalTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        write!(
+            w,
+            "{}",
+            chrono::Local::now().format_with_items(self.0.iter())
+        )
+    }
+}
+
 /// Starts logging at `level` to stderr and, with `dir`, to a new file in it.
 pub fn init(level: &str, dir: Option<&Path>) -> std::io::Result<LogGuard> {
     let failure = Arc::new(OnceLock::new());
@@ -104,7 +128,7 @@ pub fn init(level: &str, dir: Option<&Path>) -> std::io::Result<LogGuard> {
             failure: failure.clone(),
         })
         .with_target(false)
-        .with_timer(ChronoLocal::new("%Y-%m-%d %H:%M:%S%.3f".into()))
+        .with_timer(LocalTime::new())
         .with_ansi(false)
         .with_filter(EnvFilter::new(format!("shuttle={level},warn")));
     // A second init (tests calling the library twice) keeps the first subscriber.
