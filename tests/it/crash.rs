@@ -194,3 +194,61 @@ fn killed_at_random_times_nothing_is_lost_or_duplicated() {
         "most runs were still busy when killed ({killed})"
     );
 }
+
+/// The log file is written line by line by the thread that logs, nothing queued: a
+/// run killed with SIGKILL while its deliveries wait for the batch's `syncfs` has
+/// already logged them, though their sources are still in place; the next run
+/// finishes them and its own log says what it recovered.
+#[test]
+fn a_run_killed_before_its_batch_is_durable_has_logged_its_deliveries() {
+    let mut env = Env::new();
+    env.set("max_scan_threads", "1");
+    env.drop_file("a.txt", b"alpha");
+    env.drop_file("lab/b.txt", b"beta");
+    let resume = env.root().join("resume");
+    let mut child = env
+        .run_command()
+        .env("SHUTTLE_PAUSE_AT", "commit: before syncfs")
+        .env("SHUTTLE_PAUSE_FILE", &resume)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let reached = env.root().join("resume.reached");
+    let started = std::time::Instant::now();
+    while !reached.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "never paused before the batch's syncfs"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let log = env.log_text();
+    for line in ["clean: \"a.txt\" -> ", "clean: \"lab/b.txt\" -> "] {
+        assert!(log.contains(line), "{line} in the killed run's log:\n{log}");
+    }
+    assert_eq!(
+        Env::tree(&env.src).keys().collect::<Vec<_>>(),
+        ["a.txt", "lab/b.txt"],
+        "sources kept until their batch is durable"
+    );
+
+    let r = env.run(&[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let dst = Env::tree(&env.dst);
+    assert_eq!(dst.len(), 2, "delivered once each: {:?}", dst.keys());
+    assert_eq!(dst.get("a.txt").map(Vec::as_slice), Some(&b"alpha"[..]));
+    assert_eq!(dst.get("lab/b.txt").map(Vec::as_slice), Some(&b"beta"[..]));
+    assert!(
+        Env::tree(&env.src).is_empty(),
+        "sources removed by the rerun"
+    );
+    assert!(
+        env.log_text()
+            .contains("did not finish (crashed or killed)"),
+        "the rerun's log names the killed run"
+    );
+}
