@@ -165,28 +165,12 @@ mod planted {
     use super::*;
     use std::path::Path;
     use std::process::{Child, Stdio};
-    use std::time::{Duration, Instant};
 
     /// Starts a run that pauses at kill point `at`; returns once it is paused there.
     fn run_paused_at(env: &Env, at: &str) -> (Child, PathBuf) {
-        let resume = env.root().join("resume");
-        let child = env
-            .run_command()
-            .env("SHUTTLE_PAUSE_AT", at)
-            .env("SHUTTLE_PAUSE_FILE", &resume)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let reached = env.root().join("resume.reached");
-        let started = Instant::now();
-        while !reached.exists() {
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "never paused at {at}"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        (child, resume)
+        let mut cmd = env.run_command();
+        cmd.stderr(Stdio::piped());
+        env.spawn_paused(cmd, at)
     }
 
     fn swap_for_symlink(dir: &Path, target: &Path) {

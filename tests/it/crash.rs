@@ -205,24 +205,9 @@ fn a_run_killed_before_its_batch_is_durable_has_logged_its_deliveries() {
     env.set("max_scan_threads", "1");
     env.drop_file("a.txt", b"alpha");
     env.drop_file("lab/b.txt", b"beta");
-    let resume = env.root().join("resume");
-    let mut child = env
-        .run_command()
-        .env("SHUTTLE_PAUSE_AT", "commit: before syncfs")
-        .env("SHUTTLE_PAUSE_FILE", &resume)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let reached = env.root().join("resume.reached");
-    let started = std::time::Instant::now();
-    while !reached.exists() {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "never paused before the batch's syncfs"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let mut cmd = env.run_command();
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    let (mut child, _) = env.spawn_paused(cmd, "commit: before syncfs");
     child.kill().unwrap();
     child.wait().unwrap();
 

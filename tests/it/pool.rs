@@ -353,22 +353,8 @@ fn an_endpoint_frozen_mid_run_costs_its_timeouts_not_the_run() {
     env.set("malware_scan_timeout_seconds", "2");
     env.set("malware_scan_retry_wait_seconds", "0");
     let dropped = drop_clean(&env, 10);
-    let pause = env.root().join("pause");
     let started = Instant::now();
-    let mut run = env
-        .run_command()
-        .env("SHUTTLE_PAUSE_AT", "scan: quarantined, before scan")
-        .env("SHUTTLE_PAUSE_FILE", &pause)
-        .spawn()
-        .unwrap();
-    let reached = pause.with_extension("reached");
-    while !reached.exists() {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "pause point not reached"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (mut run, pause) = env.spawn_paused(env.run_command(), "scan: quarantined, before scan");
     rustix::process::kill_process(
         rustix::process::Pid::from_child(&child),
         rustix::process::Signal::STOP,

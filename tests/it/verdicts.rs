@@ -433,26 +433,11 @@ fn signatures_reloaded_mid_run_to_stale_ones_stop_delivery() {
         env.drop_file(name, name.as_bytes());
     }
     let before = clamd_version(&clamd.socket);
-    let resume = env.root().join("resume");
-    let config = env.config.to_str().unwrap().to_string();
-    let report = env.report.to_str().unwrap().to_string();
-    let child = env
-        .command(&["run", "--config", &config, "--report-json", &report])
-        .env("SHUTTLE_PAUSE_AT", "scan: quarantined, before scan")
-        .env("SHUTTLE_PAUSE_FILE", &resume)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let reached = env.root().join("resume.reached");
+    let mut cmd = env.run_command();
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let (child, resume) = env.spawn_paused(cmd, "scan: quarantined, before scan");
     let started = std::time::Instant::now();
-    while !reached.exists() {
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(30),
-            "never paused"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
     // The run has passed its gate and copied the first file: reload old signatures.
     let ok = Command::new(repo().join("scripts/make-test-signatures"))
         .arg(clamd.dir.join("db"))

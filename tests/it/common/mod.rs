@@ -282,6 +282,28 @@ impl Env {
         self.command(&self.run_args())
     }
 
+    /// Spawns `cmd` (a `shuttle` command, its output set up by the caller) to pause at
+    /// kill point `at`, and returns once it is paused there, with the file whose
+    /// creation resumes it. Kill points exist only in `crashpoints` builds.
+    pub fn spawn_paused(&self, mut cmd: Command, at: &str) -> (std::process::Child, PathBuf) {
+        let resume = self.root().join("resume");
+        let child = cmd
+            .env("SHUTTLE_PAUSE_AT", at)
+            .env("SHUTTLE_PAUSE_FILE", &resume)
+            .spawn()
+            .unwrap();
+        let reached = self.root().join("resume.reached");
+        let started = std::time::Instant::now();
+        while !reached.exists() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "never paused at {at}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        (child, resume)
+    }
+
     fn run_args(&self) -> [&str; 5] {
         [
             "run",
