@@ -174,11 +174,9 @@ pub fn deliver(
         .create_dir_all(parent, target.durable)
         .map_err(io_err("create destination directory", &dir_path))?;
 
-    // The copy must still be the inode that was written, hashed and scanned.
-    let qdir = q
-        .root
-        .open_dir(parent)
-        .map_err(io_err("open quarantine directory", &q.path))?;
+    // The copy must still be the inode that was written, hashed and scanned (its
+    // directory is the handle the copy was made through).
+    let qdir = &*q.dir;
     let mut copy = q.reopen().map_err(|e| {
         if e.kind() == io::ErrorKind::Other {
             DeliverError::QuarantineChanged(q.path.clone())
@@ -199,7 +197,7 @@ pub fn deliver(
             copy.sync_all().map_err(io_err("fsync", &q.path))?;
         }
         crate::crashpoint::here("deliver: staged, before rename");
-        match place(&qdir, name, &ddir, name, q, target.on_conflict, buf) {
+        match place(qdir, q.name(), &ddir, name, q, target.on_conflict, buf) {
             Err(DeliverError::Io { source, .. }) if is_cross_device(&source) => {
                 tracing::debug!(
                     "{} and {} are different mounts: copying instead of renaming",
@@ -249,7 +247,7 @@ pub fn deliver(
             .as_ref()
             .is_ok_and(|d| matches!(d.how, How::Renamed | How::Overwrote));
     if result.is_ok() && !moved {
-        let _ = qdir.remove(name);
+        let _ = qdir.remove(q.name());
     }
     result
 }

@@ -1,5 +1,11 @@
-//! Quarantine (docs/design.md §1.7): copy a source file into `quarantine_path/<relative path>`
-//! through a temp name, computing its SHA-256 in the same pass.
+//! Quarantine (docs/design.md §1.7): copy a source file into `quarantine_path/<relative path>`,
+//! computing its SHA-256 in the same pass.
+//!
+//! The copy is written under its own name, not a temp name renamed afterwards: the
+//! file's journal row is durable before the copy exists, and recovery removes the
+//! quarantine copy of every file its run did not finish, complete or not. Only the
+//! [`Quarantined`] returned by [`copy_in`] says a copy is whole. One rename per file
+//! fewer is measurable on small files.
 //!
 //! The copy is owner-only (0600) while it is unscanned; the source's permission bits
 //! (without setuid/setgid/sticky, without world bits) are applied when it is
@@ -51,9 +57,10 @@ impl Stamp {
 pub struct Quarantined {
     /// Where the copy is (for messages and path-based scanners).
     pub path: PathBuf,
-    /// The quarantine root and the copy's path beneath it: every reopen goes through
-    /// a directory handle (`fsx::Beneath`), never through a symlink.
-    pub root: std::sync::Arc<fsx::Beneath>,
+    /// The copy's directory, opened beneath the quarantine root when the copy was
+    /// made, and the copy's path beneath that root: every reopen, rename and removal
+    /// goes through this handle, never through a symlink.
+    pub dir: std::sync::Arc<fsx::Dir>,
     pub rel: PathBuf,
     /// SHA-256 of the bytes read from the source and written here, lowercase hex.
     pub sha256: String,
@@ -117,7 +124,7 @@ pub struct SourceChecks {
     pub allow_hard_links: bool,
 }
 
-/// Copies `source_root/rel` to `quarantine_root/rel` via the temp name for `id`.
+/// Copies `source_root/rel` to `quarantine_root/rel`.
 /// `expected` is the size and mtime discovery saw.
 ///
 /// The source is read under a read lease (see [`crate::lease`]): a source some
@@ -131,7 +138,6 @@ pub fn copy_in(
     sources: &fsx::Beneath,
     quarantine: &std::sync::Arc<fsx::Beneath>,
     rel: &Path,
-    id: i64,
     expected: (u64, i64),
     checks: SourceChecks,
     buf: &mut [u8],
@@ -173,27 +179,25 @@ pub fn copy_in(
     }
 
     let final_path = quarantine.path().join(rel);
-    let qdir = quarantine
-        .create_dir_all(parent, false)
-        .map_err(fsx::failed(
+    let qdir = std::sync::Arc::new(quarantine.create_dir_all(parent, false).map_err(
+        fsx::failed(
             "create quarantine directory",
             final_path.parent().unwrap_or(quarantine.path()),
-        ))?;
-    let temp_name = fsx::temp_name(id);
-    let temp = qdir.path().join(&temp_name);
-    // A temp file of this id left by a killed run is replaced (removed only when it is
+        ),
+    )?);
+    // A copy of this file left by a killed run is replaced (removed only when it is
     // there, not on the chance: one system call fewer per file).
-    let mut out = match qdir.create_new(temp_name.as_ref()) {
+    let mut out = match qdir.create_new(name) {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            let _ = qdir.remove(temp_name.as_ref());
-            qdir.create_new(temp_name.as_ref())
+            let _ = qdir.remove(name);
+            qdir.create_new(name)
         }
         other => other,
     }
-    .map_err(fsx::failed("create", &temp))?;
-    crate::crashpoint::here("quarantine: temp created");
+    .map_err(fsx::failed("create", &final_path))?;
+    crate::crashpoint::here("quarantine: copy created");
 
-    let copied = copy_hashing(&mut src, &mut out, leased, buf, &src_path, &temp);
+    let copied = copy_hashing(&mut src, &mut out, leased, buf, &src_path, &final_path);
     let result = copied.and_then(
         |Copied {
              sha256,
@@ -220,14 +224,12 @@ pub fn copy_in(
                 last_modification: mtime,
             };
             rustix::fs::futimens(&out, &times)
-                .map_err(|e| fsx::failed("set mtime of", &temp)(e.into()))?;
-            let copy = Stamp::of(&out.metadata().map_err(fsx::failed("stat", &temp))?);
-            crate::crashpoint::here("quarantine: copied, before rename");
-            qdir.rename_to(temp_name.as_ref(), &qdir, name, false)
-                .map_err(fsx::failed("rename into", &final_path))?;
+                .map_err(|e| fsx::failed("set mtime of", &final_path)(e.into()))?;
+            let copy = Stamp::of(&out.metadata().map_err(fsx::failed("stat", &final_path))?);
+            crate::crashpoint::here("quarantine: copied");
             Ok(Quarantined {
                 path: final_path.clone(),
-                root: quarantine.clone(),
+                dir: qdir.clone(),
                 rel: rel.to_path_buf(),
                 sha256,
                 size: n,
@@ -240,7 +242,7 @@ pub fn copy_in(
     );
     if result.is_err() {
         drop(out);
-        let _ = qdir.remove(temp_name.as_ref());
+        let _ = qdir.remove(name);
     }
     result
 }
@@ -300,10 +302,16 @@ fn copy_hashing(
 }
 
 impl Quarantined {
+    /// The copy's name in [`Quarantined::dir`] (a `Quarantined` is only made for a
+    /// path with a file name).
+    pub fn name(&self) -> &std::ffi::OsStr {
+        self.rel.file_name().unwrap_or_default()
+    }
+
     /// Reopens the copy for reading and checks it is still the file written (same
     /// inode, size and mtime): what is scanned and delivered is what was hashed.
     pub fn reopen(&self) -> io::Result<File> {
-        let f = self.root.open_read(&self.rel)?;
+        let f = self.dir.open_read(self.name())?;
         let now = Stamp::of(&f.metadata()?);
         if (now.dev, now.ino, now.size, now.mtime_ns)
             != (
@@ -321,23 +329,12 @@ impl Quarantined {
     /// `lstat` of the copy's name, beneath the quarantine's handle (an engine may
     /// have removed the copy: `NotFound`).
     pub fn stat(&self) -> io::Result<fsx::Meta> {
-        let (Some(parent), Some(name)) = (self.rel.parent(), self.rel.file_name()) else {
-            return Err(io::Error::from(io::ErrorKind::InvalidInput));
-        };
-        self.root.open_dir(parent)?.meta(name)
+        self.dir.meta(self.name())
     }
 
-    /// Removes the copy, through a directory handle beneath the quarantine: a symlink
-    /// planted in its place or in a parent is never followed (returns whether the
-    /// copy existed).
+    /// Removes the copy, through its directory's handle: a symlink planted in its
+    /// place is never followed (returns whether the copy existed).
     pub fn remove(&self) -> io::Result<bool> {
-        let (Some(parent), Some(name)) = (self.rel.parent(), self.rel.file_name()) else {
-            return Ok(false);
-        };
-        match self.root.open_dir(parent) {
-            Ok(dir) => dir.remove(name),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(e),
-        }
+        self.dir.remove(self.name())
     }
 }

@@ -93,7 +93,6 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
         &run.roots.source,
         &run.roots.quarantine,
         rel,
-        job.id,
         expected,
         run.roots.checks,
         buf,
