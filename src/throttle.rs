@@ -98,6 +98,11 @@ pub struct Limits {
     pub run_bytes: u64,
 }
 
+/// Free space read for a group of files admitted together ([`Admission::admit_reading`]):
+/// one reading per filesystem, taken when the group's first file is judged.
+#[derive(Debug, Default)]
+pub struct FreeSpace(Vec<Option<u64>>);
+
 /// The admission gate of one run.
 #[derive(Debug)]
 pub struct Admission {
@@ -188,6 +193,15 @@ impl Admission {
     /// Decides on a file of `size` bytes. On `Ok` its space is reserved until
     /// [`Admission::finish`].
     pub fn admit(&mut self, size: u64) -> Result<Ticket, Denial> {
+        self.admit_reading(size, &mut FreeSpace::default())
+    }
+
+    /// [`Admission::admit`] for one of several files admitted together: each
+    /// filesystem's free space is read once, for the first of them, and kept in
+    /// `free`. What the earlier ones need is reserved before the next is judged, so
+    /// each file is still checked against the space left for it; only the reading
+    /// is shared (`statfs` once per group rather than once per file).
+    pub fn admit_reading(&mut self, size: u64, free: &mut FreeSpace) -> Result<Ticket, Denial> {
         if !self.enabled {
             self.run.0 += 1;
             self.run.1 += size;
@@ -202,8 +216,18 @@ impl Admission {
             let need = size.saturating_mul(g.targets.len() as u64);
             let probe = &self.targets[g.targets[0]].path;
             let names = self.group_names(g);
-            let free = match fsx::space(probe) {
-                Ok(s) => s.available,
+            let reading = match free.0.get(gi).copied().flatten() {
+                Some(available) => Ok(available),
+                None => fsx::space(probe).map(|s| s.available),
+            };
+            let free_now = match reading {
+                Ok(available) => {
+                    if free.0.len() <= gi {
+                        free.0.resize(gi + 1, None);
+                    }
+                    free.0[gi] = Some(available);
+                    available
+                }
                 Err(e) => {
                     return Err(Denial::DiskSpace {
                         message: format!(
@@ -215,7 +239,7 @@ impl Admission {
                 }
             };
             let required = g.reserved.saturating_add(need).saturating_add(g.threshold);
-            if free < required {
+            if free_now < required {
                 let shared = if g.targets.len() > 1 {
                     " (same filesystem: the file is counted once per target)"
                 } else {
@@ -225,7 +249,7 @@ impl Admission {
                     message: format!(
                         "{names} {}: {:.1} MB free, {:.1} MB required ({:.1} MB for the file{shared}, {:.1} MB reserved for files in flight, {:.0} MB must stay free)",
                         probe.display(),
-                        mib(free),
+                        mib(free_now),
                         mib(required),
                         mib(need),
                         mib(g.reserved),
@@ -492,6 +516,34 @@ mod tests {
             threshold: 0,
         }];
         Admission::with_targets(true, t, limits, day_before)
+    }
+
+    /// A group shares one free-space reading, and each file is still judged against
+    /// what the files before it left: with room for three files above the threshold,
+    /// the fourth of the group is denied.
+    #[test]
+    fn a_group_sharing_one_reading_reserves_each_file_before_the_next() {
+        let d = std::env::temp_dir();
+        let free = fsx::space(&d).unwrap().available;
+        let size = 64 * MIB;
+        let t = vec![Target {
+            name: "destination",
+            path: d,
+            threshold: free.saturating_sub(3 * size + size / 2),
+        }];
+        let mut a = Admission::with_targets(true, t, Limits::default(), (0, 0));
+        let mut reading = FreeSpace::default();
+        for n in 0..3 {
+            a.admit_reading(size, &mut reading)
+                .unwrap_or_else(|e| panic!("file {n}: {}", e.log_line()));
+        }
+        let denied = a.admit_reading(size, &mut reading).unwrap_err();
+        assert_eq!(denied.reason().as_str(), "disk_space", "{}", denied.log_line());
+        assert!(
+            denied.log_line().contains("192.0 MB reserved for files in flight"),
+            "{}",
+            denied.log_line()
+        );
     }
 
     #[test]

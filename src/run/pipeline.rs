@@ -237,11 +237,12 @@ impl Books<'_, '_> {
         let most = if run.fleet.is_some() { 1 } else { ADMIT_GROUP };
         let mut group: Vec<(Candidate, throttle::Ticket)> = Vec::new();
         let mut bytes = 0u64;
+        let mut free = throttle::FreeSpace::default();
         while group.len() < most && bytes < ADMIT_GROUP_BYTES {
             let Some(candidate) = self.next_candidate(run) else {
                 break;
             };
-            match self.admission.admit(candidate.size) {
+            match self.admission.admit_reading(candidate.size, &mut free) {
                 Ok(ticket) => {
                     bytes += candidate.size;
                     group.push((candidate, ticket));
