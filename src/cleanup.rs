@@ -29,6 +29,13 @@ pub enum SourceKept {
     Io { path: PathBuf, source: io::Error },
 }
 
+/// The source directory [`remove_source`] opened last, kept for the next file of the
+/// same directory: one batch's files mostly share a few directories, and each
+/// directory is then opened once a batch rather than once a file. Made anew for each
+/// batch, so a handle is never kept longer than one commit.
+#[derive(Debug, Default)]
+pub struct SourceDirs(Option<(PathBuf, fsx::Dir)>);
+
 /// Removes `source_root/rel` if it still holds the quarantined bytes and no process
 /// has it open for writing. Everything goes through a directory handle beneath the
 /// source: a symlink planted meanwhile is never followed.
@@ -43,6 +50,7 @@ pub fn remove_source(
     rel: &Path,
     q: &Quarantined,
     writers: crate::lease::WriterCheck,
+    dirs: &mut SourceDirs,
     buf: &mut [u8],
 ) -> Result<(), SourceKept> {
     let path = sources.path().join(rel);
@@ -53,11 +61,14 @@ pub fn remove_source(
     let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else {
         return Err(SourceKept::Replaced);
     };
-    let dir = match sources.open_dir(parent) {
-        Ok(d) => d,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(SourceKept::Gone),
-        Err(e) if fsx::is_symlink_refusal(&e) => return Err(SourceKept::Replaced),
-        Err(e) => return Err(io(e)),
+    let dir = match &mut dirs.0 {
+        Some((p, d)) if p == parent => d,
+        cached => match sources.open_dir(parent) {
+            Ok(d) => &cached.insert((parent.to_path_buf(), d)).1,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(SourceKept::Gone),
+            Err(e) if fsx::is_symlink_refusal(&e) => return Err(SourceKept::Replaced),
+            Err(e) => return Err(io(e)),
+        },
     };
     let mut f = match dir.open_read(name) {
         Ok(f) => f,

@@ -179,6 +179,7 @@ pub fn commit(run: &Run, batch: &mut [FileResult], buf: &mut [u8]) -> Result<(),
         crate::crashpoint::here("commit: journaled, before source removal");
     }
     let mut removed = Vec::new();
+    let mut dirs = cleanup::SourceDirs::default();
     for r in batch.iter_mut() {
         let q = match std::mem::replace(&mut r.settle, Settle::Keep) {
             Settle::Keep => continue,
@@ -187,7 +188,7 @@ pub fn commit(run: &Run, batch: &mut [FileResult], buf: &mut [u8]) -> Result<(),
         if !run.policy.delete_source {
             continue;
         }
-        match remove_source(run, &q, buf) {
+        match remove_source(run, &q, &mut dirs, buf) {
             Ok(true) => removed.push(r.id),
             Ok(false) => {}
             Err(kept) => r.kept = Some(kept),
@@ -204,8 +205,14 @@ pub fn commit(run: &Run, batch: &mut [FileResult], buf: &mut [u8]) -> Result<(),
 
 /// Removes one file's source if it still holds the scanned bytes.
 /// `Ok(false)`: it was already gone; `Err`: kept, and why.
-fn remove_source(run: &Run, q: &Quarantined, buf: &mut [u8]) -> Result<bool, KeptSource> {
-    match cleanup::remove_source(&run.roots.source, &q.rel, q, run.roots.checks.writers, buf) {
+fn remove_source(
+    run: &Run,
+    q: &Quarantined,
+    dirs: &mut cleanup::SourceDirs,
+    buf: &mut [u8],
+) -> Result<bool, KeptSource> {
+    let checks = run.roots.checks.writers;
+    match cleanup::remove_source(&run.roots.source, &q.rel, q, checks, dirs, buf) {
         Ok(()) => {
             tracing::debug!("source {:?} removed", shown(&q.rel));
             Ok(true)
