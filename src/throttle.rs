@@ -538,9 +538,16 @@ mod tests {
                 .unwrap_or_else(|e| panic!("file {n}: {}", e.log_line()));
         }
         let denied = a.admit_reading(size, &mut reading).unwrap_err();
-        assert_eq!(denied.reason().as_str(), "disk_space", "{}", denied.log_line());
+        assert_eq!(
+            denied.reason().as_str(),
+            "disk_space",
+            "{}",
+            denied.log_line()
+        );
         assert!(
-            denied.log_line().contains("192.0 MB reserved for files in flight"),
+            denied
+                .log_line()
+                .contains("192.0 MB reserved for files in flight"),
             "{}",
             denied.log_line()
         );

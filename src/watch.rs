@@ -56,6 +56,7 @@ pub fn watch(cfg: &Config, opts: RunOptions) -> Result<ExitCode, RunError> {
         stop: Some(Arc::clone(&signals.flag)),
         memory: Some(Arc::new(notify::Memory::default())),
         watch: true,
+        buffers: Some(Arc::new(run::Buffers::default())),
         ..opts
     };
     let mut source = match Source::watch(&cfg.source_path) {

@@ -29,6 +29,7 @@ use crate::{cleanup, recover};
 
 /// Step 1 and what stops a run before it starts: shared with `shuttle rescan`.
 pub use crate::preflight::{RunError, preflight};
+pub use pipeline::Buffers;
 
 /// Source subdirectories are removed once empty and untouched this long (docs/design.md §1.11).
 const EMPTY_DIR_AGE: Duration = Duration::from_secs(5 * 60);
@@ -42,6 +43,8 @@ pub struct RunOptions {
     pub memory: Option<Arc<notify::Memory>>,
     /// One pass of `shuttle watch` rather than a one-shot `run`.
     pub watch: bool,
+    /// `shuttle watch`: the copy buffers, kept from pass to pass.
+    pub buffers: Option<Arc<Buffers>>,
 }
 
 pub fn now_string() -> String {
@@ -327,7 +330,10 @@ fn run_locked(
             discovery.candidates.spilled_runs()
         );
     }
-    let processed = pipeline::process(&run, admission, discovery.candidates.into_queue(), report);
+    let own = Buffers::default();
+    let buffers = opts.buffers.as_deref().unwrap_or(&own);
+    let queue = discovery.candidates.into_queue();
+    let processed = pipeline::process(&run, admission, queue, report, buffers);
     report.endpoints = scanners.endpoints();
     processed?;
 

@@ -33,11 +33,32 @@ const REPORT_FILE_LIMIT: usize = 10_000;
 /// Copy buffer per worker.
 const BUFFER: usize = 1 << 20;
 
+/// The workers' and the committer's copy buffers ([`BUFFER`] bytes each), kept for
+/// the next pass: `shuttle watch` gives the same ones to pass after pass, so that
+/// they are allocated once rather than once a pass. A freed buffer this large raises
+/// glibc's threshold for giving memory back to the system, so the next pass's
+/// buffers would stay in the allocator's per-thread arenas; resident memory then
+/// grew over the first passes by about one buffer per worker.
+#[derive(Debug, Default)]
+pub struct Buffers(Mutex<Vec<Vec<u8>>>);
+
+impl Buffers {
+    fn take(&self) -> Vec<u8> {
+        let kept = self.0.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        kept.unwrap_or_else(|| vec![0u8; BUFFER])
+    }
+
+    fn give_back(&self, buf: Vec<u8>) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(buf);
+    }
+}
+
 pub fn process(
     run: &Run,
     admission: Admission,
     candidates: Queue,
     report: &mut Report,
+    buffers: &Buffers,
 ) -> anyhow::Result<()> {
     let threads = run.cfg.max_scan_threads.max(1);
     let total = candidates.len();
@@ -65,13 +86,13 @@ pub fn process(
     });
 
     let committed = std::thread::scope(|scope| {
-        let committer = scope.spawn(|| committer(run, batches, &commit_failure, &report));
+        let committer = scope.spawn(|| committer(run, batches, &commit_failure, &report, buffers));
         // Each worker admits its next file itself, under the books' lock, in priority
         // order: no hand-off between threads per file.
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 scope.spawn(|| {
-                    let mut buf = vec![0u8; BUFFER];
+                    let mut buf = buffers.take();
                     let mut last: Option<FileResult> = None;
                     loop {
                         let job = {
@@ -93,6 +114,7 @@ pub fn process(
                         }
                         last = Some(r);
                     }
+                    buffers.give_back(buf);
                 })
             })
             .collect();
@@ -489,9 +511,10 @@ fn committer(
     batches: mpsc::Receiver<Vec<FileResult>>,
     failure: &Mutex<Option<StopReason>>,
     report: &Mutex<&mut Report>,
+    buffers: &Buffers,
 ) {
     let mut done = Vec::with_capacity(BATCH_FILES);
-    let mut buf = vec![0u8; BUFFER];
+    let mut buf = buffers.take();
     for batch in batches {
         commit(run, batch, &mut buf, failure, &mut done);
         let mut report = lock_report(report);
@@ -499,6 +522,7 @@ fn committer(
             tally(&mut report, r);
         }
     }
+    buffers.give_back(buf);
 }
 
 /// One batch of deliveries: made durable by one `syncfs` of the destination, then

@@ -153,6 +153,7 @@ impl World {
             Admission::new(cfg, (0, 0)),
             found.candidates.into_queue(),
             &mut report,
+            &pipeline::Buffers::default(),
         )
         .map_err(|e| e.to_string());
         context::lock(&journal)
