@@ -196,7 +196,7 @@ pub const KEYS: &[Key] = &[
     key!(
         "max_scan_threads",
         S,
-        "Files in flight at once; 0 = one at a time [default: 2]"
+        "Files in flight at once; 0 = one at a time. With small files, about twice clamd's MaxThreads, with clamd_endpoint_concurrency alike, keeps clamd busy (docs/deployment.md) [default: 2]"
     ),
     key!(
         "on_demand_clam_av",
@@ -350,7 +350,7 @@ pub const KEYS: &[Key] = &[
     key!(
         "clamd_endpoint_concurrency",
         SC,
-        "Scans given to one clamd endpoint at once; 0 = its MaxThreads when clamd_config describes it, else 10 [default: 0]"
+        "Scans given to one clamd endpoint at once (beyond its MaxThreads they wait in clamd's queue, their timeouts running); 0 = its MaxThreads when clamd_config describes it, else 10 [default: 0]"
     ),
     key!(
         "clamd_health_interval_seconds",
