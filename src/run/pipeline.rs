@@ -33,7 +33,7 @@ const REPORT_FILE_LIMIT: usize = 10_000;
 /// Copy buffer per worker.
 const BUFFER: usize = 1 << 20;
 
-/// The workers' and the committer's copy buffers ([`BUFFER`] bytes each), kept for
+/// The workers' and the committer's copy buffers (1 MiB each), kept for
 /// the next pass: `shuttle watch` gives the same ones to pass after pass, so that
 /// they are allocated once rather than once a pass. A freed buffer this large raises
 /// glibc's threshold for giving memory back to the system, so the next pass's
