@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::fsx;
 use crate::fsx::hash_file;
-use crate::quarantine::{Quarantined, Stamp};
+use crate::quarantine::{SourceRecord, Stamp};
 
 /// Why a source was kept.
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +48,7 @@ pub struct SourceDirs(Option<(PathBuf, fsx::Dir)>);
 pub fn remove_source(
     sources: &fsx::Beneath,
     rel: &Path,
-    q: &Quarantined,
+    q: &SourceRecord,
     writers: crate::lease::WriterCheck,
     dirs: &mut SourceDirs,
     buf: &mut [u8],

@@ -301,7 +301,26 @@ fn copy_hashing(
     }
 }
 
+/// What removing a source needs of its quarantined file once the copy is disposed of:
+/// the source's identity as it was copied and the hash of the bytes scanned. It holds
+/// no open handle, so files waiting for their batch hold no descriptors.
+#[derive(Debug, Clone)]
+pub struct SourceRecord {
+    pub rel: PathBuf,
+    pub source: Stamp,
+    pub sha256: String,
+}
+
 impl Quarantined {
+    /// What settling keeps of this file ([`SourceRecord`]).
+    pub fn source_record(&self) -> SourceRecord {
+        SourceRecord {
+            rel: self.rel.clone(),
+            source: self.source,
+            sha256: self.sha256.clone(),
+        }
+    }
+
     /// The copy's name in [`Quarantined::dir`] (a `Quarantined` is only made for a
     /// path with a file name).
     pub fn name(&self) -> &std::ffi::OsStr {

@@ -314,7 +314,7 @@ fn deliver_clean(
             );
             // Not finished yet: the journal records it, and the source goes, only
             // once the batch it joins is durable (settle::Settle::AfterSync).
-            r.settle = Settle::AfterSync(q.clone());
+            r.settle = Settle::AfterSync(q.source_record());
             finish(r, Outcome::Clean, d.how.disposition(), None)
         }
         Err(DeliverError::ConflictSkipped(p)) => {
@@ -452,7 +452,7 @@ fn dispose_suspect(
                     shown(&rel)
                 );
             }
-            r.settle = Settle::RemoveSource(q.clone());
+            r.settle = Settle::RemoveSource(q.source_record());
             finish(r, Outcome::Suspect, how, None)
         }
         Err(e) => {

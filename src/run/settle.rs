@@ -15,7 +15,7 @@ use super::context::{Run, lock};
 use crate::cleanup::{self, SourceKept};
 use crate::journal::Outcome;
 use crate::names::shown;
-use crate::quarantine::Quarantined;
+use crate::quarantine::SourceRecord;
 use crate::report::KeptSource;
 use crate::states::{Disposition, SkipKind, StopReason, Verdict};
 
@@ -27,10 +27,10 @@ pub enum Settle {
     Keep,
     /// The suspect copy is durable in the hazard archive, or was deliberately
     /// deleted: record the end, then remove the source.
-    RemoveSource(Quarantined),
+    RemoveSource(SourceRecord),
     /// Delivered but not yet durable: the committer makes its batch durable (one
     /// `syncfs`), then records the end and removes the source.
-    AfterSync(Quarantined),
+    AfterSync(SourceRecord),
 }
 
 impl Settle {
@@ -207,7 +207,7 @@ pub fn commit(run: &Run, batch: &mut [FileResult], buf: &mut [u8]) -> Result<(),
 /// `Ok(false)`: it was already gone; `Err`: kept, and why.
 fn remove_source(
     run: &Run,
-    q: &Quarantined,
+    q: &SourceRecord,
     dirs: &mut cleanup::SourceDirs,
     buf: &mut [u8],
 ) -> Result<bool, KeptSource> {
