@@ -36,7 +36,7 @@ pub enum SourceKept {
 #[derive(Debug, Default)]
 pub struct SourceDirs(Option<(PathBuf, fsx::Dir)>);
 
-/// Removes `source_root/rel` if it still holds the quarantined bytes and no process
+/// Removes `source_root/<q.rel>` if it still holds the quarantined bytes and no process
 /// has it open for writing. Everything goes through a directory handle beneath the
 /// source: a symlink planted meanwhile is never followed.
 ///
@@ -47,12 +47,12 @@ pub struct SourceDirs(Option<(PathBuf, fsx::Dir)>);
 /// start of the run; otherwise the source is kept.
 pub fn remove_source(
     sources: &fsx::Beneath,
-    rel: &Path,
     q: &SourceRecord,
     writers: crate::lease::WriterCheck,
     dirs: &mut SourceDirs,
     buf: &mut [u8],
 ) -> Result<(), SourceKept> {
+    let rel = q.rel.as_path();
     let path = sources.path().join(rel);
     let io = |source| SourceKept::Io {
         path: path.clone(),

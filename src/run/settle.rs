@@ -212,7 +212,7 @@ fn remove_source(
     buf: &mut [u8],
 ) -> Result<bool, KeptSource> {
     let checks = run.roots.checks.writers;
-    match cleanup::remove_source(&run.roots.source, &q.rel, q, checks, dirs, buf) {
+    match cleanup::remove_source(&run.roots.source, q, checks, dirs, buf) {
         Ok(()) => {
             tracing::debug!("source {:?} removed", shown(&q.rel));
             Ok(true)
