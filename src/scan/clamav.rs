@@ -166,7 +166,7 @@ impl ClamAv {
         let id = s.next_id;
         s.next_id += 1;
         let sent = match file {
-            Some(f) => send_fildes(&mut s.sock, f),
+            Some(f) => send_fildes(&mut s.sock, b"", f),
             None => send_all(&s.sock, format!("z{cmd}\0").as_bytes()),
         };
         if let Err(e) = sent {
@@ -242,27 +242,28 @@ impl ClamAv {
         }
     }
 
-    /// `FILDES` and `VERSION` sent together on a session, both replies read: the
-    /// scan's verdict and the signatures clamd had when it took the scan, in one
-    /// round trip instead of two.
+    /// `VERSION` and `FILDES` sent together on a session, both replies read: the
+    /// scan's verdict and the signatures clamd had just before it took the scan, in
+    /// one round trip instead of two.
     ///
-    /// clamd reads a session's commands in order and answers `VERSION` at once (it may
-    /// come before the scan's reply, each tagged with its id), from the database
-    /// loaded at that moment; a reload in between shows as the newer database, which
-    /// is what the freshness check must judge. A reload on an open session is seen by
-    /// its next `VERSION` (checked against clamd 1.4).
+    /// clamd reads a session's commands in order, answers `VERSION` at once from the
+    /// database loaded at that moment, and only then reads the `FILDES` and hands the
+    /// scan to a thread. The scan therefore uses that database or one loaded after it,
+    /// never an older one: the version the freshness check judges is at worst older
+    /// than the scan's, which can only make it stricter. (Asked after the scan, it
+    /// could name a database loaded after the scan had started with the old one.) A
+    /// reload on an open session is seen by its next `VERSION` (checked against
+    /// clamd 1.4). Each reply is tagged with its command's id.
     fn session_scan(
         &self,
         mut s: Session,
         file: &File,
         timeout: Option<Duration>,
     ) -> SessionReply<(String, Option<String>)> {
-        let scan_id = s.next_id;
-        let version_id = scan_id + 1;
+        let version_id = s.next_id;
+        let scan_id = version_id + 1;
         s.next_id += 2;
-        if let Err(e) =
-            send_fildes(&mut s.sock, file).and_then(|()| send_all(&s.sock, b"zVERSION\0"))
-        {
+        if let Err(e) = send_fildes(&mut s.sock, b"zVERSION\0", file) {
             return SessionReply::Broken(ScanError::Failed(format!(
                 "sending to clamd failed: {e}"
             )));
@@ -296,9 +297,11 @@ impl ClamAv {
             };
             let tagged = split_id(&msg);
             // clamd writes a `VERSION` reply's `<id>: ` and its text separately, so a
-            // scan's reply finished meanwhile can land between them:
+            // scan's reply finished meanwhile could land between them:
             // `<v>: <s>: fd[..]: OK\0ClamAV ...\0`. Such a message is the scan's, and
-            // the untagged `ClamAV ...` after it the version.
+            // the untagged `ClamAV ...` after it the version. (With `VERSION` asked
+            // first clamd has answered it before the scan starts; this stays for a
+            // clamd that does otherwise.)
             let tagged = match tagged {
                 Some((id, body)) if id == version_id && version.is_none() => match split_id(body) {
                     Some((inner, rest)) if inner == scan_id => {
@@ -323,8 +326,8 @@ impl ClamAv {
                 }
                 _ => {
                     return SessionReply::Final(Err(ScanError::Failed(format!(
-                        "unexpected reply in a clamd session (expected ids {scan_id} and \
-                         {version_id}; so far scan {scan:?}, version {version:?}): {msg:?}"
+                        "unexpected reply in a clamd session (expected ids {version_id} and \
+                         {scan_id}; so far scan {scan:?}, version {version:?}): {msg:?}"
                     ))));
                 }
             }
@@ -505,9 +508,9 @@ impl Scanner for ClamAv {
 }
 
 /// `FILDES`: passes `file`'s descriptor (SCM_RIGHTS), so clamd reads it without
-/// access to the quarantine.
-fn send_fildes(sock: &mut UnixStream, file: &File) -> io::Result<()> {
-    send_all(sock, b"zFILDES\0")?;
+/// access to the quarantine. `before`: commands sent ahead of it in the same write.
+fn send_fildes(sock: &mut UnixStream, before: &[u8], file: &File) -> io::Result<()> {
+    send_all(sock, &[before, b"zFILDES\0"].concat())?;
     let fds = [file.as_fd()];
     let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut control = SendAncillaryBuffer::new(&mut space);
@@ -645,6 +648,9 @@ fn next_message(
         {
             return Err(ScanError::Timeout(t));
         }
+        if !wait_readable(s, timeout.map(|t| t.saturating_sub(started.elapsed())))? {
+            return Err(ScanError::Timeout(timeout.unwrap_or(COMMAND_TIMEOUT)));
+        }
         // clamd closing with the `VERSION` still unread resets the connection: to this
         // side that is the same end of the session as a plain close.
         let read = match s.read(&mut buf) {
@@ -670,6 +676,28 @@ fn next_message(
                 return Err(ScanError::Timeout(timeout.unwrap_or(COMMAND_TIMEOUT)));
             }
             Err(e) => return Err(ScanError::Failed(format!("reading clamd reply: {e}"))),
+        }
+    }
+}
+
+/// Waits until `s` has something to read (or is closed), at most `left`: `false`
+/// when the time ran out.
+///
+/// A blocking `read` on a unix socket also wakes each time clamd takes one of the
+/// commands sent before it (the socket's send buffer draining wakes every sleeper on
+/// it), and goes back to sleep: two or three needless switches per scan. `poll` for
+/// input sleeps through those.
+fn wait_readable(s: &UnixStream, left: Option<Duration>) -> Result<bool, ScanError> {
+    let ts = left.map(|l| rustix::time::Timespec {
+        tv_sec: l.as_secs().min(i64::MAX as u64) as i64,
+        tv_nsec: l.subsec_nanos().into(),
+    });
+    loop {
+        let mut fds = [rustix::event::PollFd::new(s, rustix::event::PollFlags::IN)];
+        match rustix::event::poll(&mut fds, ts.as_ref()) {
+            Ok(n) => return Ok(n > 0),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(ScanError::Failed(format!("waiting for clamd: {e}"))),
         }
     }
 }
@@ -878,16 +906,16 @@ mod tests {
 mod session_tests {
     use super::*;
 
-    /// A session to a stand-in that reads `FILDES` + descriptor + `VERSION` and
-    /// writes `replies` (then closes if `close`).
+    /// A session to a stand-in that reads `VERSION`, `FILDES` + descriptor and
+    /// writes `replies` (then closes if `close`). The session's next id is 7: the
+    /// `VERSION` is 7, the scan 8.
     fn exchange(replies: &'static [u8], close: bool) -> SessionReply<(String, Option<String>)> {
         let (ours, mut theirs) = UnixStream::pair().expect("socketpair");
         let clamd = std::thread::spawn(move || {
-            // "zFILDES\0", the byte carrying the descriptor, "zVERSION\0".
-            let mut got = vec![0u8; 8 + 1 + 9];
+            // "zVERSION\0", "zFILDES\0", the byte carrying the descriptor.
+            let mut got = vec![0u8; 9 + 8 + 1];
             theirs.read_exact(&mut got).expect("commands");
-            assert_eq!(&got[..8], b"zFILDES\0");
-            assert_eq!(&got[9..], b"zVERSION\0");
+            assert_eq!(&got[..17], b"zVERSION\0zFILDES\0");
             theirs.write_all(replies).expect("replies");
             if !close {
                 std::thread::sleep(Duration::from_millis(200));
@@ -910,9 +938,9 @@ mod session_tests {
     }
 
     #[test]
-    fn version_answered_before_the_scan_is_matched_by_id() {
+    fn version_and_scan_are_matched_by_id_whatever_their_order() {
         match exchange(
-            b"8: ClamAV 1.4.6/27450/Sat Dec  5 08:00:00 2026\x007: fd[3]: OK\0",
+            b"8: fd[3]: OK\x007: ClamAV 1.4.6/27450/Sat Dec  5 08:00:00 2026\0",
             false,
         ) {
             SessionReply::Reply((scan, version), s) => {
@@ -929,7 +957,7 @@ mod session_tests {
 
     #[test]
     fn a_detection_then_a_closed_session_has_no_version_and_is_not_reused() {
-        match exchange(b"7: fd[3]: Eicar-Signature FOUND\0", true) {
+        match exchange(b"8: fd[3]: Eicar-Signature FOUND\0", true) {
             SessionReply::Final(Ok((scan, None))) => {
                 assert_eq!(scan, "fd[3]: Eicar-Signature FOUND")
             }
@@ -939,9 +967,9 @@ mod session_tests {
 
     #[test]
     fn a_scan_reply_inside_the_version_reply_is_untangled() {
-        // clamd wrote "8: ", then the scan thread "7: fd[3]: OK\0", then the version.
+        // clamd wrote "7: ", then the scan thread "8: fd[3]: OK\0", then the version.
         match exchange(
-            b"8: 7: fd[3]: OK\0ClamAV 1.4.6/27450/Sat Dec  5 08:00:00 2026\0",
+            b"7: 8: fd[3]: OK\0ClamAV 1.4.6/27450/Sat Dec  5 08:00:00 2026\0",
             false,
         ) {
             SessionReply::Final(Ok((scan, Some(v)))) => {
@@ -956,7 +984,7 @@ mod session_tests {
     fn an_untagged_version_otherwise_is_an_error() {
         assert!(matches!(
             exchange(
-                b"7: fd[3]: OK\0ClamAV 1.4.6/27450/Sat Dec  5 08:00:00 2026\0",
+                b"8: fd[3]: OK\0ClamAV 1.4.6/27450/Sat Dec  5 08:00:00 2026\0",
                 true
             ),
             SessionReply::Final(Err(ScanError::Failed(_)))

@@ -18,7 +18,8 @@ enum Fake {
     Garbage,
     Hang,
     Drop,
-    /// Answers a scan `OK`, then closes without answering the `VERSION` sent with it.
+    /// Leaves the `VERSION` sent with a scan unanswered, answers the scan `OK`, and
+    /// closes.
     CleanWithoutVersion,
 }
 
@@ -27,25 +28,28 @@ fn fake_clamd(dir: &Path, mode: Fake) -> PathBuf {
     use crate::common::fake_clamd::{Answer, serve};
     let sock = dir.join("fake-clamd.sock");
     let scans = std::sync::atomic::AtomicUsize::new(0);
-    let scanned = std::sync::atomic::AtomicBool::new(false);
+    let unanswered = std::sync::atomic::AtomicBool::new(false);
     serve(&sock, move |cmd| {
+        use std::sync::atomic::Ordering::SeqCst;
         if cmd == b"zVERSION" {
-            if scanned.swap(false, std::sync::atomic::Ordering::SeqCst) {
-                return Answer::Drop;
+            // Shuttle asks VERSION just before each scan, on the same session.
+            if matches!(mode, Fake::CleanWithoutVersion) && scans.load(SeqCst) > 0 {
+                unanswered.store(true, SeqCst);
+                return Answer::Nothing;
             }
             return Answer::Reply(b"ClamAV 1.4.6/1/fake".to_vec());
         }
-        if scans.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+        if scans.fetch_add(1, SeqCst) == 0 {
             return Answer::Reply(b"fd[3]: Eicar-Test-Signature FOUND".to_vec());
         }
         match mode {
             Fake::Garbage => Answer::Reply(b"banana split".to_vec()),
             Fake::Hang => Answer::Hang(Duration::from_secs(30)),
             Fake::Drop => Answer::Drop,
-            Fake::CleanWithoutVersion => {
-                scanned.store(true, std::sync::atomic::Ordering::SeqCst);
-                Answer::Reply(b"fd[3]: OK".to_vec())
+            Fake::CleanWithoutVersion if unanswered.swap(false, SeqCst) => {
+                Answer::ReplyThenClose(b"fd[3]: OK".to_vec())
             }
+            Fake::CleanWithoutVersion => Answer::Reply(b"fd[3]: OK".to_vec()),
         }
     });
     sock
@@ -97,7 +101,7 @@ fn clamd_dropping_the_connection_fails_the_file() {
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(
         r.stderr
-            .contains("clamd closed the connection without a reply"),
+            .contains("clamd closed the connection without the scan's reply"),
         "{}",
         r.stderr
     );

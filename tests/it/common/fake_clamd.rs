@@ -15,6 +15,10 @@ pub enum Answer {
     Reply(Vec<u8>),
     /// Closes the connection without a reply.
     Drop,
+    /// Replies this, then closes the connection.
+    ReplyThenClose(Vec<u8>),
+    /// Reads the next command without replying to this one.
+    Nothing,
     /// Keeps the connection open this long without a reply, then closes it.
     Hang(Duration),
 }
@@ -66,26 +70,29 @@ fn connection(mut c: UnixStream, answer: &dyn Fn(&[u8]) -> Answer) {
             let _ = c.read(&mut b);
         }
         id += 1;
-        match answer(&cmd) {
-            Answer::Reply(r) => {
-                let mut out = if session {
-                    format!("{id}: ").into_bytes()
-                } else {
-                    Vec::new()
-                };
-                out.extend_from_slice(&r);
-                out.push(0);
-                if c.write_all(&out).is_err() {
-                    return;
-                }
-            }
+        let (reply, close) = match answer(&cmd) {
+            Answer::Reply(r) => (Some(r), false),
+            Answer::ReplyThenClose(r) => (Some(r), true),
+            Answer::Nothing => (None, false),
             Answer::Drop => return,
             Answer::Hang(d) => {
                 std::thread::sleep(d);
                 return;
             }
+        };
+        if let Some(r) = reply {
+            let mut out = if session {
+                format!("{id}: ").into_bytes()
+            } else {
+                Vec::new()
+            };
+            out.extend_from_slice(&r);
+            out.push(0);
+            if c.write_all(&out).is_err() {
+                return;
+            }
         }
-        if !session {
+        if close || !session {
             return;
         }
         match read_command(&mut c) {
