@@ -585,12 +585,12 @@ fn empty_source_subdirectories_untouched_for_5_minutes_go_but_never_the_root() {
 }
 
 /// A file waiting for its batch to become durable holds no descriptor: under a limit
-/// of 64 open files, a run of 600 files (batches of up to 128) delivers every one.
+/// of 64 open files, a run of 1,100 files (a first batch of 512) delivers every one.
 #[test]
 fn a_run_of_many_files_fits_a_low_open_file_limit() {
     let mut env = Env::new();
     env.set("max_scan_threads", "4");
-    let files: Vec<(String, Vec<u8>)> = (0..600)
+    let files: Vec<(String, Vec<u8>)> = (0..1100)
         .map(|i| (format!("d{}/f{i}.bin", i % 3), noise(512, i)))
         .collect();
     for (rel, bytes) in &files {
@@ -610,10 +610,10 @@ fn a_run_of_many_files_fits_a_low_open_file_limit() {
     let r = Run::from(out);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let dst = Env::tree(&env.dst);
-    assert_eq!(dst.len(), 600, "{}", r.stderr);
+    assert_eq!(dst.len(), 1100, "{}", r.stderr);
     for (rel, bytes) in &files {
         assert_eq!(dst.get(rel.as_str()), Some(bytes), "{rel}");
     }
     assert!(Env::tree(&env.src).is_empty(), "every source removed");
-    assert_eq!(env.report()["files"]["clean"], 600);
+    assert_eq!(env.report()["files"]["clean"], 1100);
 }
