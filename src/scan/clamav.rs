@@ -248,10 +248,10 @@ impl ClamAv {
     ///
     /// clamd reads a session's commands in order, answers `VERSION` at once from the
     /// database loaded at that moment, and only then reads the `FILDES` and hands the
-    /// scan to a thread. The scan therefore uses that database or one loaded after it,
-    /// never an older one: the version the freshness check judges is at worst older
-    /// than the scan's, which can only make it stricter. (Asked after the scan, it
-    /// could name a database loaded after the scan had started with the old one.) A
+    /// scan to a thread. The scan therefore uses that database or one loaded after it:
+    /// the version the freshness check judges is never that of a database loaded
+    /// after the scan's. (Asked after the scan, it could name a database loaded after
+    /// the scan had started with the old one, and vouch for a stale scan.) A
     /// reload on an open session is seen by its next `VERSION` (checked against
     /// clamd 1.4). Each reply is tagged with its command's id.
     fn session_scan(
