@@ -189,8 +189,10 @@ const BATCH_FILES: usize = 512;
 const BATCH_FILES_AT_END: usize = 128;
 const BATCH_BYTES: u64 = 128 << 20;
 /// At most this many files, and (but for a file larger on its own) this many bytes,
-/// are admitted in one journal transaction.
-const ADMIT_GROUP: usize = 16;
+/// are admitted in one journal transaction. A group is admitted under the books'
+/// lock, while the other workers wait for it: groups of 64 rather than 16 took 3–7 %
+/// off 20,000 files of 1 KiB, and nothing off 2,000 of 4 KiB.
+const ADMIT_GROUP: usize = 64;
 const ADMIT_GROUP_BYTES: u64 = 1 << 20;
 /// Full batches waiting for the committer; beyond this the workers wait.
 const COMMITS_QUEUED: usize = 2;
