@@ -223,6 +223,7 @@ impl Candidates {
             heap: BinaryHeap::new(),
             error: None,
             len: self.len,
+            taken: 0,
         };
         for i in 0..q.runs.len() {
             q.refill(i);
@@ -370,12 +371,18 @@ pub struct Queue {
     heap: BinaryHeap<Head>,
     error: Option<String>,
     len: u64,
+    taken: u64,
 }
 
 impl Queue {
     /// How many candidates the queue started with.
     pub fn len(&self) -> u64 {
         self.len
+    }
+
+    /// How many candidates have not been taken yet.
+    pub fn left(&self) -> u64 {
+        self.len - self.taken
     }
 
     pub fn is_empty(&self) -> bool {
@@ -425,6 +432,7 @@ impl Iterator for Queue {
             return None;
         }
         let h = self.heap.pop()?;
+        self.taken += 1;
         self.refill(h.run);
         if self.error.is_some() {
             return None;

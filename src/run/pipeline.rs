@@ -77,7 +77,6 @@ pub fn process(
         progress: crate::progress::Progress::for_stderr(Some(&run.cfg.lock_path)),
         batch: Vec::new(),
         batch_bytes: 0,
-        untaken: total,
         commits,
         commit_failure: &commit_failure,
         uncommitted: Vec::new(),
@@ -212,8 +211,6 @@ struct Books<'a, 'r> {
     progress: crate::progress::Progress,
     batch: Vec<FileResult>,
     batch_bytes: u64,
-    /// Files not yet taken from `queue`.
-    untaken: u64,
     /// Full batches go to the committer thread.
     commits: mpsc::SyncSender<Vec<FileResult>>,
     /// Set by the committer when a commit failed: admit nothing more.
@@ -365,9 +362,7 @@ impl Books<'_, '_> {
     /// ended) at the end of the queue or when setting one aside failed.
     fn next_candidate(&mut self, run: &Run) -> Option<Candidate> {
         loop {
-            let candidate = self.queue.next();
-            self.untaken = self.untaken.saturating_sub(1);
-            let Some(candidate) = candidate else {
+            let Some(candidate) = self.queue.next() else {
                 if let Some(e) = self.queue.error() {
                     self.stop
                         .get_or_insert_with(|| StopReason::Queue(e.to_string()));
@@ -484,7 +479,7 @@ impl Books<'_, '_> {
         }
         self.batch_bytes += r.size;
         self.batch.push(r);
-        let files = if self.untaken < BATCH_FILES as u64 {
+        let files = if self.queue.left() < BATCH_FILES as u64 {
             BATCH_FILES_AT_END
         } else {
             BATCH_FILES

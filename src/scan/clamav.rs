@@ -166,7 +166,7 @@ impl ClamAv {
         let id = s.next_id;
         s.next_id += 1;
         let sent = match file {
-            Some(f) => send_fildes(&mut s.sock, b"", f),
+            Some(f) => send_fildes(&mut s.sock, b"zFILDES\0", f),
             None => send_all(&s.sock, format!("z{cmd}\0").as_bytes()),
         };
         if let Err(e) = sent {
@@ -263,14 +263,13 @@ impl ClamAv {
         let version_id = s.next_id;
         let scan_id = version_id + 1;
         s.next_id += 2;
-        if let Err(e) = send_fildes(&mut s.sock, b"zVERSION\0", file) {
+        if let Err(e) = send_fildes(&mut s.sock, b"zVERSION\0zFILDES\0", file) {
             return SessionReply::Broken(ScanError::Failed(format!(
                 "sending to clamd failed: {e}"
             )));
         }
-        if let Err(e) = s.wait_at_most(timeout) {
-            return SessionReply::Final(Err(e));
-        }
+        // `next_message` waits with `poll`, bounded by `timeout` itself: the socket's
+        // own read timeout does not come into it.
         let started = Instant::now();
         let mut pending = Vec::new();
         let (mut scan, mut version, mut extra, mut interleaved) = (None, None, false, false);
@@ -507,10 +506,11 @@ impl Scanner for ClamAv {
     }
 }
 
-/// `FILDES`: passes `file`'s descriptor (SCM_RIGHTS), so clamd reads it without
-/// access to the quarantine. `before`: commands sent ahead of it in the same write.
-fn send_fildes(sock: &mut UnixStream, before: &[u8], file: &File) -> io::Result<()> {
-    send_all(sock, &[before, b"zFILDES\0"].concat())?;
+/// `FILDES`: writes `commands` (ending with `zFILDES\0`; anything ahead of it goes in
+/// the same write), then passes `file`'s descriptor (SCM_RIGHTS), so clamd reads it
+/// without access to the quarantine.
+fn send_fildes(sock: &mut UnixStream, commands: &[u8], file: &File) -> io::Result<()> {
+    send_all(sock, commands)?;
     let fds = [file.as_fd()];
     let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut control = SendAncillaryBuffer::new(&mut space);
