@@ -467,6 +467,9 @@ pub trait Journal: Send {
     /// Moves the mark of `generation` on to `below` (see [`Journal::rescan_mark`]).
     fn set_rescan_mark(&self, generation: &str, below: i64) -> Result<(), JournalError>;
 
+    /// The highest file id given out so far (0: none).
+    fn last_file_id(&self) -> Result<i64, JournalError>;
+
     /// Records a rescan of delivery `file_id`; returns the row's id.
     #[allow(clippy::too_many_arguments)]
     fn rescan_recorded(

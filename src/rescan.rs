@@ -109,6 +109,22 @@ pub struct Slice<'a> {
     /// earlier passes finished. Only for the configured window and no prefix (runs
     /// and watch passes); `shuttle rescan` looks at everything it is asked to.
     pub use_mark: bool,
+    /// A run's or watch pass's own files, which it has just scanned: the mark may
+    /// pass over them unread (see [`OwnFiles`]).
+    pub own: Option<OwnFiles>,
+}
+
+/// The files of the pass that runs the slice: every id above `after` is one of them
+/// (one node, under the run lock), and each delivered one was cleared by the
+/// signatures of `generation`, read when the pass started. When that is still the
+/// generation, none of them needs a rescan under it (versions only move forward,
+/// so the pass's scans all had those signatures), and a mark that already reaches
+/// `after` moves past them without reading a row: otherwise each pass would read
+/// back, and parse, every delivery it made.
+#[derive(Debug, Clone)]
+pub struct OwnFiles {
+    pub after: i64,
+    pub generation: String,
 }
 
 fn lock(j: &crate::journal::Shared) -> std::sync::MutexGuard<'_, Box<dyn Journal>> {
@@ -269,6 +285,17 @@ pub fn slice(s: &Slice) -> Result<RescanCounts, RescanError> {
     } else {
         0
     };
+    if use_mark
+        && let Some(own) = &s.own
+        && own.generation == generation_key
+        && after >= own.after
+    {
+        let last = lock(s.journal).last_file_id()?;
+        if last > after {
+            lock(s.journal).set_rescan_mark(&generation_key, last)?;
+            after = last;
+        }
+    }
     // The mark moves only over a run of pages with nothing left to retry.
     let mut advancing = use_mark;
     let workers = s.cfg.max_scan_threads.max(1);
@@ -972,6 +999,7 @@ fn now(cfg: &Config, days: u64, prefix: Option<&str>) -> Result<RescanCounts, No
         budget: None,
         stop: None,
         use_mark: false,
+        own: None,
     };
     Ok(self::slice(&slice)?)
 }

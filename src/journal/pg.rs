@@ -1081,6 +1081,13 @@ impl Journal for PgJournal {
         })
     }
 
+    fn last_file_id(&self) -> Result<i64, JournalError> {
+        self.with(|c| {
+            c.query_one("SELECT COALESCE(MAX(id), 0) FROM files", &[])?
+                .try_get(0)
+        })
+    }
+
     fn rescan_recorded(
         &self,
         file_id: i64,

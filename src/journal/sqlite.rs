@@ -669,6 +669,13 @@ impl Journal for SqliteJournal {
         .map(drop)
     }
 
+    fn last_file_id(&self) -> Result<i64, JournalError> {
+        self.wrap(
+            self.conn
+                .query_row("SELECT COALESCE(MAX(id), 0) FROM files", [], |r| r.get(0)),
+        )
+    }
+
     /// Records a rescan of delivery `file_id`; returns the row's id.
     #[allow(clippy::too_many_arguments)]
     fn rescan_recorded(

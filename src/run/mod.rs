@@ -211,6 +211,12 @@ fn run_locked(
     let j = context::lock(journal);
     let run_id = j.begin_run(&report.started)?;
     report.run_id = Some(run_id);
+    // Every file id above this is this run's (one node holds the run lock; a fleet's
+    // nodes share the ids), for the retro-scan's mark.
+    let ids_before = match &cfg.fleet {
+        None => Some(j.last_file_id()?),
+        Some(_) => None,
+    };
     // Fleet: the lease keeper renews this node's claims from its own connection.
     let heartbeat = match &cfg.fleet {
         Some(f) => Some(journal::Heartbeat::start(f).context("cannot start the fleet heartbeat")?),
@@ -255,6 +261,10 @@ fn run_locked(
     }
     scanners.keep_fresh(scan::max_signature_age(&cfg.scanning));
     report.endpoints = scanners.endpoints();
+    let own_files = ids_before.map(|after| crate::rescan::OwnFiles {
+        after,
+        generation: crate::rescan::generation(&scanners.signatures()),
+    });
     let limits = scan::limits::ScanLimits::for_config(cfg);
     if let Some(d) = limits.describe() {
         tracing::info!("{d}");
@@ -354,6 +364,7 @@ fn run_locked(
             },
             stop: opts.stop.as_deref(),
             use_mark: true,
+            own: own_files,
         };
         match crate::rescan::slice(&slice) {
             Ok(counts) => report.rescan = counts,

@@ -115,6 +115,19 @@ fn newer_signatures_withdraw_exactly_the_delivered_file_they_detect() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(env.report()["files"]["clean"], 4);
     assert_eq!(env.report()["rescan"]["scanned"], 0, "nothing newer yet");
+    // The run's own deliveries, cleared by the signatures of now, are marked examined
+    // under them without being read back: the next run starts past them.
+    let db = rusqlite::Connection::open(env.state.join("shuttle-journal.sqlite3")).unwrap();
+    let (mark, last): (i64, i64) = db
+        .query_row(
+            "SELECT (SELECT below FROM rescan_marks WHERE generation = 'clamav=27450'),
+                    (SELECT MAX(id) FROM files)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(mark, last);
+    drop(db);
     // Downstream, someone edits one delivered file.
     let mut f = std::fs::OpenOptions::new()
         .append(true)
