@@ -169,8 +169,8 @@ pub struct Finished<'a> {
     pub sha256: Option<&'a str>,
     /// "clean", "suspect" or "failed" when the file was scanned.
     pub verdict: Option<&'a str>,
-    /// Each engine's answer (JSON), when scanned.
-    pub scan_results: Option<&'a serde_json::Value>,
+    /// Each engine's answer (JSON text, stored as it is), when scanned.
+    pub scan_results: Option<&'a serde_json::value::RawValue>,
 }
 
 impl Default for Finished<'_> {

@@ -61,8 +61,8 @@ pub struct FileEntry {
     pub detections: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    #[serde(skip_serializing_if = "serde_json::Value::is_null")]
-    pub scanners: serde_json::Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scanners: Option<Box<serde_json::value::RawValue>>,
 }
 
 /// A file's outcome by its journal name.

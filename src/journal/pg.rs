@@ -391,10 +391,7 @@ const FINISH_SQL: &str = "UPDATE files SET state = 'finished', outcome = $2, dis
 
 fn finish_in(tx: &mut postgres::Transaction, f: &Finished) -> Result<(), postgres::Error> {
     let day = local_day(chrono::Local::now());
-    let results = f
-        .scan_results
-        .filter(|v| !v.is_null())
-        .map(|v| v.to_string());
+    let results = f.scan_results.map(serde_json::value::RawValue::get);
     tx.execute(
         FINISH_SQL,
         &[

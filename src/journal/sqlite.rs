@@ -366,10 +366,7 @@ impl Journal for SqliteJournal {
              scan_results = COALESCE(?10, scan_results) WHERE id = ?1",
         ))?;
         let day = local_day(chrono::Local::now());
-        let results = f
-            .scan_results
-            .filter(|v| !v.is_null())
-            .map(|v| v.to_string());
+        let results = f.scan_results.map(serde_json::value::RawValue::get);
         self.wrap(st.execute(params![
             f.id,
             f.outcome.as_str(),

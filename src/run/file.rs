@@ -153,7 +153,7 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
     crate::crashpoint::here("scan: scanned, before disposal");
     r.figures = scan.figures_line();
     let verdict = scan.verdict.clone();
-    r.scanners = serde_json::to_value(&scan.results).unwrap_or_default();
+    r.scanners = serde_json::value::to_raw_value(&scan.results).ok();
     r.verdict = Some(match verdict {
         FileVerdict::Clean if encrypted_allowed => Verdict::CleanEncrypted,
         _ => verdict_of(&verdict),

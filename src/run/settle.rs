@@ -55,7 +55,9 @@ pub struct FileResult {
     pub destination: Option<String>,
     pub detections: Vec<String>,
     pub error: Option<String>,
-    pub scanners: serde_json::Value,
+    /// Each engine's answer, serialized once when the scan ends: the journal stores
+    /// this text and the report embeds it (no JSON tree kept per file).
+    pub scanners: Option<Box<serde_json::value::RawValue>>,
     pub kept: Option<KeptSource>,
     /// A problem that must stop the run (disk full, journal broken).
     pub fatal: Option<StopReason>,
@@ -82,7 +84,7 @@ impl FileResult {
             destination: None,
             detections: Vec::new(),
             error: None,
-            scanners: serde_json::Value::Null,
+            scanners: None,
             kept: None,
             fatal: None,
             verdict: None,
@@ -117,7 +119,7 @@ impl FileResult {
             error: self.error.as_deref(),
             sha256: self.sha256.as_deref(),
             verdict: self.verdict.map(Verdict::as_str),
-            scan_results: Some(&self.scanners),
+            scan_results: self.scanners.as_deref(),
         }
     }
 }
