@@ -124,6 +124,38 @@ pub struct SourceChecks {
     pub allow_hard_links: bool,
 }
 
+/// The quarantine directory of the last file one worker copied, kept open for its next
+/// file: files come in discovery order, so most share their directory with the file
+/// before, and opening it again (beneath the quarantine root) was two system calls a
+/// file. The quarantine is Shuttle's own; its empty directories are removed only after
+/// a run's or watch pass's workers are done (`cleanup::empty_quarantine`), and a copy
+/// that cannot be created in a cached directory (removed meanwhile by hand) is tried
+/// again in one opened afresh.
+#[derive(Default)]
+pub struct DirCache {
+    last: Option<(PathBuf, std::sync::Arc<fsx::Dir>)>,
+}
+
+impl DirCache {
+    /// `rel_dir` beneath `quarantine`, created if missing; `fresh` opens it again.
+    fn get(
+        &mut self,
+        quarantine: &fsx::Beneath,
+        rel_dir: &Path,
+        fresh: bool,
+    ) -> io::Result<std::sync::Arc<fsx::Dir>> {
+        if !fresh
+            && let Some((p, d)) = &self.last
+            && p == rel_dir
+        {
+            return Ok(d.clone());
+        }
+        let d = std::sync::Arc::new(quarantine.create_dir_all(rel_dir, false)?);
+        self.last = Some((rel_dir.to_path_buf(), d.clone()));
+        Ok(d)
+    }
+}
+
 /// Copies `source_root/rel` to `quarantine_root/rel`.
 /// `expected` is the size and mtime discovery saw.
 ///
@@ -141,6 +173,7 @@ pub fn copy_in(
     expected: (u64, i64),
     checks: SourceChecks,
     buf: &mut [u8],
+    dirs: &mut DirCache,
 ) -> Result<Quarantined, QuarantineError> {
     let src_path = sources.path().join(rel);
     let (parent, name) = split(rel)?;
@@ -179,18 +212,26 @@ pub fn copy_in(
     }
 
     let final_path = quarantine.path().join(rel);
-    let qdir = std::sync::Arc::new(quarantine.create_dir_all(parent, false).map_err(
+    let dir_failed = |e| {
         fsx::failed(
             "create quarantine directory",
             final_path.parent().unwrap_or(quarantine.path()),
-        ),
-    )?);
+        )(e)
+    };
+    let mut qdir = dirs.get(quarantine, parent, false).map_err(&dir_failed)?;
     // A copy of this file left by a killed run is replaced (removed only when it is
     // there, not on the chance: one system call fewer per file).
-    let mut out = match qdir.create_new(name) {
+    let create = |qdir: &fsx::Dir| match qdir.create_new(name) {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
             let _ = qdir.remove(name);
             qdir.create_new(name)
+        }
+        other => other,
+    };
+    let mut out = match create(&qdir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            qdir = dirs.get(quarantine, parent, true).map_err(&dir_failed)?;
+            create(&qdir)
         }
         other => other,
     }
@@ -355,5 +396,61 @@ impl Quarantined {
     /// place is never followed (returns whether the copy existed).
     pub fn remove(&self) -> io::Result<bool> {
         self.dir.remove(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn copy(
+        src: &fsx::Beneath,
+        q: &std::sync::Arc<fsx::Beneath>,
+        rel: &str,
+        dirs: &mut DirCache,
+    ) -> Result<Quarantined, QuarantineError> {
+        let m = std::fs::metadata(src.path().join(rel)).unwrap();
+        let mtime = m.mtime() * 1_000_000_000 + m.mtime_nsec();
+        let checks = SourceChecks {
+            writers: crate::lease::WriterCheck::LeaseOrProc,
+            allow_hard_links: false,
+        };
+        let mut buf = vec![0u8; 1 << 16];
+        copy_in(
+            src,
+            q,
+            Path::new(rel),
+            (m.len(), mtime),
+            checks,
+            &mut buf,
+            dirs,
+        )
+    }
+
+    /// Files of one directory share the worker's open quarantine directory; one that
+    /// vanished meanwhile (removed by hand) is made again, and the copy still lands.
+    #[test]
+    fn a_worker_keeps_its_quarantine_directory_and_remakes_a_removed_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (s, qroot) = (tmp.path().join("src"), tmp.path().join("q"));
+        std::fs::create_dir_all(s.join("d")).unwrap();
+        std::fs::create_dir_all(&qroot).unwrap();
+        for (name, bytes) in [("a", b"first" as &[u8]), ("b", b"second"), ("c", b"third")] {
+            std::fs::write(s.join("d").join(name), bytes).unwrap();
+        }
+        let src = fsx::Beneath::open(&s).unwrap();
+        let q = std::sync::Arc::new(fsx::Beneath::open(&qroot).unwrap());
+        let mut dirs = DirCache::default();
+        let a = copy(&src, &q, "d/a", &mut dirs).unwrap();
+        let b = copy(&src, &q, "d/b", &mut dirs).unwrap();
+        assert!(std::sync::Arc::ptr_eq(&a.dir, &b.dir), "one open directory");
+        assert_eq!(std::fs::read(qroot.join("d/b")).unwrap(), b"second");
+        drop((a, b));
+        std::fs::remove_dir_all(qroot.join("d")).unwrap();
+        let c = copy(&src, &q, "d/c", &mut dirs).unwrap();
+        assert_eq!(std::fs::read(qroot.join("d/c")).unwrap(), b"third");
+        use sha2::Digest;
+        assert_eq!(c.sha256, hex::encode(sha2::Sha256::digest(b"third")));
     }
 }

@@ -75,7 +75,7 @@ fn fail(
 }
 
 /// Handles one admitted file.
-pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
+pub fn handle(run: &Run, job: &Job, buf: &mut [u8], dirs: &mut quarantine::DirCache) -> FileResult {
     let rel = job.candidate.rel.as_path();
     let mut r = FileResult::blank(
         job.id,
@@ -96,6 +96,7 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8]) -> FileResult {
         expected,
         run.roots.checks,
         buf,
+        dirs,
     ) {
         Ok(q) => q,
         Err(

@@ -93,6 +93,7 @@ pub fn process(
             .map(|_| {
                 scope.spawn(|| {
                     let mut buf = buffers.take();
+                    let mut dirs = crate::quarantine::DirCache::default();
                     let mut last: Option<FileResult> = None;
                     loop {
                         let job = {
@@ -103,7 +104,7 @@ pub fn process(
                             b.next_job(run)
                         };
                         let Some(job) = job else { break };
-                        let mut r = file::handle(run, &job, &mut buf);
+                        let mut r = file::handle(run, &job, &mut buf, &mut dirs);
                         // Everything but a delivery waiting for its batch's syncfs is
                         // settled here, outside the books' lock (it may hash a source).
                         if !r.settle.needs_sync()
