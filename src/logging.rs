@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use chrono::format::{Item, StrftimeItems};
+use tracing::level_filters::LevelFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -39,35 +40,51 @@ impl LogGuard {
     }
 }
 
-/// Where each formatted line goes: the log file (if any), then stderr. A failed
-/// write to the file is remembered, not returned (the formatter has nowhere to
-/// report it), and does not keep the line from stderr.
+/// Where each formatted line goes: the log file (if any), then stderr if the line's
+/// level is one `stderr` shows. A failed write to the file is remembered, not returned
+/// (the formatter has nowhere to report it), and does not keep the line from stderr.
 struct Tee {
     file: Option<std::fs::File>,
     failure: Arc<OnceLock<String>>,
+    stderr: LevelFilter,
 }
 
 /// One line on its way, as the formatter writes it in one `write_all`.
-struct TeeLine<'a>(&'a Tee);
+struct TeeLine<'a> {
+    tee: &'a Tee,
+    to_stderr: bool,
+}
 
 impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Tee {
     type Writer = TeeLine<'a>;
 
     fn make_writer(&'a self) -> TeeLine<'a> {
-        TeeLine(self)
+        TeeLine {
+            tee: self,
+            to_stderr: self.stderr != LevelFilter::OFF,
+        }
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> TeeLine<'a> {
+        TeeLine {
+            tee: self,
+            to_stderr: self.stderr >= *meta.level(),
+        }
     }
 }
 
 impl Write for TeeLine<'_> {
     fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
-        let Tee { file, failure } = self.0;
+        let Tee { file, failure, .. } = self.tee;
         if let Some(mut f) = file.as_ref()
             && let Err(e) = f.write_all(line)
         {
             failure.get_or_init(|| e.to_string());
         }
         // stderr may be a closed pipe (cron's mailer gone): the file has the line.
-        let _ = std::io::stderr().lock().write_all(line);
+        if self.to_stderr {
+            let _ = std::io::stderr().lock().write_all(line);
+        }
         Ok(line.len())
     }
 
@@ -100,8 +117,9 @@ impl tracing_subscriber::fmt::time::FormatTime for LocalTime {
     }
 }
 
-/// Starts logging at `level` to stderr and, with `dir`, to a new file in it.
-pub fn init(level: &str, dir: Option<&Path>) -> std::io::Result<LogGuard> {
+/// Starts logging at `level` to a new file in `dir` (if any) and to stderr, which
+/// shows only the lines at `stderr_level` or above ("off": none).
+pub fn init(level: &str, stderr_level: &str, dir: Option<&Path>) -> std::io::Result<LogGuard> {
     let failure = Arc::new(OnceLock::new());
     let (file, path) = match dir {
         Some(dir) => {
@@ -126,6 +144,8 @@ pub fn init(level: &str, dir: Option<&Path>) -> std::io::Result<LogGuard> {
         .with_writer(Tee {
             file,
             failure: failure.clone(),
+            // The configuration only lets the names LevelFilter reads through.
+            stderr: stderr_level.parse().unwrap_or(LevelFilter::INFO),
         })
         .with_target(false)
         .with_timer(LocalTime::new())
@@ -143,7 +163,12 @@ pub fn init(level: &str, dir: Option<&Path>) -> std::io::Result<LogGuard> {
 /// per-run log file in `log_path`, then the configuration's warnings as the first
 /// lines. `Err` is the one line to print on stderr (a configuration error, exit 2).
 pub fn start(cfg: &crate::config::Config, warnings: &[String]) -> Result<LogGuard, String> {
-    let guard = init(&cfg.log_level, cfg.log_path.as_deref()).map_err(|e| {
+    let guard = init(
+        &cfg.log_level,
+        &cfg.stderr_log_level,
+        cfg.log_path.as_deref(),
+    )
+    .map_err(|e| {
         let dir = cfg
             .log_path
             .as_deref()

@@ -402,6 +402,12 @@ pub const KEYS: &[Key] = &[
         &["logging"],
         "error|warn|info|debug|trace (also CRITICAL, FATAL, WARNING, NOTSET, 10-50) [default: info]"
     ),
+    key!(
+        "stderr_log_level",
+        &["logging"],
+        default = Derived,
+        "What stderr shows: off|error|warn|info|debug|trace (the same names as log_level); the log file keeps every line of log_level. warn keeps cron's mail, or the system journal, to problems [default: log_level's]"
+    ),
     key!("notify", N, "Send email notifications [default: false]"),
     key!(
         "notify_summary",

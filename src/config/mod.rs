@@ -282,6 +282,8 @@ pub struct Config {
     pub rescan: RescanConfig,
     pub scanning: ScanConfig,
     pub log_level: String,
+    /// The lines stderr shows ("off": none); the log file follows `log_level`.
+    pub stderr_log_level: String,
     pub notifications: NotifyConfig,
     /// Which name rules discovery relaxes (all strict by default).
     pub name_rules: crate::discover::NameRules,
@@ -766,6 +768,28 @@ fn build(r: &mut Reader, file: Option<PathBuf>, warnings: &mut Vec<String>) -> C
             ("0", "debug"),
         ],
     );
+    let stderr_log_level = r.choice(
+        "stderr_log_level",
+        log_level,
+        &[
+            ("off", "off"),
+            ("error", "error"),
+            ("critical", "error"),
+            ("fatal", "error"),
+            ("warn", "warn"),
+            ("warning", "warn"),
+            ("info", "info"),
+            ("debug", "debug"),
+            ("trace", "trace"),
+            ("notset", "debug"),
+            ("50", "error"),
+            ("40", "error"),
+            ("30", "warn"),
+            ("20", "info"),
+            ("10", "debug"),
+            ("0", "debug"),
+        ],
+    );
     if let Some((v, origin)) = r.get("log_level")
         && matches!(v.to_ascii_lowercase().as_str(), "critical" | "fatal" | "50")
     {
@@ -842,6 +866,7 @@ fn build(r: &mut Reader, file: Option<PathBuf>, warnings: &mut Vec<String>) -> C
         },
         scanning,
         log_level: log_level.to_string(),
+        stderr_log_level: stderr_log_level.to_string(),
         notifications,
         name_rules: crate::discover::NameRules {
             allow_hidden: r.bool("allow_hidden_names", false),
@@ -1230,7 +1255,21 @@ mod tests {
         ] {
             let l = load_text(&format!("{BASE}[logging]\nlog_level = {given}\n"), vec![]).unwrap();
             assert_eq!(l.config.log_level, level, "{given}");
+            // stderr shows what the log file shows unless told otherwise.
+            assert_eq!(l.config.stderr_log_level, level, "{given}");
         }
+        let l = load_text(
+            &format!("{BASE}[logging]\nlog_level = debug\nstderr_log_level = WARNING\n"),
+            vec![],
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                l.config.log_level.as_str(),
+                l.config.stderr_log_level.as_str()
+            ),
+            ("debug", "warn")
+        );
     }
 
     #[test]

@@ -56,6 +56,38 @@ fn eicar_and_marker_files_never_reach_the_destination() {
     assert!(log.contains("Shuttle.Test.Marker"), "{log}");
 }
 
+/// `stderr_log_level = warn` (cron mails whatever a job prints): stderr shows the
+/// suspect file, not each clean one; the log file still has every line.
+#[test]
+fn stderr_shows_only_problems_at_warn_and_the_log_file_keeps_everything() {
+    let env = Env::new();
+    env.drop_file("eicar.com", EICAR);
+    env.drop_file("ok.txt", b"fine");
+    let r = env.run(&["--stderr-log-level", "warn"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(Env::tree(&env.dst).keys().collect::<Vec<_>>(), ["ok.txt"]);
+    assert!(r.stderr.contains("SUSPECT \"eicar.com\""), "{}", r.stderr);
+    assert!(!r.stderr.contains("clean: \"ok.txt\""), "{}", r.stderr);
+    let log = env.log_text();
+    assert!(
+        log.contains("clean: \"ok.txt\"") && log.contains("SUSPECT \"eicar.com\""),
+        "{log}"
+    );
+    // `off`: nothing on stderr at all, even the summary; the file is whole.
+    env.drop_file("ok2.txt", b"fine too");
+    let r = env.run(&["--stderr-log-level", "off"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stderr, "");
+    assert!(env.log_text().contains("clean: \"ok2.txt\""));
+    let r = env.run(&["--stderr-log-level", "loud"]);
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr.contains("stderr_log_level") && r.stderr.contains("loud"),
+        "{}",
+        r.stderr
+    );
+}
+
 #[test]
 fn symlinks_fifos_and_unsafe_names_are_skipped_and_counted() {
     let env = Env::new();
