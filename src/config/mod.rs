@@ -534,6 +534,27 @@ pub fn parse_bool(value: &str) -> Option<bool> {
     }
 }
 
+/// The names `log_level` and `stderr_log_level` take, and the level each means
+/// (Python's level names and numbers keep their meaning); `off` is stderr's alone.
+const LOG_LEVELS: &[(&str, &str)] = &[
+    ("off", "off"),
+    ("error", "error"),
+    ("critical", "error"),
+    ("fatal", "error"),
+    ("warn", "warn"),
+    ("warning", "warn"),
+    ("info", "info"),
+    ("debug", "debug"),
+    ("trace", "trace"),
+    ("notset", "debug"),
+    ("50", "error"),
+    ("40", "error"),
+    ("30", "warn"),
+    ("20", "info"),
+    ("10", "debug"),
+    ("0", "debug"),
+];
+
 /// Loads the configuration from the command line, the config file and the defaults.
 /// Nothing on disk is touched except reading the config file(s).
 pub fn load(cli: &CommandLine) -> Result<Loaded, ConfigErrors> {
@@ -746,50 +767,8 @@ fn build(r: &mut Reader, file: Option<PathBuf>, warnings: &mut Vec<String>) -> C
     }
 
     let priority_paths = priority_paths(r, source_path.as_deref());
-    let log_level = r.choice(
-        "log_level",
-        "info",
-        &[
-            ("error", "error"),
-            ("critical", "error"),
-            ("fatal", "error"),
-            ("warn", "warn"),
-            ("warning", "warn"),
-            ("info", "info"),
-            ("debug", "debug"),
-            ("trace", "trace"),
-            ("notset", "debug"),
-            // Python's numeric levels.
-            ("50", "error"),
-            ("40", "error"),
-            ("30", "warn"),
-            ("20", "info"),
-            ("10", "debug"),
-            ("0", "debug"),
-        ],
-    );
-    let stderr_log_level = r.choice(
-        "stderr_log_level",
-        log_level,
-        &[
-            ("off", "off"),
-            ("error", "error"),
-            ("critical", "error"),
-            ("fatal", "error"),
-            ("warn", "warn"),
-            ("warning", "warn"),
-            ("info", "info"),
-            ("debug", "debug"),
-            ("trace", "trace"),
-            ("notset", "debug"),
-            ("50", "error"),
-            ("40", "error"),
-            ("30", "warn"),
-            ("20", "info"),
-            ("10", "debug"),
-            ("0", "debug"),
-        ],
-    );
+    let log_level = r.choice("log_level", "info", &LOG_LEVELS[1..]);
+    let stderr_log_level = r.choice("stderr_log_level", log_level, LOG_LEVELS);
     if let Some((v, origin)) = r.get("log_level")
         && matches!(v.to_ascii_lowercase().as_str(), "critical" | "fatal" | "50")
     {
