@@ -7,6 +7,13 @@
 //! queue at most [`SMTP_TIMEOUT`]; whatever is still unsent then is logged. A mail
 //! that cannot be sent is logged and never breaks a run.
 //!
+//! The queue is bounded: at most [`MAX_QUEUED`] mails of each kind wait for the mail
+//! server. One more is counted instead of queued, and at the end of the run one
+//! digest mail of that kind says how many were not mailed one by one (each is in the
+//! log and the journal). A run that finds a million suspect files, or a mail server
+//! that falls behind, costs a bounded amount of memory and sends a bounded number of
+//! mails.
+//!
 //! SMTP: STARTTLS is required when `use_tls` (the default; certificates checked
 //! against the system's trust store, `/etc/ssl/certs`, or `SSL_CERT_FILE`), AUTH
 //! (PLAIN or LOGIN) when `username` is set. No credential ever crosses the wire in
@@ -16,6 +23,7 @@
 //! Port: `smtp_port`, else 587 with TLS, 25 without.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,6 +41,9 @@ use crate::states::Outcome;
 /// queue at the end of a run.
 pub const SMTP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How many mails of one kind may wait for the mail server (see the module doc).
+pub const MAX_QUEUED: usize = 50;
+
 /// How long a repeated notification (same kind and subject) sent with
 /// [`Notifier::send_once`] is held back, so that `shuttle watch` does not mail the
 /// same throttle stop or dead scanner on every pass.
@@ -47,6 +58,16 @@ pub enum Kind {
 }
 
 impl Kind {
+    const ALL: [Kind; 3] = [Kind::Error, Kind::Hazard, Kind::Summary];
+
+    fn index(self) -> usize {
+        match self {
+            Kind::Error => 0,
+            Kind::Hazard => 1,
+            Kind::Summary => 2,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Error => "error",
@@ -107,8 +128,11 @@ struct Queue {
     tx: mpsc::Sender<Mail>,
     /// Receives once when the mail thread has sent (or given up on) everything.
     done: Mutex<mpsc::Receiver<()>>,
-    /// Mails queued and not yet handled by the mail thread.
-    pending: Arc<std::sync::atomic::AtomicUsize>,
+    /// Mails of each kind ([`Kind::index`]) queued and not yet handled by the mail
+    /// thread: at most [`MAX_QUEUED`] each.
+    pending: Arc<[AtomicUsize; 3]>,
+    /// Notifications of each kind counted instead of queued, for the digest.
+    held: [AtomicUsize; 3],
 }
 
 pub struct Notifier {
@@ -141,19 +165,22 @@ impl Notifier {
             );
             return;
         };
-        q.pending.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let mail = Mail {
-            kind,
-            subject: subject.to_string(),
-            body: body.to_string(),
-        };
-        if q.tx.send(mail).is_err() {
-            q.pending.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-            tracing::error!(
-                "{} notification not sent: the mail thread has stopped: {subject}",
-                kind.as_str()
-            );
+        let i = kind.index();
+        if q.pending[i]
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < MAX_QUEUED).then_some(n + 1)
+            })
+            .is_err()
+        {
+            if q.held[i].fetch_add(1, Ordering::SeqCst) == 0 {
+                tracing::warn!(
+                    "{MAX_QUEUED} {} notifications wait for the mail server: further ones are counted, not mailed, and one mail at the end of the run says how many (each is in this log and the journal); first held back: {subject}",
+                    kind.as_str()
+                );
+            }
+            return;
         }
+        queue(q, kind, subject, body);
     }
 
     /// Like [`Notifier::send`], but a notification with the same kind and subject
@@ -174,15 +201,58 @@ impl Notifier {
     }
 }
 
+/// Hands one mail (already counted in `pending`) to the mail thread.
+fn queue(q: &Queue, kind: Kind, subject: &str, body: &str) {
+    let mail = Mail {
+        kind,
+        subject: subject.to_string(),
+        body: body.to_string(),
+    };
+    if q.tx.send(mail).is_err() {
+        q.pending[kind.index()].fetch_sub(1, Ordering::SeqCst);
+        tracing::error!(
+            "{} notification not sent: the mail thread has stopped: {subject}",
+            kind.as_str()
+        );
+    }
+}
+
+/// The mail that stands for `n` notifications of `kind` held back by a full queue.
+fn digest(kind: Kind, n: usize) -> (String, String) {
+    (
+        format!(
+            "Shuttle: {n} more {} notification(s) not mailed",
+            kind.as_str()
+        ),
+        format!(
+            "The mail server did not keep up with this run: {MAX_QUEUED} {kind} notifications were waiting for it, so {n} more were not mailed one by one.\n\nEach of them is in the run's log, and every file in the journal: `shuttle hazard list` lists the suspect files archived, `shuttle history <name>` tells one file's story.\n",
+            kind = kind.as_str()
+        ),
+    )
+}
+
 impl Drop for Notifier {
-    /// Waits for the queue at most [`SMTP_TIMEOUT`]: the run never waits longer for
-    /// a mail server than one SMTP timeout.
+    /// Queues the digests of notifications held back, then waits for the queue at
+    /// most [`SMTP_TIMEOUT`]: the run never waits longer for a mail server than one
+    /// SMTP timeout.
     fn drop(&mut self) {
         let Some(q) = self.queue.take() else { return };
+        for kind in Kind::ALL {
+            let n = q.held[kind.index()].swap(0, Ordering::SeqCst);
+            if n > 0 {
+                tracing::error!(
+                    "{n} {} notification(s) were not mailed one by one (the mail queue was full); one mail says so",
+                    kind.as_str()
+                );
+                let (subject, body) = digest(kind, n);
+                q.pending[kind.index()].fetch_add(1, Ordering::SeqCst);
+                queue(&q, kind, &subject, &body);
+            }
+        }
         drop(q.tx);
         let done = q.done.into_inner().unwrap_or_else(|p| p.into_inner());
         if done.recv_timeout(SMTP_TIMEOUT).is_err() {
-            let left = q.pending.load(std::sync::atomic::Ordering::SeqCst);
+            let left: usize = q.pending.iter().map(|p| p.load(Ordering::SeqCst)).sum();
             tracing::error!(
                 "mail server did not take the notifications within {} s: {left} notification(s) not sent",
                 SMTP_TIMEOUT.as_secs()
@@ -195,7 +265,7 @@ impl Drop for Notifier {
 fn start(config: NotifyConfig) -> Queue {
     let (tx, rx) = mpsc::channel::<Mail>();
     let (done_tx, done) = mpsc::channel();
-    let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let pending: Arc<[AtomicUsize; 3]> = Arc::new(Default::default());
     let left = Arc::clone(&pending);
     let spawned = std::thread::Builder::new()
         .name("shuttle-mail".into())
@@ -216,7 +286,7 @@ fn start(config: NotifyConfig) -> Queue {
                         mail.subject
                     ),
                 }
-                left.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                left[mail.kind.index()].fetch_sub(1, Ordering::SeqCst);
             }
             let _ = done_tx.send(());
         });
@@ -227,6 +297,7 @@ fn start(config: NotifyConfig) -> Queue {
         tx,
         done: Mutex::new(done),
         pending,
+        held: Default::default(),
     }
 }
 

@@ -212,6 +212,80 @@ fn a_mail_server_that_is_down_never_fails_or_slows_the_run() {
 }
 
 #[test]
+fn a_mail_server_that_falls_behind_gets_a_bounded_queue_and_one_digest() {
+    // 80 suspect files in well under a second; the server takes one mail every 60 ms.
+    // Each hazard notification is either mailed on its own or counted in the one
+    // digest mail: none is lost, and the queue (memory) stays bounded.
+    const SUSPECTS: usize = 80;
+    let smtp = Smtp::start(Mode::Slow(Duration::from_millis(60)));
+    let env = mailing(smtp.port);
+    for i in 0..SUSPECTS {
+        env.drop_file(&format!("in/eicar{i:03}.com"), EICAR);
+    }
+    env.drop_file("in/a.txt", b"hello");
+    let r = env.run(&[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        env.report()["files"]["suspect"],
+        SUSPECTS,
+        "every file handled"
+    );
+    assert_eq!(Env::tree(&env.dst).len(), 1);
+
+    let mails = smtp.mails();
+    let (digests, single): (Vec<&Mail>, Vec<&Mail>) = mails
+        .iter()
+        .partition(|m| m.subject().contains("not mailed"));
+    assert_eq!(digests.len(), 1, "one digest: {:#?}", digests);
+    let d = digests[0];
+    let counted: usize = d
+        .subject()
+        .strip_prefix("Shuttle: ")
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("count in the digest's subject: {}", d.subject()));
+    assert!(
+        single.len() < SUSPECTS && counted > 0,
+        "the queue filled up: {} mailed, {counted} counted",
+        single.len()
+    );
+    assert_eq!(
+        single.len() + counted,
+        SUSPECTS,
+        "every notification mailed or counted"
+    );
+    assert!(
+        single.len() <= 51,
+        "at most 50 queued plus the one being sent: {}",
+        single.len()
+    );
+    assert!(
+        single
+            .iter()
+            .all(|m| m.subject().starts_with("Shuttle: suspect file in/eicar")),
+        "{single:#?}"
+    );
+    assert!(d.body.contains("shuttle hazard list"), "{}", d.body);
+    eprintln!(
+        "slow mail server: {} hazard mails on their own, {counted} counted in the digest",
+        single.len()
+    );
+    let log = env.log_text();
+    assert!(
+        log.contains("50 hazard notifications wait for the mail server")
+            && log.contains(&format!(
+                "{counted} hazard notification(s) were not mailed one by one"
+            )),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("SUSPECT \"in/eicar").count(),
+        SUSPECTS,
+        "every suspect file has its log line"
+    );
+}
+
+#[test]
 fn a_mail_server_that_hangs_delays_the_run_end_by_at_most_the_smtp_timeout() {
     let smtp = Smtp::start(Mode::Hang);
     let mut env = mailing(smtp.port);

@@ -7,7 +7,9 @@
 //! Modes: `Normal` (AUTH offered, no STARTTLS: a server that would take a password in
 //! clear); `Hang` (accepts connections, never says a word); `StartTlsThenClose`
 //! (advertises STARTTLS, answers 220 to it, then drops the connection, so the client's
-//! TLS handshake fails); `Tls` (a real STARTTLS session with the given rustls config).
+//! TLS handshake fails); `Tls` (a real STARTTLS session with the given rustls config);
+//! `Slow` (like `Normal`, but each message is taken only after the given delay: a
+//! mail server that falls behind).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -20,6 +22,7 @@ pub enum Mode {
     Hang,
     StartTlsThenClose,
     Tls(Arc<rustls::ServerConfig>),
+    Slow(Duration),
 }
 
 #[derive(Debug, Clone, Default)]
@@ -166,7 +169,7 @@ fn session(conn: TcpStream, mode: &Mode, seen: &Arc<Mutex<Seen>>) -> std::io::Re
         let w = r.get_mut();
         if upper.starts_with("EHLO") {
             let mut caps = String::from("250-test.invalid\r\n250-AUTH PLAIN LOGIN\r\n");
-            if !tls && !matches!(mode, Mode::Normal) {
+            if !tls && !matches!(mode, Mode::Normal | Mode::Slow(_)) {
                 caps.push_str("250-STARTTLS\r\n");
             }
             caps.push_str("250 8BITMIME\r\n");
@@ -246,6 +249,9 @@ fn session(conn: TcpStream, mode: &Mode, seen: &Arc<Mutex<Seen>>) -> std::io::Re
                 .unwrap()
                 .mails
                 .push(std::mem::take(&mut current));
+            if let Mode::Slow(delay) = mode {
+                std::thread::sleep(*delay);
+            }
             r.get_mut().write_all(b"250 queued\r\n")?;
         } else if upper == "RSET" || upper == "NOOP" {
             w.write_all(b"250 ok\r\n")?;
