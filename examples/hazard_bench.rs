@@ -13,7 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let archive = HazardArchive::new(dir.as_ref(), key.as_ref())?;
     let mut buf = vec![0u8; 1 << 20];
     let t = Instant::now();
-    let (sha256, size) = shuttle::fsx::hash_file(&mut std::fs::File::open(file)?, &mut buf)?;
+    let (sha256, size) = shuttle::fsx::hash_file(&mut std::fs::File::open(file)?, &mut buf, None)?;
     let hashed = t.elapsed().as_secs_f64();
     let meta = EntryMeta {
         file_id: 1,

@@ -90,7 +90,8 @@ pub fn remove_source(
             }
         },
     };
-    let (now, _) = hash_file(&mut f, buf).map_err(io)?;
+    // Read up to the size just seen: growth since shows in `after` below.
+    let (now, _) = hash_file(&mut f, buf, Some(before.size)).map_err(io)?;
     if now != q.sha256 {
         return Err(SourceKept::Changed { now });
     }

@@ -268,7 +268,7 @@ fn copy_verified(
 ) -> Result<(), DeliverError> {
     let temp_path = dir.path().join(temp);
     let mut out = dir.create_new(temp).map_err(io_err("create", &temp_path))?;
-    let copied = fsx::copy_hashing(src, &mut out, buf, |_, _, _| {
+    let copied = fsx::copy_hashing(src, &mut out, buf, None, |_, _, _| {
         crate::crashpoint::here("deliver: mid-copy across filesystems");
         Ok::<(), io::Error>(())
     });
@@ -389,7 +389,7 @@ fn holds_same_bytes(dir: &fsx::Dir, name: &OsStr, q: &Quarantined, buf: &mut [u8
     if (m.dev(), m.ino()) == (q.copy.dev, q.copy.ino) {
         return true;
     }
-    matches!(hash_file(&mut f, buf), Ok((h, _)) if h == q.sha256)
+    matches!(hash_file(&mut f, buf, None), Ok((h, _)) if h == q.sha256)
 }
 
 #[cfg(test)]

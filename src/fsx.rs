@@ -171,15 +171,21 @@ pub enum CopyFailure<E> {
 /// `out` (`io::sink()` to only hash), then lets `each` see the source, the chunk and
 /// the count so far (it may stop the copy). Used by the quarantine copy, the delivery across
 /// filesystems, and every re-hash of a source or copy ([`hash_file`]).
+///
+/// `size`: what an `fstat` of `src` said just before. The copy then ends once that
+/// many bytes are read, without the last `read` that would only return 0 (one system
+/// call a file). A caller that gives it must compare a later `fstat` with that one,
+/// size included: bytes appended meanwhile are caught there, not here.
 pub fn copy_hashing<R: Read, E>(
     src: &mut R,
     out: &mut dyn Write,
     buf: &mut [u8],
+    size: Option<u64>,
     mut each: impl FnMut(&R, &[u8], u64) -> Result<(), E>,
 ) -> Result<Hashed, CopyFailure<E>> {
     let mut hasher = Sha256::new();
     let mut n: u64 = 0;
-    loop {
+    while size != Some(n) || n == 0 {
         let got = match src.read(buf) {
             Ok(0) => break,
             Ok(k) => k,
@@ -197,9 +203,12 @@ pub fn copy_hashing<R: Read, E>(
     })
 }
 
-/// SHA-256 of an open file, reading it from its current position to the end.
-pub fn hash_file(f: &mut File, buf: &mut [u8]) -> io::Result<(String, u64)> {
-    match copy_hashing(f, &mut io::sink(), buf, |_, _, _| Ok::<(), io::Error>(())) {
+/// SHA-256 of an open file, reading it from its current position to the end (or to
+/// `size`, see [`copy_hashing`]).
+pub fn hash_file(f: &mut File, buf: &mut [u8], size: Option<u64>) -> io::Result<(String, u64)> {
+    match copy_hashing(f, &mut io::sink(), buf, size, |_, _, _| {
+        Ok::<(), io::Error>(())
+    }) {
         Ok(h) => Ok((h.sha256, h.bytes)),
         Err(CopyFailure::Read(e) | CopyFailure::Write(e) | CopyFailure::Stopped(e)) => Err(e),
     }
@@ -321,6 +330,43 @@ pub fn walk(root: &Dir, mut visit: impl FnMut(Step) -> bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reader that counts its `read` calls.
+    struct Counted<'a>(&'a [u8], usize);
+
+    impl Read for Counted<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.1 += 1;
+            let n = buf.len().min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_known_size_spares_the_last_read_and_never_hides_bytes() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        let whole = hex::encode(Sha256::digest(&data));
+        let mut buf = vec![0u8; 4096];
+        let hash = |size: Option<u64>, buf: &mut [u8]| {
+            let mut r = Counted(&data, 0);
+            let h = copy_hashing(&mut r, &mut io::sink(), buf, size, |_, _, _| {
+                Ok::<(), io::Error>(())
+            })
+            .unwrap();
+            (h.sha256, h.bytes, r.1)
+        };
+        // To the end: three chunks and the read that returns 0.
+        assert_eq!(hash(None, &mut buf), (whole.clone(), 10_000, 4));
+        // The size an fstat gave: the same bytes, one read fewer.
+        assert_eq!(hash(Some(10_000), &mut buf), (whole.clone(), 10_000, 3));
+        // A file that grew after its fstat is read on to its end, unless the old size
+        // falls on a chunk boundary: then the caller's second fstat tells (size differs).
+        let (h, n, _) = hash(Some(5_000), &mut buf);
+        assert_eq!((h, n), (whole, 10_000));
+        assert_eq!(hash(Some(8_192), &mut buf).1, 8_192);
+    }
 
     #[test]
     fn rename_noreplace_never_overwrites() {

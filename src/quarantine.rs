@@ -238,7 +238,15 @@ pub fn copy_in(
     .map_err(fsx::failed("create", &final_path))?;
     crate::crashpoint::here("quarantine: copy created");
 
-    let copied = copy_hashing(&mut src, &mut out, leased, buf, &src_path, &final_path);
+    let copied = copy_hashing(
+        &mut src,
+        &mut out,
+        leased,
+        before.size,
+        buf,
+        &src_path,
+        &final_path,
+    );
     let result = copied.and_then(
         |Copied {
              sha256,
@@ -303,25 +311,28 @@ struct Copied {
     maybe_archive: bool,
 }
 
-/// Copies `src` to `out` ([`fsx::copy_hashing`]), returning the hex SHA-256 and the
-/// byte count. With `leased`, the lease on `src` is checked after every read: a
-/// writer that opens the file meanwhile waits for it, so the copy is given up at once.
+/// Copies `src` to `out` ([`fsx::copy_hashing`]), reading up to `size` (what its
+/// `fstat` said; the caller compares the one after), returning the hex SHA-256 and the
+/// byte count. With `leased`, the lease on `src` is checked after every read but the
+/// first (the caller checks it once more after the last): a writer that opens the
+/// file meanwhile waits for it, so a long copy is given up at once.
 fn copy_hashing(
     src: &mut File,
     out: &mut File,
     leased: bool,
+    size: u64,
     buf: &mut [u8],
     src_path: &Path,
     out_path: &Path,
 ) -> Result<Copied, QuarantineError> {
     // Judged from the first read; a first read too short to tell counts as maybe.
     let mut maybe_archive = false;
-    let copied = fsx::copy_hashing(src, out, buf, |src, chunk, n| {
-        if leased && !crate::lease::still_held(src) {
+    let copied = fsx::copy_hashing(src, out, buf, Some(size), |src, chunk, n| {
+        let got = chunk.len() as u64;
+        if leased && n != got && !crate::lease::still_held(src) {
             crate::lease::release(src);
             return Err(QuarantineError::OpenForWriting(" (opened during the copy)"));
         }
-        let got = chunk.len() as u64;
         if n == got {
             maybe_archive = crate::scan::archive::looks_like_archive(chunk);
             crate::crashpoint::here("quarantine: mid-copy");

@@ -227,7 +227,7 @@ fn time(secs: i64) -> String {
 /// Reads `file` from its start to its end: (bytes, SHA-256 hex).
 fn hash(file: &mut File) -> std::io::Result<(u64, String)> {
     file.rewind()?;
-    let (sha256, n) = crate::fsx::hash_file(file, &mut vec![0u8; 1 << 16])?;
+    let (sha256, n) = crate::fsx::hash_file(file, &mut vec![0u8; 1 << 16], None)?;
     file.rewind()?;
     Ok((n, sha256))
 }

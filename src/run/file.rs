@@ -599,7 +599,7 @@ fn source_holds_scanned_bytes(
     if (before.dev, before.ino) != (q.source.dev, q.source.ino) {
         return Err("the source was replaced after it was quarantined".into());
     }
-    let (sha, _) = fsx::hash_file(&mut f, buf)
+    let (sha, _) = fsx::hash_file(&mut f, buf, None)
         .map_err(|e| format!("source {} cannot be read: {e}", path.display()))?;
     if sha != q.sha256 {
         return Err(format!(
