@@ -34,6 +34,7 @@ pub mod report;
 pub mod rescan;
 pub mod run;
 pub mod scan;
+pub mod signals;
 pub mod states;
 pub mod status;
 pub mod throttle;

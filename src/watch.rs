@@ -234,20 +234,11 @@ struct Signals {
 impl Signals {
     fn install() -> Result<Signals, WatchError> {
         use signal_hook::consts::{SIGINT, SIGTERM};
-        let flag = Arc::new(AtomicBool::new(false));
         let (rd, wr) = UnixStream::pair().map_err(WatchError::Signals)?;
         rd.set_nonblocking(true).map_err(WatchError::Signals)?;
         wr.set_nonblocking(true).map_err(WatchError::Signals)?;
-        // A second Ctrl-C from an impatient operator ends the process at once (exit
-        // 130); recovery at the next start handles the interrupted files.
-        signal_hook::flag::register_conditional_shutdown(
-            SIGINT,
-            ExitCode::Interrupted.into(),
-            Arc::clone(&flag),
-        )
-        .map_err(WatchError::Signals)?;
+        let flag = crate::signals::stop_flag().map_err(WatchError::Signals)?;
         for sig in [SIGTERM, SIGINT] {
-            signal_hook::flag::register(sig, Arc::clone(&flag)).map_err(WatchError::Signals)?;
             let w = wr.try_clone().map_err(WatchError::Signals)?;
             signal_hook::low_level::pipe::register(sig, w).map_err(WatchError::Signals)?;
         }

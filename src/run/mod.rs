@@ -37,7 +37,7 @@ const EMPTY_DIR_AGE: Duration = Duration::from_secs(5 * 60);
 #[derive(Debug, Default, Clone)]
 pub struct RunOptions {
     pub report_json: Option<PathBuf>,
-    /// `shuttle watch`: set on SIGTERM/SIGINT, stops admission (in-flight files finish).
+    /// Set on SIGTERM/SIGINT (`crate::signals`): stops admission; in-flight files finish.
     pub stop: Option<Arc<AtomicBool>>,
     /// `shuttle watch`: notifications already sent by earlier passes (hold-down).
     pub memory: Option<Arc<notify::Memory>>,

@@ -71,6 +71,7 @@ pub fn process(
         queue: candidates,
         ready: VecDeque::new(),
         ended: false,
+        stop_seen: false,
         tickets: HashMap::new(),
         admission,
         stop: None,
@@ -206,6 +207,8 @@ struct Books<'a, 'r> {
     ready: VecDeque<Job>,
     /// Admission has stopped (throttle, stop request, fatal problem, no more files).
     ended: bool,
+    /// A stop request (SIGTERM/SIGINT) was seen and logged.
+    stop_seen: bool,
     tickets: HashMap<i64, throttle::Ticket>,
     admission: Admission,
     stop: Option<StopReason>,
@@ -241,7 +244,8 @@ impl Books<'_, '_> {
         let stop_requested = run
             .stop
             .is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
-        if stop_requested && !self.ended {
+        if stop_requested && !self.stop_seen {
+            self.stop_seen = true;
             tracing::info!("stop requested: no more files admitted; in-flight files finish");
         }
         if self.stop.is_none()

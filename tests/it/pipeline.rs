@@ -649,3 +649,53 @@ fn a_run_of_many_files_fits_a_low_open_file_limit() {
     assert!(Env::tree(&env.src).is_empty(), "every source removed");
     assert_eq!(env.report()["files"]["clean"], 1100);
 }
+
+#[test]
+fn sigterm_stops_a_run_after_the_file_in_flight_and_leaves_the_rest_for_the_next() {
+    let mut env = Env::new();
+    env.set("max_scan_threads", "1");
+    let mut dropped = Vec::new();
+    for i in 0..5 {
+        let body = format!("file {i}\n").repeat(100);
+        env.drop_file(&format!("f{i}.txt"), body.as_bytes());
+        dropped.push((format!("f{i}.txt"), body));
+    }
+    let mut cmd = env.run_command();
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    // Paused with the first file copied into the quarantine, before its scan.
+    let (child, resume) = env.spawn_paused(cmd, "scan: quarantined, before scan");
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    std::fs::write(&resume, b"").unwrap();
+    let r = Run::from(child.wait_with_output().unwrap());
+    assert_eq!(
+        r.code, 0,
+        "a stopped run that lost nothing exits 0: {}",
+        r.stderr
+    );
+
+    // The file in flight was finished (delivered, its source removed); no other was
+    // admitted, and every byte is in exactly one place.
+    let rep = env.report();
+    assert_eq!(rep["files"]["clean"], 1, "{rep}");
+    let delivered = Env::tree(&env.dst);
+    let waiting = Env::tree(&env.src);
+    assert_eq!(delivered.len(), 1, "{delivered:?}");
+    assert_eq!(waiting.len(), 4, "{waiting:?}");
+    for (name, body) in &dropped {
+        let here = delivered.get(name).or_else(|| waiting.get(name));
+        assert_eq!(here.map(Vec::as_slice), Some(body.as_bytes()), "{name}");
+    }
+    assert!(Env::tree(&env.quarantine).is_empty(), "quarantine emptied");
+    assert!(
+        r.stderr.contains("stop requested: no more files admitted"),
+        "{}",
+        r.stderr
+    );
+
+    // The next run takes the rest.
+    let again = env.run(&[]);
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert_eq!(Env::tree(&env.dst).len(), 5);
+    assert!(Env::tree(&env.src).is_empty());
+}

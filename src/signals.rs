@@ -1,0 +1,30 @@
+//! SIGTERM and SIGINT for the commands that handle files (`run`, `watch`).
+//!
+//! The first one asks the run to stop admitting files: the files in flight finish, are
+//! recorded and have their sources removed as usual, and the rest stay in the drop
+//! directory for the next run. SIGTERM is what systemd sends on `systemctl stop` and at
+//! shutdown, and what `timeout` sends from cron. A second SIGINT (an impatient
+//! operator's Ctrl-C) ends the process at once with exit 130; the next run's recovery
+//! handles the files it had begun, as after any crash.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use crate::states::ExitCode;
+
+/// Installs the handlers; the flag they raise.
+pub fn stop_flag() -> std::io::Result<Arc<AtomicBool>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let flag = Arc::new(AtomicBool::new(false));
+    // Registered before the flag itself, so that it sees the flag as the first
+    // SIGINT left it.
+    signal_hook::flag::register_conditional_shutdown(
+        SIGINT,
+        ExitCode::Interrupted.into(),
+        Arc::clone(&flag),
+    )?;
+    for sig in [SIGTERM, SIGINT] {
+        signal_hook::flag::register(sig, Arc::clone(&flag))?;
+    }
+    Ok(flag)
+}
