@@ -70,7 +70,7 @@ pub struct RescanCounts {
     /// Copies no longer in the destination.
     pub gone: u64,
     pub failed: u64,
-    /// The budget ran out with deliveries still to rescan.
+    /// The budget ran out, or a stop was requested, with deliveries still to rescan.
     pub unfinished: bool,
     /// Seconds spent.
     pub seconds: f64,
@@ -884,7 +884,8 @@ fn notify_changed(s: &Slice, d: &Delivery, why: &str) {
 
 /// `shuttle rescan [--days N] [--path PREFIX]`: a retro-scan now, with no time budget,
 /// under the run lock. Exit 0 done, 1 a rescan failed or the run stopped, 2
-/// configuration, 3 another run holds the lock.
+/// configuration, 3 another run holds the lock. SIGTERM or SIGINT (`crate::signals`)
+/// stops it after the deliveries being rescanned; the next one takes the rest.
 pub fn main(cli: &crate::config::CommandLine, days: Option<u64>, prefix: Option<&str>) -> ExitCode {
     let loaded = match crate::config::load(cli) {
         Ok(l) => l,
@@ -902,10 +903,26 @@ pub fn main(cli: &crate::config::CommandLine, days: Option<u64>, prefix: Option<
         }
     };
     notify::off_when_unusable(&mut cfg.notifications);
-    let code = match now(&cfg, days.unwrap_or(cfg.rescan.days), prefix) {
+    let stop = match crate::signals::stop_flag() {
+        Ok(flag) => Some(flag),
+        Err(e) => {
+            tracing::warn!(
+                "cannot install the SIGTERM/SIGINT handlers ({e}): a stop signal ends this retro-scan at once"
+            );
+            None
+        }
+    };
+    let code = match now(
+        &cfg,
+        days.unwrap_or(cfg.rescan.days),
+        prefix,
+        stop.as_deref(),
+    ) {
         Ok(counts) => {
+            let stopped =
+                stop.as_deref().is_some_and(|f| f.load(Ordering::SeqCst)) && counts.unfinished;
             println!(
-                "retro-scan: {} rescanned: {} clean, {} alerted, {} withdrawn, {} failed; {} changed and {} gone downstream (left alone); {:.1} s",
+                "retro-scan: {} rescanned: {} clean, {} alerted, {} withdrawn, {} failed; {} changed and {} gone downstream (left alone); {:.1} s{}",
                 counts.scanned,
                 counts.clean,
                 counts.alerted,
@@ -913,7 +930,12 @@ pub fn main(cli: &crate::config::CommandLine, days: Option<u64>, prefix: Option<
                 counts.failed,
                 counts.changed,
                 counts.gone,
-                counts.seconds
+                counts.seconds,
+                if stopped {
+                    "; stopped on request before the end: the next `shuttle rescan` takes the rest"
+                } else {
+                    ""
+                }
             );
             if counts.failed > 0 {
                 ExitCode::Failed
@@ -968,7 +990,12 @@ pub enum NowError {
 }
 
 /// The retro-scan of `shuttle rescan`.
-fn now(cfg: &Config, days: u64, prefix: Option<&str>) -> Result<RescanCounts, NowError> {
+fn now(
+    cfg: &Config,
+    days: u64,
+    prefix: Option<&str>,
+    stop: Option<&AtomicBool>,
+) -> Result<RescanCounts, NowError> {
     crate::preflight::preflight(cfg)?;
     let _lock = crate::lock::acquire(&cfg.lock_path).map_err(crate::preflight::RunError::Lock)?;
     let engines = crate::scan::enabled(cfg).map_err(crate::preflight::RunError::Config)?;
@@ -997,7 +1024,7 @@ fn now(cfg: &Config, days: u64, prefix: Option<&str>) -> Result<RescanCounts, No
         days,
         prefix,
         budget: None,
-        stop: None,
+        stop,
         use_mark: false,
         own: None,
     };

@@ -1,8 +1,9 @@
-//! SIGTERM and SIGINT for the commands that handle files (`run`, `watch`).
+//! SIGTERM and SIGINT for the commands that handle files (`run`, `watch`, `rescan`).
 //!
 //! The first one asks the run to stop admitting files: the files in flight finish, are
 //! recorded and have their sources removed as usual, and the rest stay in the drop
-//! directory for the next run. SIGTERM is what systemd sends on `systemctl stop` and at
+//! directory for the next run (`rescan`: the deliveries being rescanned are recorded,
+//! the rest wait for the next retro-scan). SIGTERM is what systemd sends on `systemctl stop` and at
 //! shutdown, and what `timeout` sends from cron. A second SIGINT (an impatient
 //! operator's Ctrl-C) ends the process at once with exit 130; the next run's recovery
 //! handles the files it had begun, as after any crash.

@@ -375,6 +375,33 @@ fn a_killed_rescan_of_many_deliveries_resumes_and_a_pass_keeps_its_budget() {
     assert!(rows > first && rows < total, "{rows}");
     phase("killed rescan");
 
+    // Stopped by SIGTERM part-way: the delivery in hand is recorded, then it ends
+    // (exit 0), saying so; nothing is rescanned twice.
+    env.set("max_scan_threads", "1");
+    env.write_config();
+    let mut cmd = env.command(&["rescan", "--config", &config]);
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let (child, resume) = env.spawn_paused(cmd, "rescan: scanned, before record");
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    std::fs::write(&resume, b"").unwrap();
+    let r = Run::from(child.wait_with_output().unwrap());
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.contains("1 rescanned: 1 clean")
+            && r.stdout.contains("stopped on request before the end"),
+        "{}",
+        r.stdout
+    );
+    let rows_before = rows;
+    let (rows, files, clean) = rescans(&env);
+    assert_eq!(
+        (rows, files, clean),
+        (rows_before + 1, rows_before + 1, rows_before + 1)
+    );
+    phase("stopped rescan");
+
     // The rest, each exactly once.
     let started = Instant::now();
     let r = env.shuttle(&["rescan", "--config", &config]);
