@@ -267,12 +267,7 @@ fn run_command(cli: &CommandLine, report_json: Option<PathBuf>, watch: bool) -> 
     } else {
         // SIGTERM (systemctl stop, shutdown) or Ctrl-C: the files in flight finish,
         // the rest wait in the drop directory for the next run.
-        match crate::signals::stop_flag() {
-            Ok(flag) => opts.stop = Some(flag),
-            Err(e) => tracing::warn!(
-                "cannot install the SIGTERM/SIGINT handlers ({e}): a stop signal ends this run at once, and the next run's recovery handles the files it had begun"
-            ),
-        }
+        opts.stop = crate::signals::stop_flag_or_warn("run");
         run::run(&cfg, &opts).map(|report| report.exit_code)
     };
     let code = match done {

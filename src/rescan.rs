@@ -903,15 +903,7 @@ pub fn main(cli: &crate::config::CommandLine, days: Option<u64>, prefix: Option<
         }
     };
     notify::off_when_unusable(&mut cfg.notifications);
-    let stop = match crate::signals::stop_flag() {
-        Ok(flag) => Some(flag),
-        Err(e) => {
-            tracing::warn!(
-                "cannot install the SIGTERM/SIGINT handlers ({e}): a stop signal ends this retro-scan at once"
-            );
-            None
-        }
-    };
+    let stop = crate::signals::stop_flag_or_warn("retro-scan");
     let code = match now(
         &cfg,
         days.unwrap_or(cfg.rescan.days),

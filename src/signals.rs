@@ -13,6 +13,21 @@ use std::sync::atomic::AtomicBool;
 
 use crate::states::ExitCode;
 
+/// [`stop_flag`] for a command that goes on without it: a failure to install the
+/// handlers is one warning, and a stop signal then ends `what` at once (the next run's
+/// recovery handles what it had begun, as after a crash).
+pub fn stop_flag_or_warn(what: &str) -> Option<Arc<AtomicBool>> {
+    match stop_flag() {
+        Ok(flag) => Some(flag),
+        Err(e) => {
+            tracing::warn!(
+                "cannot install the SIGTERM/SIGINT handlers ({e}): a stop signal ends this {what} at once, and the next run's recovery handles what it had begun"
+            );
+            None
+        }
+    }
+}
+
 /// Installs the handlers; the flag they raise.
 pub fn stop_flag() -> std::io::Result<Arc<AtomicBool>> {
     use signal_hook::consts::{SIGINT, SIGTERM};

@@ -664,8 +664,7 @@ fn sigterm_stops_a_run_after_the_file_in_flight_and_leaves_the_rest_for_the_next
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     // Paused with the first file copied into the quarantine, before its scan.
     let (child, resume) = env.spawn_paused(cmd, "scan: quarantined, before scan");
-    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
-    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    term(&child);
     std::fs::write(&resume, b"").unwrap();
     let r = Run::from(child.wait_with_output().unwrap());
     assert_eq!(

@@ -383,8 +383,7 @@ fn a_killed_rescan_of_many_deliveries_resumes_and_a_pass_keeps_its_budget() {
     cmd.stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let (child, resume) = env.spawn_paused(cmd, "rescan: scanned, before record");
-    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
-    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    term(&child);
     std::fs::write(&resume, b"").unwrap();
     let r = Run::from(child.wait_with_output().unwrap());
     assert_eq!(r.code, 0, "{}", r.stderr);

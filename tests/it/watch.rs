@@ -31,11 +31,6 @@ fn wait_until(limit: Duration, mut ok: impl FnMut() -> bool) -> bool {
     false
 }
 
-fn term(child: &Child) {
-    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
-    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
-}
-
 /// Waits for the process to exit; its exit code.
 fn exit_code(mut child: Child, limit: Duration) -> i32 {
     let t = Instant::now();

@@ -367,6 +367,12 @@ impl Env {
     }
 }
 
+/// Sends SIGTERM to a spawned `shuttle` (systemd's stop, `timeout` from cron).
+pub fn term(child: &std::process::Child) {
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+}
+
 /// Sets a file's mtime `secs` into the past.
 pub fn age(p: &Path, secs: u64) {
     let t = SystemTime::now() - Duration::from_secs(secs);
