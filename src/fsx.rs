@@ -60,6 +60,20 @@ pub fn mib(bytes: u64) -> f64 {
     bytes as f64 / 1_048_576.0
 }
 
+/// A volume for people: bytes below 1 KB, KB below 1 MB, then MB (KB and MB mean
+/// KiB and MiB, as everywhere in Shuttle's messages), so that a few small files never
+/// read as "0.0 MB".
+pub fn volume(bytes: u64) -> String {
+    let kb = bytes as f64 / 1_024.0;
+    if bytes < 1_024 {
+        format!("{bytes} bytes")
+    } else if kb < 999.95 {
+        format!("{kb:.1} KB")
+    } else {
+        format!("{:.1} MB", mib(bytes))
+    }
+}
+
 /// What an I/O failure means to Shuttle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IoKind {
@@ -330,6 +344,16 @@ pub fn walk(root: &Dir, mut visit: impl FnMut(Step) -> bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_volume_reads_in_bytes_kb_or_mb_never_as_zero_mb() {
+        assert_eq!(volume(0), "0 bytes");
+        assert_eq!(volume(1_023), "1023 bytes");
+        assert_eq!(volume(2_300), "2.2 KB");
+        assert_eq!(volume(1_023_897), "999.9 KB");
+        assert_eq!(volume(1_048_575), "1.0 MB");
+        assert_eq!(volume(8_110_080), "7.7 MB");
+    }
 
     /// A reader that counts its `read` calls.
     struct Counted<'a>(&'a [u8], usize);

@@ -116,13 +116,13 @@ impl Report {
     pub fn summary_line(&self) -> String {
         let f = &self.files;
         let mut s = format!(
-            "run finished (exit {}): {} discovered, {} skipped, {} admitted: {} clean ({:.1} MB), {} suspect, {} failed, {} unscannable, {} too large; {} deferred",
+            "run finished (exit {}): {} discovered, {} skipped, {} admitted: {} clean ({}), {} suspect, {} failed, {} unscannable, {} too large; {} deferred",
             self.exit_code,
             f.discovered,
             f.skipped,
             f.admitted,
             f.clean,
-            fsx::mib(self.bytes.clean),
+            fsx::volume(self.bytes.clean),
             f.suspect,
             f.failed,
             f.unscannable,

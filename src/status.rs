@@ -42,6 +42,8 @@ pub struct Status {
     pub day: String,
     pub files_today: Limit,
     pub mb_today: Limit,
+    /// Today's volume exactly (`mb_today` counts whole MB, as the daily limit does).
+    pub bytes_today: u64,
     pub throttle_enabled: bool,
     pub targets: Vec<TargetStatus>,
     pub hazard_archive_mb: Option<f64>,
@@ -110,6 +112,7 @@ pub fn gather(
             used: bytes / 1_048_576,
             limit: cfg.throttle.max_mb_per_day,
         },
+        bytes_today: bytes,
         throttle_enabled: cfg.throttle.enabled,
         targets,
         hazard_archive_mb,
@@ -157,11 +160,22 @@ fn dir_bytes(root: &std::path::Path) -> u64 {
     total
 }
 
-fn limit_text(l: &Limit, unit: &str) -> String {
+/// "2 of 100 files", "2 files (no daily limit)".
+fn files_text(l: &Limit) -> String {
     if l.limit == 0 {
-        format!("{} {unit} (no daily limit)", l.used)
+        format!("{} files (no daily limit)", l.used)
     } else {
-        format!("{} of {} {unit}", l.used, l.limit)
+        format!("{} of {} files", l.used, l.limit)
+    }
+}
+
+/// "2.0 MB of 100 MB", "300 bytes (no daily limit)": today's volume exactly, never
+/// "0 MB" for a few small files.
+fn volume_text(bytes: u64, limit_mb: u64) -> String {
+    if limit_mb == 0 {
+        format!("{} (no daily limit)", fsx::volume(bytes))
+    } else {
+        format!("{} of {limit_mb} MB", fsx::volume(bytes))
     }
 }
 
@@ -169,9 +183,15 @@ fn limit_text(l: &Limit, unit: &str) -> String {
 /// written, "none (free space grew …)" rather than a negative figure.
 fn consumed(mb: Option<f64>) -> String {
     match mb {
-        Some(x) if x < 0.0 => format!("none (free space grew {:.1} MB)", -x),
-        v => opt(v, "MB"),
+        Some(x) if x < 0.0 => format!("none (free space grew {})", mb_volume(-x)),
+        Some(x) => mb_volume(x),
+        None => "unknown".into(),
     }
+}
+
+/// A non-negative figure in MB, for people ([`fsx::volume`]).
+fn mb_volume(mb: f64) -> String {
+    fsx::volume((mb * 1_048_576.0).round() as u64)
 }
 
 fn opt(v: Option<f64>, unit: &str) -> String {
@@ -184,8 +204,8 @@ pub fn print(s: &Status) {
     println!("Shuttle status for {}", s.day);
     println!(
         "  today: {}, {}",
-        limit_text(&s.files_today, "files"),
-        limit_text(&s.mb_today, "MB")
+        files_text(&s.files_today),
+        volume_text(s.bytes_today, s.mb_today.limit)
     );
     println!(
         "  throttle: {}",
@@ -208,7 +228,10 @@ pub fn print(s: &Status) {
                 ""
             },
             consumed(t.consumed_today_mb),
-            opt(t.avg_daily_consumption_mb, "MB"),
+            match t.avg_daily_consumption_mb {
+                Some(x) if x >= 0.0 => mb_volume(x),
+                v => opt(v, "MB"),
+            },
         );
     }
     if let Some(h) = s.hazard_archive_mb {

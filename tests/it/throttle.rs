@@ -434,6 +434,37 @@ fn throttle_off_still_survives_a_real_disk_full() {
     assert!(Env::tree(&env.quarantine).is_empty());
 }
 
+/// A few small files: the run's last line and `status` give their volume in bytes or
+/// KB, not "0.0 MB" (which reads as nothing delivered); JSON keeps whole MB for the
+/// limit and the exact bytes beside it.
+#[test]
+fn a_few_small_files_are_counted_in_kb_not_as_zero_mb() {
+    let env = throttled(1);
+    env.drop_file("a.txt", &[b'a'; 100]);
+    env.drop_file("b.txt", &[b'b'; 200]);
+    env.drop_file("c.txt", &[b'c'; 2_000]);
+    let r = env.run(&[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(Env::tree(&env.dst).len(), 3);
+    let log = env.log_text();
+    assert!(
+        log.contains("admitted: 3 clean (2.2 KB), 0 suspect"),
+        "{log}"
+    );
+    let r = env.shuttle(&["status", "--config", env.config.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout
+            .contains("today: 3 files (no daily limit), 2.2 KB (no daily limit)"),
+        "{}",
+        r.stdout
+    );
+    let r = env.shuttle(&["status", "--json", "--config", env.config.to_str().unwrap()]);
+    let s: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(s["bytes_today"], 2_300);
+    assert_eq!(s["mb_today"]["used"], 0);
+}
+
 #[test]
 fn status_shows_limits_free_space_and_the_trend_from_journal_history() {
     let mut env = throttled(20);
