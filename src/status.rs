@@ -189,6 +189,15 @@ fn consumed(mb: Option<f64>) -> String {
     }
 }
 
+/// The average daily use of a filesystem: a volume, or as signed MB when free space
+/// grew on average.
+fn per_day(mb: Option<f64>) -> String {
+    match mb {
+        Some(x) if x >= 0.0 => mb_volume(x),
+        v => opt(v, "MB"),
+    }
+}
+
 /// A non-negative figure in MB, for people ([`fsx::volume`]).
 fn mb_volume(mb: f64) -> String {
     fsx::volume((mb * 1_048_576.0).round() as u64)
@@ -228,10 +237,7 @@ pub fn print(s: &Status) {
                 ""
             },
             consumed(t.consumed_today_mb),
-            match t.avg_daily_consumption_mb {
-                Some(x) if x >= 0.0 => mb_volume(x),
-                v => opt(v, "MB"),
-            },
+            per_day(t.avg_daily_consumption_mb),
         );
     }
     if let Some(h) = s.hazard_archive_mb {
