@@ -75,6 +75,10 @@ pub struct Quarantined {
     /// judged from the copy buffer, so that other files are not opened again to be
     /// inspected.
     pub maybe_archive: bool,
+    /// The read-only descriptor the last scan was given ([`Quarantined::open_for_scan`]),
+    /// kept for delivery ([`Quarantined::open_scanned`]) so that the copy is not
+    /// opened a third time.
+    scanned: std::sync::Arc<std::sync::Mutex<Option<File>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -286,6 +290,7 @@ pub fn copy_in(
                 source: before,
                 mode: delivered_mode(source_mode),
                 maybe_archive,
+                scanned: Default::default(),
             })
         },
     );
@@ -383,7 +388,45 @@ impl Quarantined {
     /// inode, size and mtime): what is scanned and delivered is what was hashed.
     pub fn reopen(&self) -> io::Result<File> {
         let f = self.dir.open_read(self.name())?;
-        let now = Stamp::of(&f.metadata()?);
+        self.check(&Stamp::of(&f.metadata()?))?;
+        Ok(f)
+    }
+
+    /// [`Quarantined::reopen`] for a scan, keeping a duplicate of the descriptor for
+    /// [`Quarantined::open_scanned`] (the last one, when a scan is tried again).
+    pub fn open_for_scan(&self) -> io::Result<File> {
+        let f = self.reopen()?;
+        let kept = f.try_clone()?;
+        *self.scanned.lock().unwrap_or_else(|p| p.into_inner()) = Some(kept);
+        Ok(f)
+    }
+
+    /// The copy for delivery: the descriptor the scan was given, once the copy's name
+    /// is checked to still be that inode, with the same size and mtime (an `lstat`,
+    /// the check [`Quarantined::reopen`] makes, without opening the file again). Its
+    /// offset is wherever the scan left it. Without a kept descriptor, opened afresh.
+    pub fn open_scanned(&self) -> io::Result<File> {
+        let kept = self
+            .scanned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some(f) = kept else {
+            return self.reopen();
+        };
+        let now = self.dir.meta(self.name())?;
+        self.check(&Stamp {
+            dev: now.dev,
+            ino: now.ino,
+            size: now.size,
+            mtime_ns: now.mtime_ns,
+            ctime_ns: now.ctime_ns,
+        })?;
+        Ok(f)
+    }
+
+    /// Is `now` still the copy written: same inode, size and mtime?
+    fn check(&self, now: &Stamp) -> io::Result<()> {
         if (now.dev, now.ino, now.size, now.mtime_ns)
             != (
                 self.copy.dev,
@@ -394,7 +437,7 @@ impl Quarantined {
         {
             return Err(io::Error::other("quarantine copy was replaced or modified"));
         }
-        Ok(f)
+        Ok(())
     }
 
     /// `lstat` of the copy's name, beneath the quarantine's handle (an engine may

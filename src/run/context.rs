@@ -115,6 +115,7 @@ impl Roots {
                 root: destination,
                 on_conflict: cfg.on_conflict,
                 same_fs,
+                dirs: Default::default(),
             }),
             checks: crate::quarantine::SourceChecks {
                 writers,

@@ -150,7 +150,7 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8], dirs: &mut quarantine::DirCa
         Err(why) => return set_aside(run, r, &q, job, Outcome::Unscannable, why),
     };
     crate::crashpoint::here("scan: quarantined, before scan");
-    let scan = run.scanners.scan(&q.path, q.size, &|| q.reopen());
+    let scan = run.scanners.scan(&q.path, q.size, &|| q.open_for_scan());
     crate::crashpoint::here("scan: scanned, before disposal");
     r.figures = scan.figures_line();
     let verdict = scan.verdict.clone();

@@ -1,6 +1,6 @@
 //! The run core under faults no integration test can cause on demand: a fake scanner
-//! (no clamd), and settling's `syncfs` and journal batch failing or panicking through
-//! [`Hooks`]. Each test asserts what a user sees: which sources are kept, what the
+//! (no clamd), one that changes the disk while it scans, and settling's `syncfs` and
+//! journal batch failing or panicking through [`Hooks`]. Each test asserts what a user sees: which sources are kept, what the
 //! destination holds (never a duplicate), and each file's outcome in the report and
 //! the journal; most then run again with working hooks and check the file arrives
 //! exactly once.
@@ -44,6 +44,32 @@ impl Scanner for Fake {
     }
 }
 
+/// An engine that answers clean after doing something to the disk while it "scans"
+/// (given the quarantine copy's path): what another process could do at that moment.
+struct Meddler(Box<dyn Fn(&Path) + Send + Sync>);
+
+impl Scanner for Meddler {
+    fn name(&self) -> &'static str {
+        "clamav"
+    }
+    fn version(&self) -> Result<String, ScanError> {
+        Ok("clamav 1".into())
+    }
+    fn signatures(&self, v: &str) -> Result<Signatures, ScanError> {
+        clean().signatures(v)
+    }
+    fn scan(
+        &self,
+        _: &File,
+        path: &Path,
+        _: u64,
+        _: Option<Duration>,
+    ) -> Result<Verdict, ScanError> {
+        (self.0)(path);
+        Ok(Verdict::Clean)
+    }
+}
+
 fn clean() -> Box<dyn Scanner> {
     Box::new(Fake {
         name: "clamav",
@@ -59,21 +85,29 @@ struct World {
 
 impl World {
     fn new(files: &[&str]) -> World {
+        World::with_threads(files, 2)
+    }
+
+    /// [`World::new`] with `threads` workers (one: files handled one after another).
+    fn with_threads(files: &[&str], threads: u32) -> World {
         let dir = tempfile::tempdir().unwrap();
         let p = |s: &str| dir.path().join(s);
         for d in ["src", "q", "dst", "state"] {
             std::fs::create_dir(p(d)).unwrap();
         }
         for f in files {
-            std::fs::write(p("src").join(f), format!("contents of {f}")).unwrap();
+            let path = p("src").join(f);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, format!("contents of {f}")).unwrap();
         }
         let text = format!(
-            "[paths]\nsource_path={}\nquarantine_path={}\ndestination_path={}\ntracking_data_path={}\nlock_path={}\n[scanning]\non_demand_clam_av=false\non_demand_defender=false\ncanary=false\n[settings]\nskip_stability_check=true\nmax_scan_threads=2\ndelete_source_files_after_copying=true\n",
+            "[paths]\nsource_path={}\nquarantine_path={}\ndestination_path={}\ntracking_data_path={}\nlock_path={}\n[scanning]\non_demand_clam_av=false\non_demand_defender=false\ncanary=false\n[settings]\nskip_stability_check=true\nmax_scan_threads={}\ndelete_source_files_after_copying=true\n",
             p("src").display(),
             p("q").display(),
             p("dst").display(),
             p("state").display(),
             p("state/lock").display(),
+            threads,
         );
         std::fs::write(p("shuttle.conf"), text).unwrap();
         let cli = CommandLine {
@@ -313,4 +347,85 @@ fn a_detection_beside_another_engines_failure_is_suspect() {
         w.journal(),
         [("finished".to_string(), Some("suspect".to_string()))]
     );
+}
+
+#[test]
+fn a_quarantine_copy_replaced_or_changed_after_its_scan_is_not_delivered() {
+    let w = World::new(&["swapped.txt", "grown.txt"]);
+    // While each copy is "scanned": one is replaced by another file under its name,
+    // the other has bytes appended (the descriptor the scan was given stays on the
+    // scanned inode; what is delivered must be that inode, unchanged).
+    let meddler = Meddler(Box::new(|copy: &Path| {
+        if copy.ends_with("swapped.txt") {
+            std::fs::remove_file(copy).unwrap();
+            std::fs::write(copy, "contents of swapped.txx").unwrap();
+        } else {
+            let mut f = std::fs::OpenOptions::new().append(true).open(copy).unwrap();
+            std::io::Write::write_all(&mut f, b" and more").unwrap();
+        }
+    }));
+    let (report, done) = w.pass(vec![Box::new(meddler)], Hooks::REAL);
+    done.unwrap();
+    let mut o = outcomes(&report);
+    o.sort();
+    assert_eq!(o, [("grown.txt", "failed"), ("swapped.txt", "failed")]);
+    for f in &report.file_results {
+        let error = f.error.as_deref().unwrap_or_default();
+        assert!(error.contains("changed after it was scanned"), "{error}");
+    }
+    assert!(w.destination().is_empty(), "nothing delivered");
+    assert!(w.source("swapped.txt").exists() && w.source("grown.txt").exists());
+
+    // A run with nobody meddling delivers both, with their own bytes.
+    let (report, done) = w.pass(vec![clean()], Hooks::REAL);
+    done.unwrap();
+    assert_eq!(report.files.clean, 2);
+    let dst = &w.cfg.destination_path;
+    assert_eq!(
+        std::fs::read_to_string(dst.join("swapped.txt")).unwrap(),
+        "contents of swapped.txt"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dst.join("grown.txt")).unwrap(),
+        "contents of grown.txt"
+    );
+}
+
+#[test]
+fn a_destination_directory_moved_away_mid_run_is_made_again_for_the_next_file() {
+    // One worker: "a/1.txt" is delivered before "a/2.txt" is scanned.
+    let w = World::with_threads(&["a/1.txt", "a/2.txt"], 1);
+    let dst = w.cfg.destination_path.clone();
+    // While the second file is scanned, whoever takes files from the destination
+    // moves the directory the first went to.
+    let taker = dst.clone();
+    let meddler = Meddler(Box::new(move |copy: &Path| {
+        if copy.ends_with("a/2.txt") {
+            std::fs::rename(taker.join("a"), taker.join("taken")).unwrap();
+        }
+    }));
+    let (report, done) = w.pass(vec![Box::new(meddler)], Hooks::REAL);
+    done.unwrap();
+    assert_eq!(report.files.clean, 2);
+    assert_eq!(
+        std::fs::read_to_string(dst.join("taken/1.txt")).unwrap(),
+        "contents of a/1.txt"
+    );
+    // The second file is where the report says, under its own path, not in the
+    // directory that was moved away.
+    assert_eq!(
+        std::fs::read_to_string(dst.join("a/2.txt")).unwrap(),
+        "contents of a/2.txt"
+    );
+    assert!(!dst.join("taken/2.txt").exists());
+    let second = report
+        .file_results
+        .iter()
+        .find(|f| f.path == "a/2.txt")
+        .unwrap();
+    assert_eq!(
+        second.destination.as_deref(),
+        Some(dst.join("a/2.txt").to_str().unwrap())
+    );
+    assert!(!w.source("a/1.txt").exists() && !w.source("a/2.txt").exists());
 }
