@@ -189,12 +189,13 @@ fn consumed(mb: Option<f64>) -> String {
     }
 }
 
-/// The average daily use of a filesystem: a volume, or as signed MB when free space
-/// grew on average.
+/// The average daily use of a filesystem: a volume a day, signed MB a day when free
+/// space grew on average, or why there is none yet.
 fn per_day(mb: Option<f64>) -> String {
     match mb {
-        Some(x) if x >= 0.0 => mb_volume(x),
-        v => opt(v, "MB"),
+        Some(x) if x >= 0.0 => format!("avg {}/day", mb_volume(x)),
+        Some(x) => format!("avg {x:.1} MB/day"),
+        None => "no daily average yet (under an hour of samples)".into(),
     }
 }
 
@@ -226,7 +227,7 @@ pub fn print(s: &Status) {
             None => "no consumption trend toward the threshold".into(),
         };
         println!(
-            "  {} {}: {} free, threshold {:.0} MB{}; used today {}, avg {}/day; {projection}",
+            "  {} {}: {} free, threshold {:.0} MB{}; used today {}, {}; {projection}",
             t.target,
             t.path,
             opt(t.free_mb, "MB"),
@@ -241,15 +242,15 @@ pub fn print(s: &Status) {
         );
     }
     if let Some(h) = s.hazard_archive_mb {
-        println!("  hazard archive: {h:.1} MB");
+        println!("  hazard archive: {}", mb_volume(h));
     }
     if let Some(f) = &s.fleet {
         println!(
-            "  fleet: {} node(s), {} claim(s) in flight, today {} files, {:.1} MB",
+            "  fleet: {} node(s), {} claim(s) in flight, today {} files, {}",
             f.nodes.len(),
             f.claims_in_flight,
             f.today_files,
-            mib(f.today_bytes)
+            fsx::volume(f.today_bytes)
         );
         for n in &f.nodes {
             let silent = if n.state == "running" && n.heartbeat_age_seconds > n.lease_seconds {

@@ -459,6 +459,8 @@ fn status_shows_the_fleet() {
         .unwrap();
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("fleet: 2 node(s)"), "{text}");
+    // Twenty files of 4 KiB: their volume in KB, not "0.1 MB".
+    assert!(text.contains("today 20 files, 80.0 KB"), "{text}");
 }
 
 /// A journal URL that cannot work is a clear error, before any file is touched: an

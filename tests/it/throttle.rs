@@ -459,6 +459,13 @@ fn a_few_small_files_are_counted_in_kb_not_as_zero_mb() {
         "{}",
         r.stdout
     );
+    // A fresh journal has no trend yet, and says so rather than "avg unknown/day".
+    assert!(
+        r.stdout
+            .contains("no daily average yet (under an hour of samples)"),
+        "{}",
+        r.stdout
+    );
     let r = env.shuttle(&["status", "--json", "--config", env.config.to_str().unwrap()]);
     let s: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(s["bytes_today"], 2_300);
@@ -532,7 +539,12 @@ fn status_shows_limits_free_space_and_the_trend_from_journal_history() {
     let r = env.shuttle(&["status", "--config", env.config.to_str().unwrap()]);
     assert_eq!(r.code, 0);
     assert!(r.stdout.contains("today: 2 of 100 files"), "{}", r.stdout);
-    assert!(r.stdout.contains("threshold reached in ~"), "{}", r.stdout);
+    assert!(r.stdout.contains("avg 10."), "{}", r.stdout);
+    assert!(
+        r.stdout.contains(" MB/day; threshold reached in ~"),
+        "{}",
+        r.stdout
+    );
 }
 
 /// A file that could not fit the quarantine even if it were empty (a sparse 300 MiB
