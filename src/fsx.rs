@@ -60,17 +60,20 @@ pub fn mib(bytes: u64) -> f64 {
     bytes as f64 / 1_048_576.0
 }
 
-/// A volume for people: bytes below 1 KB, KB below 1 MB, then MB (KB and MB mean
-/// KiB and MiB, as everywhere in Shuttle's messages), so that a few small files never
-/// read as "0.0 MB".
+/// A volume for people: bytes below 1 KB, KB below 1 MB, MB below 1 GB, then GB (KB,
+/// MB and GB mean KiB, MiB and GiB, as everywhere in Shuttle's messages), so that a few
+/// small files never read as "0.0 MB" nor a disk's free space as "63002.7 MB".
 pub fn volume(bytes: u64) -> String {
     let kb = bytes as f64 / 1_024.0;
+    let mb = mib(bytes);
     if bytes < 1_024 {
         format!("{bytes} bytes")
     } else if kb < 999.95 {
         format!("{kb:.1} KB")
+    } else if mb < 999.95 {
+        format!("{mb:.1} MB")
     } else {
-        format!("{:.1} MB", mib(bytes))
+        format!("{:.1} GB", mb / 1_024.0)
     }
 }
 
@@ -346,13 +349,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_volume_reads_in_bytes_kb_or_mb_never_as_zero_mb() {
+    fn a_volume_reads_in_bytes_kb_mb_or_gb_never_as_zero_mb() {
         assert_eq!(volume(0), "0 bytes");
         assert_eq!(volume(1_023), "1023 bytes");
         assert_eq!(volume(2_300), "2.2 KB");
         assert_eq!(volume(1_023_897), "999.9 KB");
         assert_eq!(volume(1_048_575), "1.0 MB");
         assert_eq!(volume(8_110_080), "7.7 MB");
+        assert_eq!(volume(1_048_471_142), "999.9 MB");
+        assert_eq!(volume(1_048_576_000), "1.0 GB");
+        assert_eq!(volume(66_063_729_869), "61.5 GB");
     }
 
     /// A reader that counts its `read` calls.

@@ -204,11 +204,6 @@ fn mb_volume(mb: f64) -> String {
     fsx::volume((mb * 1_048_576.0).round() as u64)
 }
 
-fn opt(v: Option<f64>, unit: &str) -> String {
-    v.map(|x| format!("{x:.1} {unit}"))
-        .unwrap_or_else(|| "unknown".into())
-}
-
 /// Prints the status for people.
 pub fn print(s: &Status) {
     println!("Shuttle status for {}", s.day);
@@ -230,7 +225,7 @@ pub fn print(s: &Status) {
             "  {} {}: {} free, threshold {:.0} MB{}; used today {}, {}; {projection}",
             t.target,
             t.path,
-            opt(t.free_mb, "MB"),
+            t.free_mb.map_or_else(|| "unknown".into(), mb_volume),
             t.threshold_mb,
             if t.below_threshold {
                 " (BELOW THRESHOLD)"

@@ -541,6 +541,11 @@ fn status_shows_limits_free_space_and_the_trend_from_journal_history() {
     assert!(r.stdout.contains("today: 2 of 100 files"), "{}", r.stdout);
     assert!(r.stdout.contains("avg 10."), "{}", r.stdout);
     assert!(
+        r.stdout.contains(" MB free, threshold 20 MB"),
+        "{}",
+        r.stdout
+    );
+    assert!(
         r.stdout.contains(" MB/day; threshold reached in ~"),
         "{}",
         r.stdout
