@@ -13,7 +13,6 @@ use std::fs::File;
 use std::io::{self, Seek};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 use crate::config::OnConflict;
 use crate::fsx;
@@ -89,74 +88,6 @@ pub struct Target<'a> {
     /// fsync the file and its directory now. `false`: the caller makes a whole batch
     /// durable at once (`syncfs`) before it relies on these deliveries.
     pub durable: bool,
-    /// Destination directories already open.
-    pub dirs: &'a DirCache,
-}
-
-/// How many destination directories a run keeps open.
-const KEPT_DIRS: usize = 16;
-
-/// The destination directories the latest deliveries went to, kept open for the next
-/// files: files come in discovery order, so most share their directory with files
-/// just before them, and opening it again beneath the destination root was two system
-/// calls a file.
-///
-/// The destination is not Shuttle's own: whoever takes files from it may remove or
-/// move a directory at any time. So a kept directory is used only after an `lstat`
-/// of its path beneath the root still finds that directory (same device and inode);
-/// otherwise it is opened, or created, afresh. That makes a kept handle as current as
-/// one just opened, for one system call instead of two.
-#[derive(Default)]
-pub struct DirCache {
-    /// Most recently used first.
-    kept: Mutex<Vec<KeptDir>>,
-}
-
-/// One destination directory kept open.
-#[derive(Clone)]
-struct KeptDir {
-    /// Its path beneath the destination root.
-    rel: PathBuf,
-    dir: Arc<fsx::Dir>,
-    /// Its device and inode.
-    id: (u64, u64),
-}
-
-impl DirCache {
-    /// `rel_dir` beneath `root`, created if missing (see [`fsx::Beneath::create_dir_all`]).
-    fn get(&self, root: &fsx::Beneath, rel_dir: &Path, durable: bool) -> io::Result<Arc<fsx::Dir>> {
-        let found = self.lock().iter().find(|k| k.rel == rel_dir).cloned();
-        if let Some(k) = found {
-            // The root itself is held for the whole run: nothing to check.
-            if rel_dir.as_os_str().is_empty() {
-                return Ok(k.dir);
-            }
-            if let Ok(now) = root.root().meta(rel_dir.as_os_str())
-                && now.kind == rustix::fs::FileType::Directory
-                && (now.dev, now.ino) == k.id
-            {
-                return Ok(k.dir);
-            }
-        }
-        let dir = Arc::new(root.create_dir_all(rel_dir, durable)?);
-        let id = dir.identity()?;
-        let mut kept = self.lock();
-        kept.retain(|k| k.rel != rel_dir);
-        kept.insert(
-            0,
-            KeptDir {
-                rel: rel_dir.to_path_buf(),
-                dir: dir.clone(),
-                id,
-            },
-        );
-        kept.truncate(KEPT_DIRS);
-        Ok(dir)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<KeptDir>> {
-        self.kept.lock().unwrap_or_else(|p| p.into_inner())
-    }
 }
 
 /// Where clean files go: the seam another kind of destination (object storage, a
@@ -187,8 +118,6 @@ pub struct FsDestination {
     pub on_conflict: OnConflict,
     /// Quarantine and destination are on the same filesystem: delivery by rename.
     pub same_fs: bool,
-    /// Directories kept open from one delivery to the next.
-    pub dirs: DirCache,
 }
 
 impl Destination for FsDestination {
@@ -205,7 +134,6 @@ impl Destination for FsDestination {
             same_fs: self.same_fs,
             // Made durable with its batch: one syncfs for many files (group commit).
             durable: false,
-            dirs: &self.dirs,
         };
         deliver(q, rel, id, &target, buf)
     }
@@ -242,8 +170,8 @@ pub fn deliver(
         .unwrap_or(target.root.path())
         .to_path_buf();
     let ddir = target
-        .dirs
-        .get(target.root, parent, target.durable)
+        .root
+        .create_dir_all(parent, target.durable)
         .map_err(io_err("create destination directory", &dir_path))?;
 
     // The copy must still be the inode that was written, hashed and scanned (its
@@ -495,7 +423,7 @@ mod tests {
         let mut buf = vec![0u8; 1 << 16];
         let q = crate::quarantine::copy_in(
             &fsx::Beneath::open(&src).unwrap(),
-            &Arc::new(fsx::Beneath::open(&quarantine).unwrap()),
+            &std::sync::Arc::new(fsx::Beneath::open(&quarantine).unwrap()),
             Path::new("d/f.bin"),
             (m.len(), mtime),
             crate::quarantine::SourceChecks {
@@ -514,7 +442,6 @@ mod tests {
             root: fsx::Beneath::open(&dst).unwrap(),
             on_conflict: OnConflict::Skip,
             same_fs: false,
-            dirs: DirCache::default(),
         };
         let d = destination
             .deliver(&q, Path::new("d/f.bin"), 7, &mut buf)

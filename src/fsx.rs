@@ -830,12 +830,6 @@ impl Dir {
         done
     }
 
-    /// The directory's own device and inode (`fstat` of its handle).
-    pub fn identity(&self) -> io::Result<(u64, u64)> {
-        let m = Meta::of(&rustix::fs::fstat(&self.fd)?);
-        Ok((m.dev, m.ino))
-    }
-
     /// Makes this directory's entries durable.
     pub fn fsync(&self) -> io::Result<()> {
         Ok(rustix::fs::fsync(&self.fd)?)

@@ -53,7 +53,7 @@ impl Stamp {
 }
 
 /// A finished quarantine copy.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Quarantined {
     /// Where the copy is (for messages and path-based scanners).
     pub path: PathBuf,
@@ -78,7 +78,7 @@ pub struct Quarantined {
     /// The read-only descriptor the last scan was given ([`Quarantined::open_for_scan`]),
     /// kept for delivery ([`Quarantined::open_scanned`]) so that the copy is not
     /// opened a third time.
-    scanned: std::sync::Arc<std::sync::Mutex<Option<File>>>,
+    scanned: std::sync::Mutex<Option<File>>,
 }
 
 #[derive(Debug, thiserror::Error)]

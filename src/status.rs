@@ -189,12 +189,12 @@ fn consumed(mb: Option<f64>) -> String {
     }
 }
 
-/// The average daily use of a filesystem: a volume a day, signed MB a day when free
-/// space grew on average, or why there is none yet.
+/// The average daily use of a filesystem: a volume a day, how much free space grew a
+/// day when it grew on average, or why there is none yet.
 fn per_day(mb: Option<f64>) -> String {
     match mb {
         Some(x) if x >= 0.0 => format!("avg {}/day", mb_volume(x)),
-        Some(x) => format!("avg {x:.1} MB/day"),
+        Some(x) => format!("avg none (free space grew {}/day)", mb_volume(-x)),
         None => "no daily average yet (under an hour of samples)".into(),
     }
 }
@@ -222,11 +222,11 @@ pub fn print(s: &Status) {
             None => "no consumption trend toward the threshold".into(),
         };
         println!(
-            "  {} {}: {} free, threshold {:.0} MB{}; used today {}, {}; {projection}",
+            "  {} {}: {} free, threshold {}{}; used today {}, {}; {projection}",
             t.target,
             t.path,
             t.free_mb.map_or_else(|| "unknown".into(), mb_volume),
-            t.threshold_mb,
+            mb_volume(t.threshold_mb),
             if t.below_threshold {
                 " (BELOW THRESHOLD)"
             } else {

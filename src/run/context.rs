@@ -115,7 +115,6 @@ impl Roots {
                 root: destination,
                 on_conflict: cfg.on_conflict,
                 same_fs,
-                dirs: Default::default(),
             }),
             checks: crate::quarantine::SourceChecks {
                 writers,

@@ -429,3 +429,38 @@ fn a_destination_directory_moved_away_mid_run_is_made_again_for_the_next_file() 
     );
     assert!(!w.source("a/1.txt").exists() && !w.source("a/2.txt").exists());
 }
+
+#[test]
+fn a_destination_directory_swapped_for_a_symlink_mid_run_receives_nothing() {
+    // One worker: "a/b/1.txt" is delivered before "a/b/2.txt" is scanned.
+    let w = World::with_threads(&["a/b/1.txt", "a/b/2.txt"], 1);
+    let dst = w.cfg.destination_path.clone();
+    let outside = dst.parent().unwrap().join("outside");
+    // While the second file is scanned, `dst/a` is moved out of the destination and
+    // a symlink to it put in its place.
+    let (d, o) = (dst.clone(), outside.clone());
+    let meddler = Meddler(Box::new(move |copy: &Path| {
+        if copy.ends_with("a/b/2.txt") {
+            std::fs::rename(d.join("a"), &o).unwrap();
+            std::os::unix::fs::symlink(&o, d.join("a")).unwrap();
+        }
+    }));
+    let (report, done) = w.pass(vec![Box::new(meddler)], Hooks::REAL);
+    done.unwrap();
+    let mut o = outcomes(&report);
+    o.sort();
+    assert_eq!(o, [("a/b/1.txt", "clean"), ("a/b/2.txt", "failed")]);
+    let second = report
+        .file_results
+        .iter()
+        .find(|f| f.path == "a/b/2.txt")
+        .unwrap();
+    let error = second.error.as_deref().unwrap_or_default();
+    assert!(error.contains("symlinks are never followed"), "{error}");
+    // Nothing went through the symlink out of the destination; the source stays.
+    assert!(!outside.join("b/2.txt").exists());
+    assert_eq!(
+        std::fs::read_to_string(w.source("a/b/2.txt")).unwrap(),
+        "contents of a/b/2.txt"
+    );
+}
