@@ -388,7 +388,8 @@ impl Quarantined {
     /// inode, size and mtime): what is scanned and delivered is what was hashed.
     pub fn reopen(&self) -> io::Result<File> {
         let f = self.dir.open_read(self.name())?;
-        self.check(&Stamp::of(&f.metadata()?))?;
+        let now = Stamp::of(&f.metadata()?);
+        self.check((now.dev, now.ino, now.size, now.mtime_ns))?;
         Ok(f)
     }
 
@@ -415,26 +416,15 @@ impl Quarantined {
             return self.reopen();
         };
         let now = self.dir.meta(self.name())?;
-        self.check(&Stamp {
-            dev: now.dev,
-            ino: now.ino,
-            size: now.size,
-            mtime_ns: now.mtime_ns,
-            ctime_ns: now.ctime_ns,
-        })?;
+        self.check((now.dev, now.ino, now.size, now.mtime_ns))?;
         Ok(f)
     }
 
-    /// Is `now` still the copy written: same inode, size and mtime?
-    fn check(&self, now: &Stamp) -> io::Result<()> {
-        if (now.dev, now.ino, now.size, now.mtime_ns)
-            != (
-                self.copy.dev,
-                self.copy.ino,
-                self.copy.size,
-                self.copy.mtime_ns,
-            )
-        {
+    /// Is `(dev, ino, size, mtime_ns)` still the copy written: same inode, size and
+    /// mtime? (Its ctime changes with the chmod of delivery.)
+    fn check(&self, now: (u64, u64, u64, i64)) -> io::Result<()> {
+        let c = &self.copy;
+        if now != (c.dev, c.ino, c.size, c.mtime_ns) {
             return Err(io::Error::other("quarantine copy was replaced or modified"));
         }
         Ok(())

@@ -222,6 +222,14 @@ fn failing_batch(_: &dyn Journal, _: &[Finished]) -> Result<Vec<i64>, JournalErr
     })
 }
 
+/// The report's entry for the file at `path`.
+fn entry<'a>(r: &'a Report, path: &str) -> &'a crate::report::FileEntry {
+    r.file_results
+        .iter()
+        .find(|f| f.path == path)
+        .unwrap_or_else(|| panic!("no report entry for {path}"))
+}
+
 fn outcomes(r: &Report) -> Vec<(&str, &str)> {
     r.file_results
         .iter()
@@ -418,11 +426,7 @@ fn a_destination_directory_moved_away_mid_run_is_made_again_for_the_next_file() 
         "contents of a/2.txt"
     );
     assert!(!dst.join("taken/2.txt").exists());
-    let second = report
-        .file_results
-        .iter()
-        .find(|f| f.path == "a/2.txt")
-        .unwrap();
+    let second = entry(&report, "a/2.txt");
     assert_eq!(
         second.destination.as_deref(),
         Some(dst.join("a/2.txt").to_str().unwrap())
@@ -450,11 +454,7 @@ fn a_destination_directory_swapped_for_a_symlink_mid_run_receives_nothing() {
     let mut o = outcomes(&report);
     o.sort();
     assert_eq!(o, [("a/b/1.txt", "clean"), ("a/b/2.txt", "failed")]);
-    let second = report
-        .file_results
-        .iter()
-        .find(|f| f.path == "a/b/2.txt")
-        .unwrap();
+    let second = entry(&report, "a/b/2.txt");
     let error = second.error.as_deref().unwrap_or_default();
     assert!(error.contains("symlinks are never followed"), "{error}");
     // Nothing went through the symlink out of the destination; the source stays.
