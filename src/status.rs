@@ -222,11 +222,12 @@ pub fn print(s: &Status) {
             None => "no consumption trend toward the threshold".into(),
         };
         println!(
-            "  {} {}: {} free, threshold {}{}; used today {}, {}; {projection}",
+            "  {} {}: {} free, threshold {:.0} MB{}; used today {}, {}; {projection}",
             t.target,
             t.path,
             t.free_mb.map_or_else(|| "unknown".into(), mb_volume),
-            mb_volume(t.threshold_mb),
+            // As configured (`throttle_free_space_mb`): "10000 MB", not "9.8 GB".
+            t.threshold_mb,
             if t.below_threshold {
                 " (BELOW THRESHOLD)"
             } else {

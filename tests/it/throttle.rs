@@ -544,8 +544,9 @@ fn status_shows_limits_free_space_and_the_trend_from_journal_history() {
         "{}",
         r.stdout
     );
+    // The threshold as configured (throttle_free_space_mb), in whole MB.
     assert!(
-        r.stdout.contains(" MB free, threshold 20.0 MB"),
+        r.stdout.contains(" MB free, threshold 20 MB"),
         "{}",
         r.stdout
     );
