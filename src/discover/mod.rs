@@ -57,7 +57,12 @@ pub enum SkipReason {
     Special(&'static str),
     UnsafeName(&'static str),
     OwnTempFile,
-    RecentlyModified,
+    /// Changed less than `stability_seconds` ago: taken once it has stayed unchanged
+    /// that long, `wait` seconds from now (rounded up).
+    RecentlyModified {
+        window: u64,
+        wait: u64,
+    },
     OpenByProcess,
     /// More than one hard link (and `allow_hard_links` off): another name may lead
     /// to it from outside the drop directory.
@@ -73,7 +78,7 @@ impl SkipReason {
             SkipReason::Special(_) => SkipKind::SpecialFile,
             SkipReason::UnsafeName(_) => SkipKind::UnsafeName,
             SkipReason::OwnTempFile => SkipKind::TempFile,
-            SkipReason::RecentlyModified => SkipKind::RecentlyModified,
+            SkipReason::RecentlyModified { .. } => SkipKind::RecentlyModified,
             SkipReason::OpenByProcess => SkipKind::OpenByProcess,
             SkipReason::HardLinked(_) => SkipKind::HardLinked,
             SkipReason::Unreadable(_) => SkipKind::Unreadable,
@@ -88,7 +93,10 @@ impl std::fmt::Display for SkipReason {
             SkipReason::Special(kind) => write!(f, "{kind}, not a regular file"),
             SkipReason::UnsafeName(why) => write!(f, "unsafe name: {why}"),
             SkipReason::OwnTempFile => write!(f, "Shuttle temp file"),
-            SkipReason::RecentlyModified => write!(f, "modified too recently (stability check)"),
+            SkipReason::RecentlyModified { window, wait } => write!(
+                f,
+                "modified too recently (stability check): taken once unchanged for {window} s (stability_seconds), in {wait} s"
+            ),
             SkipReason::OpenByProcess => write!(f, "open in another process"),
             SkipReason::HardLinked(n) => write!(
                 f,
@@ -249,9 +257,11 @@ pub fn discover(source: &Path, rules: &Rules, open: &OpenFiles) -> Discovery {
             return false;
         }
         if let Some(window) = stability_ns
-            && !is_stable(&meta, now_ns, window)
+            && let Some(wait_ns) = unstable_for(&meta, now_ns, window)
         {
-            out.skip(rel, SkipReason::RecentlyModified);
+            let wait = u64::try_from(wait_ns).unwrap_or(0).div_ceil(1_000_000_000);
+            let window = u64::try_from(window).unwrap_or(0) / 1_000_000_000;
+            out.skip(rel, SkipReason::RecentlyModified { window, wait });
             return false;
         }
         if !rules.allow_hard_links && meta.nlink > 1 {
@@ -275,14 +285,18 @@ pub fn discover(source: &Path, rules: &Rules, open: &OpenFiles) -> Discovery {
     out
 }
 
-/// A file is stable when its mtime is at least `window` old. A file whose mtime lies
-/// in the future (a device with a wrong clock) is judged by its ctime instead, which
-/// only this host's kernel sets, so it is not held back forever.
-fn is_stable(meta: &fsx::Meta, now_ns: i64, window: i64) -> bool {
-    if meta.mtime_ns > now_ns {
-        return now_ns.saturating_sub(meta.ctime_ns) >= window;
-    }
-    now_ns.saturating_sub(meta.mtime_ns) >= window
+/// How much longer a file must stay unchanged to be stable (`None`: it is). A file is
+/// stable when its mtime is at least `window` old. A file whose mtime lies in the
+/// future (a device with a wrong clock) is judged by its ctime instead, which only
+/// this host's kernel sets, so it is not held back forever.
+fn unstable_for(meta: &fsx::Meta, now_ns: i64, window: i64) -> Option<i64> {
+    let changed = if meta.mtime_ns > now_ns {
+        meta.ctime_ns
+    } else {
+        meta.mtime_ns
+    };
+    let age = now_ns.saturating_sub(changed);
+    (age < window).then(|| window - age)
 }
 
 /// Sorts candidates into admission order ([`Candidates`] yields this same order).
