@@ -71,6 +71,17 @@ pub enum SkipReason {
 }
 
 impl SkipReason {
+    /// [`SkipReason::RecentlyModified`] from nanoseconds: the window in whole seconds
+    /// (as configured), the wait rounded up (never "in 0 s" for a file still too new).
+    fn recently_modified(window_ns: i64, wait_ns: i64) -> SkipReason {
+        const NS: u64 = 1_000_000_000;
+        let ns = |v: i64| u64::try_from(v).unwrap_or(0);
+        SkipReason::RecentlyModified {
+            window: ns(window_ns) / NS,
+            wait: ns(wait_ns).div_ceil(NS),
+        }
+    }
+
     /// Short stable label, used to count skips in the report.
     pub fn label(&self) -> SkipKind {
         match self {
@@ -95,7 +106,7 @@ impl std::fmt::Display for SkipReason {
             SkipReason::OwnTempFile => write!(f, "Shuttle temp file"),
             SkipReason::RecentlyModified { window, wait } => write!(
                 f,
-                "modified too recently (stability check): taken once unchanged for {window} s (stability_seconds), in {wait} s"
+                "modified too recently (stability check): old enough in {wait} s if unchanged (stability_seconds = {window})"
             ),
             SkipReason::OpenByProcess => write!(f, "open in another process"),
             SkipReason::HardLinked(n) => write!(
@@ -204,7 +215,11 @@ pub fn discover(source: &Path, rules: &Rules, open: &OpenFiles) -> Discovery {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)
         .unwrap_or(i64::MAX);
-    let stability_ns = rules.stability.map(|d| d.as_nanos() as i64);
+    // A window beyond i64's 292 years is as good as forever (a plain cast would wrap
+    // it negative and turn the check off).
+    let stability_ns = rules
+        .stability
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
     let root = match fsx::Beneath::open(source) {
         Ok(r) => r,
         Err(e) => {
@@ -259,9 +274,7 @@ pub fn discover(source: &Path, rules: &Rules, open: &OpenFiles) -> Discovery {
         if let Some(window) = stability_ns
             && let Some(wait_ns) = unstable_for(&meta, now_ns, window)
         {
-            let wait = u64::try_from(wait_ns).unwrap_or(0).div_ceil(1_000_000_000);
-            let window = u64::try_from(window).unwrap_or(0) / 1_000_000_000;
-            out.skip(rel, SkipReason::RecentlyModified { window, wait });
+            out.skip(rel, SkipReason::recently_modified(window, wait_ns));
             return false;
         }
         if !rules.allow_hard_links && meta.nlink > 1 {
@@ -296,7 +309,7 @@ fn unstable_for(meta: &fsx::Meta, now_ns: i64, window: i64) -> Option<i64> {
         meta.mtime_ns
     };
     let age = now_ns.saturating_sub(changed);
-    (age < window).then(|| window - age)
+    (age < window).then(|| window.saturating_sub(age))
 }
 
 /// Sorts candidates into admission order ([`Candidates`] yields this same order).
@@ -325,6 +338,54 @@ pub fn order(candidates: &mut [Candidate], rules: &Rules) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn changed(mtime_ns: i64, ctime_ns: i64) -> fsx::Meta {
+        fsx::Meta {
+            kind: rustix::fs::FileType::RegularFile,
+            dev: 0,
+            ino: 0,
+            nlink: 1,
+            uid: 0,
+            size: 0,
+            mtime_ns,
+            ctime_ns,
+        }
+    }
+
+    #[test]
+    fn the_stability_check_says_how_long_a_file_must_still_wait() {
+        const S: i64 = 1_000_000_000;
+        let now = 1_000 * S;
+        // Modified 4.2 s ago, window 5 s: 0.8 s left, which the log rounds up to 1 s.
+        let wait = unstable_for(
+            &changed(now - 4_200_000_000, now - 4_200_000_000),
+            now,
+            5 * S,
+        );
+        assert_eq!(wait, Some(800_000_000));
+        let skip = SkipReason::recently_modified(5 * S, 800_000_000);
+        assert_eq!(
+            skip.to_string(),
+            "modified too recently (stability check): old enough in 1 s if unchanged (stability_seconds = 5)"
+        );
+        // Exactly the window old: stable.
+        assert_eq!(
+            unstable_for(&changed(now - 5 * S, now - 5 * S), now, 5 * S),
+            None
+        );
+        // An mtime an hour ahead (a device's clock) is judged by the ctime, 2 s ago.
+        assert_eq!(
+            unstable_for(&changed(now + 3600 * S, now - 2 * S), now, 5 * S),
+            Some(3 * S)
+        );
+        // Window 0 only holds back a file whose ctime is ahead of this host's clock,
+        // until that time has come.
+        assert_eq!(unstable_for(&changed(now, now), now, 0), None);
+        assert_eq!(
+            unstable_for(&changed(now + 7 * S, now + 7 * S), now, 0),
+            Some(7 * S)
+        );
+    }
 
     fn c(rel: &str, size: u64, mtime_ns: i64) -> Candidate {
         Candidate {
