@@ -49,11 +49,12 @@ CREATE TABLE IF NOT EXISTS rescan_marks (
 CREATE INDEX IF NOT EXISTS files_finished ON files(finished_at) WHERE outcome = 'clean';
 ";
 
-/// Version 5: the sizes in the indexes that the run's start sums over. Admission's
-/// daily totals (`day_totals`) and the delivered volume since a time
-/// (`delivered_bytes_since`) read every file of the day or the period; with `size`
-/// in the index they read the index alone, not each file's row (a server's journal
-/// holds a day of files: 16,000 files read 1,600 pages, 8 ms, at every run's start).
+/// Version 5: the sizes in the indexes that sums go through. Admission's daily
+/// totals (`day_totals`, read at a run's start when a daily limit is set, and by
+/// `status`) and the delivered volume since a time (`delivered_bytes_since`, on a
+/// throttle stop) read every file of the day or the period; with `size` in the index
+/// they read the index alone, not each file's row (a server's journal holds a day of
+/// files: 16,000 files read 1,600 pages, 8 ms, when this was written).
 /// They replace the two indexes those sums used to go through (`outcome` is in the
 /// partial one only so that SQLite counts it as covering; the retro-scan's pages
 /// still go by file id).
