@@ -57,8 +57,8 @@ pub enum SkipReason {
     Special(&'static str),
     UnsafeName(&'static str),
     OwnTempFile,
-    /// Changed less than `stability_seconds` ago: taken once it has stayed unchanged
-    /// that long, `wait` seconds from now (rounded up).
+    /// Changed less than `stability_seconds` (`window`) ago: old enough for a run
+    /// `wait` seconds from now (rounded up) if it stays unchanged.
     RecentlyModified {
         window: u64,
         wait: u64,

@@ -1,9 +1,9 @@
 //! The run core under faults no integration test can cause on demand: a fake scanner
 //! (no clamd), one that changes the disk while it scans, and settling's `syncfs` and
-//! journal batch failing or panicking through [`Hooks`]. Each test asserts what a user sees: which sources are kept, what the
-//! destination holds (never a duplicate), and each file's outcome in the report and
-//! the journal; most then run again with working hooks and check the file arrives
-//! exactly once.
+//! journal batch failing or panicking through [`Hooks`]. Each test asserts what a user
+//! sees: which sources are kept, what the destination holds (never a duplicate), and
+//! each file's outcome in the report and the journal; most then run again with
+//! working hooks and check the file arrives exactly once.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};

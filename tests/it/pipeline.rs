@@ -167,8 +167,8 @@ fn a_fresh_file_waits_until_it_is_stability_seconds_old() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(Env::tree(&env.dst).is_empty());
     assert_eq!(env.report()["skipped_by_reason"]["recently_modified"], 1);
-    // The log says how long the file must stay unchanged, and when it will be taken.
-    // In 2 s (1 s on a machine slow enough to take over a second to get there; the
+    // The log says when the file will be old enough, and the setting that decides it:
+    // in 2 s (1 s on a machine slow enough to take over a second to get there; the
     // rounding is the unit test's).
     let log = env.log_text();
     assert!(
