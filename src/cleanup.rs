@@ -19,8 +19,8 @@ pub enum SourceKept {
     Changed { now: String },
     #[error("source is no longer the file that was copied (replaced or renamed); kept")]
     Replaced,
-    #[error("source is open for writing in another process; kept")]
-    OpenForWriting,
+    #[error("source is open for writing in another process{}; kept", crate::quarantine::named(.writers))]
+    OpenForWriting { writers: Option<String> },
     #[error("cannot tell whether another process is writing the source (no read lease: {0}); kept")]
     CannotTell(String),
     #[error("source already gone")]
@@ -82,7 +82,10 @@ pub fn remove_source(
     }
     let leased = match crate::lease::take(&f) {
         crate::lease::Taken::Held => true,
-        crate::lease::Taken::Writer => return Err(SourceKept::OpenForWriting),
+        crate::lease::Taken::Writer => {
+            let writers = crate::lease::writers(&f);
+            return Err(SourceKept::OpenForWriting { writers });
+        }
         crate::lease::Taken::Unavailable(e) => match writers {
             crate::lease::WriterCheck::LeaseOrProc => false,
             crate::lease::WriterCheck::LeaseOnly => {
@@ -107,7 +110,9 @@ pub fn remove_source(
         _ => return Err(SourceKept::Replaced),
     }
     if leased && !crate::lease::still_held(&f) {
-        return Err(SourceKept::OpenForWriting);
+        crate::lease::release(&f);
+        let writers = crate::lease::writers(&f);
+        return Err(SourceKept::OpenForWriting { writers });
     }
     crate::crashpoint::here("source: verified, before unlink");
     dir.remove(name).map_err(io)?;

@@ -25,6 +25,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::sync::Once;
 
 /// What the kernel said to a read lease.
@@ -41,6 +42,15 @@ pub enum Taken {
 }
 
 static IGNORE_SIGIO: Once = Once::new();
+
+/// The processes found holding `f` open for writing now, for the message that says
+/// a source was left because of them (`pid 4242 (rsync)`): one pass over `/proc`,
+/// made only then. `None` when none can be seen (another user's process without
+/// root, or one that closed the file since).
+pub fn writers(f: &File) -> Option<String> {
+    let m = f.metadata().ok()?;
+    crate::discover::writers_of(m.dev(), m.ino()).map(|h| h.describe())
+}
 
 /// Asks for a read lease on `f` (which must be open read-only).
 pub fn take(f: &File) -> Taken {

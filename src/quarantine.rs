@@ -89,8 +89,17 @@ pub enum QuarantineError {
     #[error("source is no longer a regular file")]
     NotRegular,
     /// Some process has the source open for writing (or opened it during the copy).
-    #[error("source is open for writing in another process{0}; left for a later run")]
-    OpenForWriting(&'static str),
+    #[error(
+        "source is open for writing in another process{}{}; left for a later run",
+        during(.during_copy),
+        named(.writers)
+    )]
+    OpenForWriting {
+        /// Opened after the copy began (the lease broke), not before.
+        during_copy: bool,
+        /// The writers found ([`crate::lease::writers`]), if any could be seen.
+        writers: Option<String>,
+    },
     /// No lease could be had and `/proc` does not show every process: nothing can
     /// tell whether the source is still being written.
     #[error(
@@ -111,6 +120,33 @@ pub enum QuarantineError {
         path: PathBuf,
         source: io::Error,
     },
+}
+
+impl QuarantineError {
+    /// [`QuarantineError::OpenForWriting`] for `src` (its lease refused, or broken
+    /// during the copy and released), naming the writers found now.
+    fn open_for_writing(src: &File, during_copy: bool) -> QuarantineError {
+        QuarantineError::OpenForWriting {
+            during_copy,
+            writers: crate::lease::writers(src),
+        }
+    }
+}
+
+fn during(during_copy: &bool) -> &'static str {
+    if *during_copy {
+        " (opened during the copy)"
+    } else {
+        ""
+    }
+}
+
+/// `: pid 4242 (rsync)` when the writers are known, else nothing.
+pub(crate) fn named(writers: &Option<String>) -> String {
+    writers
+        .as_deref()
+        .map(|w| format!(": {w}"))
+        .unwrap_or_default()
 }
 
 fsx::impl_io_error!(QuarantineError);
@@ -200,7 +236,7 @@ pub fn copy_in(
     }
     let leased = match crate::lease::take(&src) {
         crate::lease::Taken::Held => true,
-        crate::lease::Taken::Writer => return Err(QuarantineError::OpenForWriting("")),
+        crate::lease::Taken::Writer => return Err(QuarantineError::open_for_writing(&src, false)),
         crate::lease::Taken::Unavailable(e) => match checks.writers {
             crate::lease::WriterCheck::LeaseOrProc => false,
             crate::lease::WriterCheck::LeaseOnly => {
@@ -266,7 +302,8 @@ pub fn copy_in(
                 ));
             }
             if leased && !crate::lease::still_held(&src) {
-                return Err(QuarantineError::OpenForWriting(" (opened during the copy)"));
+                crate::lease::release(&src);
+                return Err(QuarantineError::open_for_writing(&src, true));
             }
             let mtime = rustix::fs::Timespec {
                 tv_sec: before.mtime_ns.div_euclid(1_000_000_000),
@@ -336,7 +373,7 @@ fn copy_hashing(
         let got = chunk.len() as u64;
         if leased && n != got && !crate::lease::still_held(src) {
             crate::lease::release(src);
-            return Err(QuarantineError::OpenForWriting(" (opened during the copy)"));
+            return Err(QuarantineError::open_for_writing(src, true));
         }
         if n == got {
             maybe_archive = crate::scan::archive::looks_like_archive(chunk);

@@ -19,7 +19,7 @@
 mod open_files;
 pub mod queue;
 
-pub use open_files::OpenFiles;
+pub use open_files::{Holders, OpenFiles, writers_of};
 pub use queue::{Candidates, Queue};
 
 use std::collections::BTreeMap;
@@ -63,7 +63,11 @@ pub enum SkipReason {
         window: u64,
         wait: u64,
     },
-    OpenByProcess,
+    /// Some process holds it open; `holders` names them when the scan of `/proc`
+    /// could (`pid 4242 (rsync)`).
+    OpenByProcess {
+        holders: Option<String>,
+    },
     /// More than one hard link (and `allow_hard_links` off): another name may lead
     /// to it from outside the drop directory.
     HardLinked(u64),
@@ -90,7 +94,7 @@ impl SkipReason {
             SkipReason::UnsafeName(_) => SkipKind::UnsafeName,
             SkipReason::OwnTempFile => SkipKind::TempFile,
             SkipReason::RecentlyModified { .. } => SkipKind::RecentlyModified,
-            SkipReason::OpenByProcess => SkipKind::OpenByProcess,
+            SkipReason::OpenByProcess { .. } => SkipKind::OpenByProcess,
             SkipReason::HardLinked(_) => SkipKind::HardLinked,
             SkipReason::Unreadable(_) => SkipKind::Unreadable,
         }
@@ -108,7 +112,10 @@ impl std::fmt::Display for SkipReason {
                 f,
                 "modified too recently (stability check): old enough in {wait} s if unchanged (stability_seconds = {window})"
             ),
-            SkipReason::OpenByProcess => write!(f, "open in another process"),
+            SkipReason::OpenByProcess { holders: None } => write!(f, "open in another process"),
+            SkipReason::OpenByProcess { holders: Some(who) } => {
+                write!(f, "open in another process: {who}")
+            }
             SkipReason::HardLinked(n) => write!(
                 f,
                 "has {n} hard links, one may lie outside the drop directory (allow_hard_links = true takes such files)"
@@ -281,8 +288,9 @@ pub fn discover(source: &Path, rules: &Rules, open: &OpenFiles) -> Discovery {
             out.skip(rel, SkipReason::HardLinked(meta.nlink));
             return false;
         }
-        if open.is_open(meta.dev, meta.ino) {
-            out.skip(rel, SkipReason::OpenByProcess);
+        if let Some(holders) = open.holders(meta.dev, meta.ino) {
+            let holders = Some(holders.describe());
+            out.skip(rel, SkipReason::OpenByProcess { holders });
             return false;
         }
         out.candidates.push(Candidate {

@@ -103,12 +103,12 @@ pub fn handle(run: &Run, job: &Job, buf: &mut [u8], dirs: &mut quarantine::DirCa
             e @ (QuarantineError::Changed(_)
             | QuarantineError::Vanished
             | QuarantineError::NotRegular
-            | QuarantineError::OpenForWriting(_)
+            | QuarantineError::OpenForWriting { .. }
             | QuarantineError::CannotTell(_)
             | QuarantineError::HardLinked(_)),
         ) => {
             r.skip_label = Some(match e {
-                QuarantineError::OpenForWriting(_) => SkipKind::OpenByProcess,
+                QuarantineError::OpenForWriting { .. } => SkipKind::OpenByProcess,
                 QuarantineError::CannotTell(_) => SkipKind::WriterUnknown,
                 QuarantineError::HardLinked(_) => SkipKind::HardLinked,
                 _ => SkipKind::ChangedOrConflict,

@@ -144,10 +144,13 @@ fn a_file_held_open_waits_for_the_next_run() {
     assert!(Env::tree(&env.dst).is_empty(), "held file not delivered");
     assert_eq!(std::fs::read(&held).unwrap(), b"still writing");
     assert_eq!(env.report()["skipped_by_reason"]["open_by_process"], 1);
-    assert!(
-        env.log_text()
-            .contains("\"held.log\": open in another process")
+    // The line names the holder, as `fuser` would have.
+    let line = format!(
+        "skipped \"held.log\": open in another process: pid {} (sleep)\n",
+        child.id()
     );
+    let log = env.log_text();
+    assert!(log.contains(&line), "{line:?} not in {log}");
     child.kill().unwrap();
     child.wait().unwrap();
     let r = env.run(&[]);
@@ -155,6 +158,53 @@ fn a_file_held_open_waits_for_the_next_run() {
     assert_eq!(
         Env::tree(&env.dst).get("held.log").map(Vec::as_slice),
         Some(&b"still writing"[..])
+    );
+}
+
+/// A writer that opens a file after discovery found it closed: the read lease taken
+/// before the copy is refused, nothing is copied, the file stays whole, and both the
+/// report and the log name the writer. (Pauses before admission: a kill point,
+/// which exists only in builds with the `crashpoints` feature.)
+#[cfg(feature = "crashpoints")]
+#[test]
+fn a_file_opened_for_writing_after_discovery_stays_and_its_writer_is_named() {
+    let env = Env::new();
+    let late = env.drop_file("late.log", b"first part");
+    age(&late, 60);
+    let mut cmd = env.run_command();
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    let (run, resume) = env.spawn_paused(cmd, "journal: before file_admitted");
+    let mut writer = Command::new("sh")
+        .arg("-c")
+        .arg("exec 3>>\"$0\"; exec sleep 60")
+        .arg(&late)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::write(&resume, b"").unwrap();
+    let out = run.wait_with_output().unwrap();
+    let _ = writer.kill();
+    let _ = writer.wait();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(Env::tree(&env.dst).is_empty(), "nothing delivered");
+    assert!(Env::tree(&env.quarantine).is_empty(), "no copy left");
+    assert_eq!(std::fs::read(&late).unwrap(), b"first part");
+    let rep = env.report();
+    assert_eq!(rep["skipped_by_reason"]["open_by_process"], 1);
+    let why = format!(
+        "source is open for writing in another process: pid {} (sleep); left for a later run",
+        writer.id()
+    );
+    let entry = &rep["file_results"][0];
+    assert_eq!(entry["path"], "late.log");
+    assert_eq!(entry["outcome"], "skipped");
+    assert_eq!(entry["error"], why.as_str());
+    assert!(
+        env.log_text()
+            .contains(&format!("skipped \"late.log\": {why}")),
+        "{stderr}"
     );
 }
 
