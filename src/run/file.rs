@@ -431,9 +431,17 @@ fn dispose_suspect(
                         "removed by {engine} itself (defender_handles_suspect_files); the source holds the same bytes"
                     ),
                 ),
+                // The file is gone for good once its source goes too: say so, and
+                // where the setting is that would have kept it.
                 (hazard::Disposal::Deleted, None) => (
                     Disposition::Deleted,
-                    "deleted (no hazard archive configured)".to_string(),
+                    if run.policy.delete_source {
+                        "deleted (no hazard archive configured); its source is removed too, so no \
+                         copy of the file is kept (set hazard_archive_path and hazard_encryption_key_path to keep suspect files, encrypted)"
+                            .to_string()
+                    } else {
+                        "deleted (no hazard archive configured)".to_string()
+                    },
                 ),
             };
             announce_suspect(

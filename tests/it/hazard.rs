@@ -428,9 +428,17 @@ fn without_a_hazard_archive_the_suspect_copy_is_deleted() {
     let r = env.run(&[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(Env::tree(&env.quarantine).is_empty() && Env::tree(&env.src).is_empty());
+    assert!(Env::tree(&env.dst).is_empty(), "nothing delivered");
+    // Nothing of the file is left anywhere: the line says so, and what would keep it.
+    let log = env.log_text();
     assert!(
-        env.log_text()
-            .contains("deleted (no hazard archive configured)")
+        log.contains(
+            "SUSPECT \"e.com\": eicar.com.UNOFFICIAL; quarantine copy deleted (no hazard archive \
+             configured); its source is removed too, so no copy of the file is kept (set \
+             hazard_archive_path and hazard_encryption_key_path to keep suspect files, \
+             encrypted)"
+        ),
+        "{log}"
     );
 }
 
