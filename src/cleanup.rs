@@ -19,8 +19,8 @@ pub enum SourceKept {
     Changed { now: String },
     #[error("source is no longer the file that was copied (replaced or renamed); kept")]
     Replaced,
-    #[error("source is open for writing in another process{}; kept", crate::quarantine::named(.writers))]
-    OpenForWriting { writers: Option<String> },
+    #[error("source is open for writing in another process{writers}; kept")]
+    OpenForWriting { writers: crate::lease::Writers },
     #[error("cannot tell whether another process is writing the source (no read lease: {0}); kept")]
     CannotTell(String),
     #[error("source already gone")]
@@ -83,7 +83,7 @@ pub fn remove_source(
     let leased = match crate::lease::take(&f) {
         crate::lease::Taken::Held => true,
         crate::lease::Taken::Writer => {
-            let writers = crate::lease::writers(&f);
+            let writers = crate::lease::Writers::of(&f);
             return Err(SourceKept::OpenForWriting { writers });
         }
         crate::lease::Taken::Unavailable(e) => match writers {
@@ -110,8 +110,7 @@ pub fn remove_source(
         _ => return Err(SourceKept::Replaced),
     }
     if leased && !crate::lease::still_held(&f) {
-        crate::lease::release(&f);
-        let writers = crate::lease::writers(&f);
+        let writers = crate::lease::Writers::of(&f);
         return Err(SourceKept::OpenForWriting { writers });
     }
     crate::crashpoint::here("source: verified, before unlink");

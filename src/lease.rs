@@ -43,13 +43,32 @@ pub enum Taken {
 
 static IGNORE_SIGIO: Once = Once::new();
 
-/// The processes found holding `f` open for writing now, for the message that says
-/// a source was left because of them (`pid 4242 (rsync)`): one pass over `/proc`,
-/// made only then. `None` when none can be seen (another user's process without
-/// root, or one that closed the file since).
-pub fn writers(f: &File) -> Option<String> {
-    let m = f.metadata().ok()?;
-    crate::discover::writers_of(m.dev(), m.ino()).map(|h| h.describe())
+/// The processes found holding a file open for writing when its lease was refused or
+/// broke, for the message that says the file was left because of them: shown as
+/// `: pid 4242 (rsync)`, or as nothing when none could be seen (another user's
+/// process without root, or one that has not finished opening the file yet).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Writers(Option<String>);
+
+impl Writers {
+    /// Gives up `f`'s lease, if it holds one (a writer waiting for it goes on), then
+    /// looks for `f`'s writers: one pass over `/proc`, made only now.
+    pub fn of(f: &File) -> Writers {
+        release(f);
+        let Ok(m) = f.metadata() else {
+            return Writers(None);
+        };
+        Writers(crate::discover::writers_of(m.dev(), m.ino()).map(|h| h.describe()))
+    }
+}
+
+impl std::fmt::Display for Writers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(who) => write!(f, ": {who}"),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Asks for a read lease on `f` (which must be open read-only).
@@ -80,7 +99,7 @@ pub fn still_held(f: &File) -> bool {
     rc == libc::F_RDLCK
 }
 
-/// Gives the lease up before the file is closed.
+/// Gives the lease up before the file is closed (nothing happens without one).
 pub fn release(f: &File) {
     // SAFETY: as in take().
     unsafe {

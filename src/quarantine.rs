@@ -90,15 +90,13 @@ pub enum QuarantineError {
     NotRegular,
     /// Some process has the source open for writing (or opened it during the copy).
     #[error(
-        "source is open for writing in another process{}{}; left for a later run",
-        during(.during_copy),
-        named(.writers)
+        "source is open for writing in another process{}{writers}; left for a later run",
+        during(.during_copy)
     )]
     OpenForWriting {
         /// Opened after the copy began (the lease broke), not before.
         during_copy: bool,
-        /// The writers found ([`crate::lease::writers`]), if any could be seen.
-        writers: Option<String>,
+        writers: crate::lease::Writers,
     },
     /// No lease could be had and `/proc` does not show every process: nothing can
     /// tell whether the source is still being written.
@@ -124,11 +122,11 @@ pub enum QuarantineError {
 
 impl QuarantineError {
     /// [`QuarantineError::OpenForWriting`] for `src` (its lease refused, or broken
-    /// during the copy and released), naming the writers found now.
+    /// during the copy): the lease given up, the writers found now named.
     fn open_for_writing(src: &File, during_copy: bool) -> QuarantineError {
         QuarantineError::OpenForWriting {
             during_copy,
-            writers: crate::lease::writers(src),
+            writers: crate::lease::Writers::of(src),
         }
     }
 }
@@ -139,14 +137,6 @@ fn during(during_copy: &bool) -> &'static str {
     } else {
         ""
     }
-}
-
-/// `: pid 4242 (rsync)` when the writers are known, else nothing.
-pub(crate) fn named(writers: &Option<String>) -> String {
-    writers
-        .as_deref()
-        .map(|w| format!(": {w}"))
-        .unwrap_or_default()
 }
 
 fsx::impl_io_error!(QuarantineError);
@@ -302,7 +292,6 @@ pub fn copy_in(
                 ));
             }
             if leased && !crate::lease::still_held(&src) {
-                crate::lease::release(&src);
                 return Err(QuarantineError::open_for_writing(&src, true));
             }
             let mtime = rustix::fs::Timespec {
@@ -372,7 +361,6 @@ fn copy_hashing(
     let copied = fsx::copy_hashing(src, out, buf, Some(size), |src, chunk, n| {
         let got = chunk.len() as u64;
         if leased && n != got && !crate::lease::still_held(src) {
-            crate::lease::release(src);
             return Err(QuarantineError::open_for_writing(src, true));
         }
         if n == got {

@@ -63,10 +63,9 @@ pub enum SkipReason {
         window: u64,
         wait: u64,
     },
-    /// Some process holds it open; `holders` names them when the scan of `/proc`
-    /// could (`pid 4242 (rsync)`).
+    /// Some process holds it open: `holders` names it (`pid 4242 (rsync)`).
     OpenByProcess {
-        holders: Option<String>,
+        holders: String,
     },
     /// More than one hard link (and `allow_hard_links` off): another name may lead
     /// to it from outside the drop directory.
@@ -112,9 +111,8 @@ impl std::fmt::Display for SkipReason {
                 f,
                 "modified too recently (stability check): old enough in {wait} s if unchanged (stability_seconds = {window})"
             ),
-            SkipReason::OpenByProcess { holders: None } => write!(f, "open in another process"),
-            SkipReason::OpenByProcess { holders: Some(who) } => {
-                write!(f, "open in another process: {who}")
+            SkipReason::OpenByProcess { holders } => {
+                write!(f, "open in another process: {holders}")
             }
             SkipReason::HardLinked(n) => write!(
                 f,
@@ -289,7 +287,7 @@ pub fn discover(source: &Path, rules: &Rules, open: &OpenFiles) -> Discovery {
             return false;
         }
         if let Some(holders) = open.holders(meta.dev, meta.ino) {
-            let holders = Some(holders.describe());
+            let holders = holders.describe();
             out.skip(rel, SkipReason::OpenByProcess { holders });
             return false;
         }

@@ -3,15 +3,16 @@
 //! per file.
 //!
 //! The pass keeps, for each open regular file, the first process seen holding it and
-//! how many do, so that a skipped file's log line names its holder ("open in another
-//! process: pid 4242 (rsync)"): what an administrator would otherwise look up with
-//! `lsof` or `fuser` after the fact, when the process may be gone. [`writers_of`]
-//! does the same for one file, for a refusal found later (a read lease refused at
-//! copy time), and counts only processes holding it open for writing.
+//! how many processes do, so that a skipped file's log line names its holder ("open
+//! in another process: pid 4242 (rsync)"): what an administrator would otherwise look
+//! up with `lsof` or `fuser` after the fact, when the process may be gone. Only the
+//! processes this user may inspect are seen: all of them as root, else its own.
+//! [`writers_of`] does the same for one file when a read lease is refused or broken
+//! later in the run, and counts only the processes holding it open for writing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The regular files some process has open, by (device, inode).
 #[derive(Debug, Default)]
@@ -25,7 +26,7 @@ pub struct OpenFiles {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Holders {
     pub pid: u32,
-    pub count: u32,
+    pub processes: u32,
 }
 
 impl Holders {
@@ -33,16 +34,20 @@ impl Holders {
     /// is read now (`/proc/<pid>/comm`, which any user may read) and left out when the
     /// process has exited since.
     pub fn describe(&self) -> String {
-        let comm = std::fs::read_to_string(format!("/proc/{}/comm", self.pid))
+        let comm = std::fs::read(format!("/proc/{}/comm", self.pid))
             .ok()
-            .map(|c| c.trim_end_matches('\n').to_string())
+            .map(|c| {
+                String::from_utf8_lossy(&c)
+                    .trim_end_matches('\n')
+                    .to_string()
+            })
             .filter(|c| !c.is_empty());
         let first = match comm {
             // A command name is chosen by whoever started the process: shown escaped.
             Some(c) => format!("pid {} ({})", self.pid, c.escape_debug()),
             None => format!("pid {}", self.pid),
         };
-        match self.count.saturating_sub(1) {
+        match self.processes.saturating_sub(1) {
             0 => first,
             1 => format!("{first} and 1 other process"),
             n => format!("{first} and {n} other processes"),
@@ -51,20 +56,32 @@ impl Holders {
 }
 
 impl OpenFiles {
-    /// Scans `/proc`. Shuttle's own descriptors are ignored.
+    /// Scans `/proc`. Shuttle's own descriptors are ignored; a process holding a file
+    /// on several descriptors counts once.
     pub fn scan() -> OpenFiles {
         let mut out = OpenFiles::default();
-        out.unreadable_processes = each_open_file(Path::new("/proc"), |pid, _, dev, ino| {
-            out.held
-                .entry((dev, ino))
-                .and_modify(|h| h.count += 1)
-                .or_insert(Holders { pid, count: 1 });
-        });
+        let mut this_process = HashSet::new();
+        for (pid, dir) in processes() {
+            let Ok(fds) = std::fs::read_dir(dir.join("fd")) else {
+                out.unreadable_processes += 1;
+                continue;
+            };
+            this_process.clear();
+            for fd in fds.flatten() {
+                // metadata() follows the magic link to the open file itself, even if it
+                // was renamed or unlinked since it was opened.
+                if let Ok(m) = std::fs::metadata(fd.path())
+                    && m.is_file()
+                    && this_process.insert((m.dev(), m.ino()))
+                {
+                    out.held
+                        .entry((m.dev(), m.ino()))
+                        .and_modify(|h| h.processes += 1)
+                        .or_insert(Holders { pid, processes: 1 });
+                }
+            }
+        }
         out
-    }
-
-    pub fn is_open(&self, dev: u64, ino: u64) -> bool {
-        self.held.contains_key(&(dev, ino))
     }
 
     /// Who holds the file open, if any process the scan could see does.
@@ -74,82 +91,92 @@ impl OpenFiles {
 }
 
 /// The processes holding the file (device, inode) open for writing, found by a pass
-/// over `/proc` made now; `None` when none could be seen (not root, or gone since).
+/// over `/proc` made now; `None` when none could be seen.
+///
+/// Each descriptor's `fdinfo` (its open flags and inode number) is read first, and
+/// only a descriptor with the file's inode number is followed to its file to compare
+/// the device: no other process's files are touched, so a file open on a hung
+/// network mount elsewhere cannot stall the worker asking.
 pub fn writers_of(dev: u64, ino: u64) -> Option<Holders> {
     let mut found: Option<Holders> = None;
-    each_open_file(Path::new("/proc"), |pid, fd, d, i| {
-        if (d, i) == (dev, ino) && opened_for_writing(pid, fd) {
+    for (pid, dir) in processes() {
+        let Ok(infos) = std::fs::read_dir(dir.join("fdinfo")) else {
+            continue;
+        };
+        let writes = infos.flatten().any(|info| {
+            std::fs::read_to_string(info.path()).is_ok_and(|text| {
+                let (flags, inode) = fdinfo_fields(&text);
+                inode == Some(ino)
+                    && flags.is_none_or(|f| f & libc::O_ACCMODE as u32 != libc::O_RDONLY as u32)
+                    && std::fs::metadata(dir.join("fd").join(info.file_name()))
+                        .is_ok_and(|m| (m.dev(), m.ino()) == (dev, ino))
+            })
+        });
+        if writes {
             match &mut found {
-                Some(h) => h.count += 1,
-                None => found = Some(Holders { pid, count: 1 }),
-            }
-        }
-    });
-    found
-}
-
-/// Whether descriptor `fd` of `pid` was opened for writing (`flags:` in its fdinfo,
-/// octal, access mode not `O_RDONLY`). Unreadable: assumed so, as the kernel's
-/// refusal of the lease says some process writes.
-fn opened_for_writing(pid: u32, fd: &str) -> bool {
-    let Ok(info) = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")) else {
-        return true;
-    };
-    info.lines()
-        .find_map(|l| l.strip_prefix("flags:"))
-        .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
-        .is_none_or(|flags| flags & libc::O_ACCMODE as u32 != libc::O_RDONLY as u32)
-}
-
-/// Calls `found(pid, fd, dev, ino)` for every regular file open in every process
-/// under `proc_root` but this one; returns how many processes' descriptors could not
-/// be read.
-fn each_open_file(proc_root: &Path, mut found: impl FnMut(u32, &str, u64, u64)) -> usize {
-    let mut unreadable = 0;
-    let me = std::process::id();
-    let Ok(entries) = std::fs::read_dir(proc_root) else {
-        return unreadable;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(|p| p.parse::<u32>().ok()) else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
-            unreadable += 1;
-            continue;
-        };
-        for fd in fds.flatten() {
-            // metadata() follows the magic link to the open file itself, even if it
-            // was renamed or unlinked since it was opened.
-            if let Ok(m) = std::fs::metadata(fd.path())
-                && m.is_file()
-                && let Some(n) = fd.file_name().to_str()
-            {
-                found(pid, n, m.dev(), m.ino());
+                Some(h) => h.processes += 1,
+                None => found = Some(Holders { pid, processes: 1 }),
             }
         }
     }
-    unreadable
+    found
+}
+
+/// The open flags (octal in `flags:`) and inode number (`ino:`) of a descriptor's
+/// `fdinfo`. Flags that cannot be read count as writing: the lease's refusal already
+/// says some process writes.
+fn fdinfo_fields(text: &str) -> (Option<u32>, Option<u64>) {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+    };
+    (
+        field("flags:").and_then(|f| u32::from_str_radix(f, 8).ok()),
+        field("ino:").and_then(|i| i.parse().ok()),
+    )
+}
+
+/// Every process under `/proc` but this one: its pid and its directory.
+fn processes() -> impl Iterator<Item = (u32, PathBuf)> {
+    let me = std::process::id();
+    std::fs::read_dir(Path::new("/proc"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(move |entry| {
+            let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            (pid != me).then(|| (pid, entry.path()))
+        })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A child holding `f` open on descriptor 3, `>>` (writing) or `<` (reading).
-    fn holder(f: &Path, how: &str) -> std::process::Child {
+    /// A child holding `f` open as `redirections` say (`3<` reading, `3>>` writing),
+    /// returned once it is `sleep` with them in place.
+    fn holder(f: &Path, redirections: &str) -> std::process::Child {
         let child = std::process::Command::new("sh")
             .arg("-c")
-            .arg(format!("exec 3{how}\"$0\"; exec sleep 30"))
+            .arg(format!("exec {redirections}; exec sleep 30"))
             .arg(f)
             .spawn()
             .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        let comm = format!("/proc/{}/comm", child.id());
+        let started = std::time::Instant::now();
+        while std::fs::read_to_string(&comm).unwrap_or_default() != "sleep\n" {
+            assert!(started.elapsed().as_secs() < 10, "the holder never started");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         child
+    }
+
+    fn end(children: &mut [&mut std::process::Child]) {
+        for c in children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     #[test]
@@ -157,14 +184,14 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("held");
         std::fs::write(&f, "x").unwrap();
-        let mut child = holder(&f, "<");
+        // Held twice by one process (as `cmd >>log 2>&1` holds its log): one holder.
+        let mut child = holder(&f, "3<\"$0\" 4<\"$0\"");
         let m = std::fs::metadata(&f).unwrap();
-        let open = OpenFiles::scan();
-        let described = open.holders(m.dev(), m.ino()).map(|h| h.describe());
+        let described = OpenFiles::scan()
+            .holders(m.dev(), m.ino())
+            .map(|h| h.describe());
         let writers = writers_of(m.dev(), m.ino());
-        let _ = child.kill();
-        let _ = child.wait();
-        assert!(open.is_open(m.dev(), m.ino()));
+        end(&mut [&mut child]);
         assert_eq!(
             described.as_deref(),
             Some(format!("pid {} (sleep)", child.id()).as_str())
@@ -177,31 +204,34 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("written");
         std::fs::write(&f, "x").unwrap();
-        let mut reader = holder(&f, "<");
-        let mut writer = holder(&f, ">>");
+        let mut reader = holder(&f, "3<\"$0\"");
+        let mut writer = holder(&f, "3>>\"$0\" 4>>\"$0\"");
         let m = std::fs::metadata(&f).unwrap();
         let writers = writers_of(m.dev(), m.ino());
         let open = OpenFiles::scan().holders(m.dev(), m.ino());
-        for c in [&mut reader, &mut writer] {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        end(&mut [&mut reader, &mut writer]);
         assert_eq!(
             writers,
             Some(Holders {
                 pid: writer.id(),
-                count: 1
+                processes: 1
             })
         );
-        assert_eq!(open.map(|h| h.count), Some(2), "both holders are counted");
+        assert_eq!(open.map(|h| h.processes), Some(2), "both processes count");
+    }
+
+    #[test]
+    fn several_holders_and_a_process_gone_read_plainly() {
+        // No process can have this pid (above any pid_max), so no name is found.
         let gone = Holders {
-            pid: writer.id(),
-            count: 3,
+            pid: u32::MAX,
+            processes: 3,
         };
-        assert_eq!(
-            gone.describe(),
-            format!("pid {} and 2 other processes", writer.id()),
-            "an exited process is named by its pid alone"
-        );
+        assert_eq!(gone.describe(), "pid 4294967295 and 2 other processes");
+        let two = Holders {
+            pid: u32::MAX,
+            processes: 2,
+        };
+        assert_eq!(two.describe(), "pid 4294967295 and 1 other process");
     }
 }

@@ -71,13 +71,7 @@ fn a_file_held_open_for_writing_is_neither_taken_nor_removed() {
     let path = env.drop_file("upload.bin", &noise(100_000, 3));
     // A writer holding the file open (as an SFTP or Samba upload that paused),
     // older than stability_seconds.
-    let mut writer = Command::new("sh")
-        .arg("-c")
-        .arg("exec 3>>\"$0\"; sleep 30")
-        .arg(&path)
-        .spawn()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut writer = writer_holding(&path);
     age(&path, 60);
     let r = env.run(&[]);
     let _ = writer.kill();

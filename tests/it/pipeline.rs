@@ -130,14 +130,7 @@ fn symlinks_fifos_and_unsafe_names_are_skipped_and_counted() {
 fn a_file_held_open_waits_for_the_next_run() {
     let env = Env::new();
     let held = env.drop_file("held.log", b"still writing");
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg("exec 3>>\"$0\"; exec sleep 60")
-        .arg(&held)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let mut child = writer_holding(&held);
     age(&held, 60);
     let r = env.run(&[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
@@ -174,14 +167,7 @@ fn a_file_opened_for_writing_after_discovery_stays_and_its_writer_is_named() {
     let mut cmd = env.run_command();
     cmd.stdout(Stdio::null()).stderr(Stdio::piped());
     let (run, resume) = env.spawn_paused(cmd, "journal: before file_admitted");
-    let mut writer = Command::new("sh")
-        .arg("-c")
-        .arg("exec 3>>\"$0\"; exec sleep 60")
-        .arg(&late)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let mut writer = writer_holding(&late);
     std::fs::write(&resume, b"").unwrap();
     let out = run.wait_with_output().unwrap();
     let _ = writer.kill();
@@ -205,6 +191,42 @@ fn a_file_opened_for_writing_after_discovery_stays_and_its_writer_is_named() {
         env.log_text()
             .contains(&format!("skipped \"late.log\": {why}")),
         "{stderr}"
+    );
+}
+
+/// A writer that opens a source after its copy was delivered and recorded, just
+/// before the source's removal: the delivery stands, the source is kept whole, and
+/// the report names the writer. (Pauses at a kill point: `crashpoints` builds only.)
+#[cfg(feature = "crashpoints")]
+#[test]
+fn a_source_opened_for_writing_before_its_removal_is_kept_and_its_writer_is_named() {
+    let env = Env::new();
+    let src = env.drop_file("log.txt", b"delivered bytes");
+    age(&src, 60);
+    let mut cmd = env.run_command();
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    let (run, resume) = env.spawn_paused(cmd, "commit: journaled, before source removal");
+    let mut writer = writer_holding(&src);
+    std::fs::write(&resume, b"").unwrap();
+    let out = run.wait_with_output().unwrap();
+    let _ = writer.kill();
+    let _ = writer.wait();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(
+        Env::tree(&env.dst).get("log.txt").map(Vec::as_slice),
+        Some(&b"delivered bytes"[..])
+    );
+    assert_eq!(std::fs::read(&src).unwrap(), b"delivered bytes");
+    let rep = env.report();
+    assert_eq!(rep["sources_kept"][0]["path"], "log.txt");
+    assert_eq!(
+        rep["sources_kept"][0]["reason"],
+        format!(
+            "source is open for writing in another process: pid {} (sleep); kept",
+            writer.id()
+        )
+        .as_str()
     );
 }
 

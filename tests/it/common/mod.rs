@@ -373,6 +373,28 @@ pub fn term(child: &std::process::Child) {
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
 }
 
+/// A process holding `path` open for writing (a paused upload), returned once it
+/// runs `sleep` with the file open: `sh` opens it on descriptor 3, then becomes `sleep`.
+pub fn writer_holding(path: &Path) -> std::process::Child {
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg("exec 3>>\"$0\"; exec sleep 60")
+        .arg(path)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let comm = format!("/proc/{}/comm", child.id());
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&comm).unwrap_or_default() != "sleep\n" {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the writer never started"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child
+}
+
 /// Sets a file's mtime `secs` into the past.
 pub fn age(p: &Path, secs: u64) {
     let t = SystemTime::now() - Duration::from_secs(secs);
