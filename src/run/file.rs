@@ -428,20 +428,13 @@ fn dispose_suspect(
                 (hazard::Disposal::Deleted, Some(engine)) => (
                     Disposition::RemovedByScanner,
                     format!(
-                        "removed by {engine} itself (defender_handles_suspect_files); the source holds the same bytes"
+                        "removed by {engine} itself (defender_handles_suspect_files); the source holds the same bytes{}",
+                        none_kept(run)
                     ),
                 ),
-                // The file is gone for good once its source goes too: say so, and
-                // where the setting is that would have kept it.
                 (hazard::Disposal::Deleted, None) => (
                     Disposition::Deleted,
-                    if run.policy.delete_source {
-                        "deleted (no hazard archive configured); its source is removed too, so no \
-                         copy of the file is kept (set hazard_archive_path and hazard_encryption_key_path to keep suspect files, encrypted)"
-                            .to_string()
-                    } else {
-                        "deleted (no hazard archive configured)".to_string()
-                    },
+                    format!("deleted (no hazard archive configured){}", none_kept(run)),
                 ),
             };
             announce_suspect(
@@ -468,6 +461,18 @@ fn dispose_suspect(
             let why = format!("suspect ({found}), but {e}");
             fail(r, Some(q), Disposition::HazardFailed, why, e.is_disk_full())
         }
+    }
+}
+
+/// What a suspect's line adds when no hazard archive keeps it: with sources deleted,
+/// nothing of the file will be left once its source goes (which a later line says
+/// did not happen, if the source changed or is in use), and which settings keep one.
+fn none_kept(run: &Run) -> &'static str {
+    if run.policy.delete_source {
+        "; once its source is removed as well, no copy of the file is kept (set \
+         hazard_archive_path and hazard_encryption_key_path to keep suspect files, encrypted)"
+    } else {
+        ""
     }
 }
 

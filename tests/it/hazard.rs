@@ -434,7 +434,7 @@ fn without_a_hazard_archive_the_suspect_copy_is_deleted() {
     assert!(
         log.contains(
             "SUSPECT \"e.com\": eicar.com.UNOFFICIAL; quarantine copy deleted (no hazard archive \
-             configured); its source is removed too, so no copy of the file is kept (set \
+             configured); once its source is removed as well, no copy of the file is kept (set \
              hazard_archive_path and hazard_encryption_key_path to keep suspect files, \
              encrypted)"
         ),
