@@ -154,6 +154,25 @@ fn a_file_held_open_waits_for_the_next_run() {
     );
 }
 
+/// Runs Shuttle over `file` (an hour old), pausing at kill point `at` while a writer
+/// opens the file; returns the run's stderr, once it has exited 0, and the writer's
+/// pid. Kill points exist only in `crashpoints` builds.
+#[cfg(feature = "crashpoints")]
+fn run_with_a_writer_from(env: &Env, file: &std::path::Path, at: &str) -> (String, u32) {
+    age(file, 3600);
+    let mut cmd = env.run_command();
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    let (run, resume) = env.spawn_paused(cmd, at);
+    let mut writer = writer_holding(file);
+    std::fs::write(&resume, b"").unwrap();
+    let out = run.wait_with_output().unwrap();
+    let _ = writer.kill();
+    let _ = writer.wait();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    (stderr, writer.id())
+}
+
 /// A writer that opens a file after discovery found it closed: the read lease taken
 /// before the copy is refused, nothing is copied, the file stays whole, and both the
 /// report and the log name the writer. (Pauses before admission: a kill point,
@@ -163,25 +182,14 @@ fn a_file_held_open_waits_for_the_next_run() {
 fn a_file_opened_for_writing_after_discovery_stays_and_its_writer_is_named() {
     let env = Env::new();
     let late = env.drop_file("late.log", b"first part");
-    age(&late, 60);
-    let mut cmd = env.run_command();
-    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
-    let (run, resume) = env.spawn_paused(cmd, "journal: before file_admitted");
-    let mut writer = writer_holding(&late);
-    std::fs::write(&resume, b"").unwrap();
-    let out = run.wait_with_output().unwrap();
-    let _ = writer.kill();
-    let _ = writer.wait();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let (stderr, writer) = run_with_a_writer_from(&env, &late, "journal: before file_admitted");
     assert!(Env::tree(&env.dst).is_empty(), "nothing delivered");
     assert!(Env::tree(&env.quarantine).is_empty(), "no copy left");
     assert_eq!(std::fs::read(&late).unwrap(), b"first part");
     let rep = env.report();
     assert_eq!(rep["skipped_by_reason"]["open_by_process"], 1);
     let why = format!(
-        "source is open for writing in another process: pid {} (sleep); left for a later run",
-        writer.id()
+        "source is open for writing in another process: pid {writer} (sleep); left for a later run"
     );
     let entry = &rep["file_results"][0];
     assert_eq!(entry["path"], "late.log");
@@ -202,17 +210,8 @@ fn a_file_opened_for_writing_after_discovery_stays_and_its_writer_is_named() {
 fn a_source_opened_for_writing_before_its_removal_is_kept_and_its_writer_is_named() {
     let env = Env::new();
     let src = env.drop_file("log.txt", b"delivered bytes");
-    age(&src, 60);
-    let mut cmd = env.run_command();
-    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
-    let (run, resume) = env.spawn_paused(cmd, "commit: journaled, before source removal");
-    let mut writer = writer_holding(&src);
-    std::fs::write(&resume, b"").unwrap();
-    let out = run.wait_with_output().unwrap();
-    let _ = writer.kill();
-    let _ = writer.wait();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let (_, writer) =
+        run_with_a_writer_from(&env, &src, "commit: journaled, before source removal");
     assert_eq!(
         Env::tree(&env.dst).get("log.txt").map(Vec::as_slice),
         Some(&b"delivered bytes"[..])
@@ -222,11 +221,8 @@ fn a_source_opened_for_writing_before_its_removal_is_kept_and_its_writer_is_name
     assert_eq!(rep["sources_kept"][0]["path"], "log.txt");
     assert_eq!(
         rep["sources_kept"][0]["reason"],
-        format!(
-            "source is open for writing in another process: pid {} (sleep); kept",
-            writer.id()
-        )
-        .as_str()
+        format!("source is open for writing in another process: pid {writer} (sleep); kept")
+            .as_str()
     );
 }
 
