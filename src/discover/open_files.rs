@@ -76,8 +76,8 @@ impl OpenFiles {
                 {
                     out.held
                         .entry((m.dev(), m.ino()))
-                        .and_modify(|h| h.processes += 1)
-                        .or_insert(Holders { pid, processes: 1 });
+                        .or_insert(Holders { pid, processes: 0 })
+                        .processes += 1;
                 }
             }
         }
@@ -113,18 +113,15 @@ pub fn writers_of(dev: u64, ino: u64) -> Option<Holders> {
             })
         });
         if writes {
-            match &mut found {
-                Some(h) => h.processes += 1,
-                None => found = Some(Holders { pid, processes: 1 }),
-            }
+            found.get_or_insert(Holders { pid, processes: 0 }).processes += 1;
         }
     }
     found
 }
 
 /// The open flags (octal in `flags:`) and inode number (`ino:`) of a descriptor's
-/// `fdinfo`. Flags that cannot be read count as writing: the lease's refusal already
-/// says some process writes.
+/// `fdinfo`. ([`writers_of`] counts flags it cannot read as writing: the lease's
+/// refusal already says some process writes.)
 fn fdinfo_fields(text: &str) -> (Option<u32>, Option<u64>) {
     let field = |name: &str| {
         text.lines()
