@@ -9,9 +9,14 @@
 //! processes this user may inspect are seen: all of them as root, else its own.
 //! [`writers_of`] does the same for one file when a read lease is refused or broken
 //! later in the run, and counts only the processes holding it open for writing.
+//!
+//! Another process's file is looked at only through its descriptor's magic link, with
+//! `statx(AT_STATX_DONT_SYNC)` asking for the type and inode alone ([`identity`]): the
+//! kernel answers from what it has cached, so a file held open on a network mount
+//! whose server has gone away (a hard-mounted NFS share, a FUSE daemon that hangs)
+//! cannot stall the run, as a plain `stat` of it would, until the server returns.
 
 use std::collections::{HashMap, HashSet};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 /// The regular files some process has open, by (device, inode).
@@ -68,14 +73,11 @@ impl OpenFiles {
             };
             this_process.clear();
             for fd in fds.flatten() {
-                // metadata() follows the magic link to the open file itself, even if it
-                // was renamed or unlinked since it was opened.
-                if let Ok(m) = std::fs::metadata(fd.path())
-                    && m.is_file()
-                    && this_process.insert((m.dev(), m.ino()))
+                if let Some(file) = identity(&fd.path())
+                    && this_process.insert(file)
                 {
                     out.held
-                        .entry((m.dev(), m.ino()))
+                        .entry(file)
                         .or_insert(Holders { pid, processes: 0 })
                         .processes += 1;
                 }
@@ -108,8 +110,7 @@ pub fn writers_of(dev: u64, ino: u64) -> Option<Holders> {
                 let (flags, inode) = fdinfo_fields(&text);
                 inode == Some(ino)
                     && flags.is_none_or(|f| f & libc::O_ACCMODE as u32 != libc::O_RDONLY as u32)
-                    && std::fs::metadata(dir.join("fd").join(info.file_name()))
-                        .is_ok_and(|m| (m.dev(), m.ino()) == (dev, ino))
+                    && identity(&dir.join("fd").join(info.file_name())) == Some((dev, ino))
             })
         });
         if writes {
@@ -117,6 +118,25 @@ pub fn writers_of(dev: u64, ino: u64) -> Option<Holders> {
         }
     }
     found
+}
+
+/// The (device, inode) of the regular file a descriptor's magic link `/proc/<pid>/fd/<n>`
+/// leads to (the open file itself, even if renamed or unlinked since it was opened);
+/// `None` for anything else, or if the descriptor is gone. Only the type and inode are
+/// asked for, from the kernel's cache (`AT_STATX_DONT_SYNC`): no request reaches the
+/// file's filesystem server, which may not be answering. Both are fixed for an open
+/// file, so the cache cannot be stale about them.
+fn identity(fd_link: &Path) -> Option<(u64, u64)> {
+    use rustix::fs::{AtFlags, CWD, FileType, StatxFlags, makedev, statx};
+    let x = statx(
+        CWD,
+        fd_link,
+        AtFlags::STATX_DONT_SYNC,
+        StatxFlags::TYPE | StatxFlags::INO,
+    )
+    .ok()?;
+    (FileType::from_raw_mode(x.stx_mode.into()) == FileType::RegularFile)
+        .then(|| (makedev(x.stx_dev_major, x.stx_dev_minor), x.stx_ino))
 }
 
 /// The open flags (octal in `flags:`) and inode number (`ino:`) of a descriptor's
@@ -150,6 +170,7 @@ fn processes() -> impl Iterator<Item = (u32, PathBuf)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
 
     /// A child holding `f` open as `redirections` say (`3<` reading, `3>>` writing),
     /// returned once it is `sleep` with them in place.

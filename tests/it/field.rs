@@ -2,7 +2,8 @@
 //! uploads still held open for writing by another process.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use crate::common::*;
 
@@ -82,6 +83,155 @@ fn a_file_held_open_for_writing_is_neither_taken_nor_removed() {
         "a file being written was taken"
     );
     assert_eq!(Env::tree(&env.src)["upload.bin"], noise(100_000, 3));
+}
+
+/// A FUSE filesystem (tests/fixtures/hangfs) with a file held open by a `sleep`,
+/// which stops answering on [`HungMount::hang`]: what a hard-mounted NFS share whose
+/// server went away is to every other program. Dropping it answers again first, then
+/// stops the holder and the filesystem, so that a failed assertion leaves nothing
+/// hanging for the tests running beside it.
+struct HungMount {
+    dir: PathBuf,
+    trigger: PathBuf,
+    fs: std::process::Child,
+    holder: Option<std::process::Child>,
+}
+
+impl HungMount {
+    fn start(root: &Path) -> HungMount {
+        let dir = root.join("hung");
+        let trigger = root.join("hang-now");
+        std::fs::create_dir(&dir).unwrap();
+        let log = root.join("hangfs.log");
+        let fs = Command::new(repo().join("tests/fixtures/hangfs"))
+            .arg(&dir)
+            .arg(&trigger)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("tests/fixtures/hangfs runs");
+        let mut m = HungMount {
+            dir,
+            trigger,
+            fs,
+            holder: None,
+        };
+        let held = m.dir.join("held.txt");
+        let started = std::time::Instant::now();
+        while !held.exists() {
+            let gone = m.fs.try_wait().unwrap();
+            assert!(
+                gone.is_none() && started.elapsed() < Duration::from_secs(20),
+                "hangfs did not mount (exit {gone:?}; scripts/install-deps installs \
+                 python3-fusepy): {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let holder = Command::new("sh")
+            .arg("-c")
+            .arg("exec 3<\"$0\"; exec sleep 120")
+            .arg(&held)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let comm = format!("/proc/{}/comm", holder.id());
+        m.holder = Some(holder);
+        while std::fs::read_to_string(&comm).unwrap_or_default() != "sleep\n" {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the holder never started"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        m
+    }
+
+    fn hang(&self) {
+        std::fs::write(&self.trigger, b"").unwrap();
+    }
+
+    /// The holder's descriptor for the file, as every pass over `/proc` finds it.
+    fn fd_link(&self) -> PathBuf {
+        let pid = self.holder.as_ref().map(|h| h.id()).unwrap_or(0);
+        PathBuf::from(format!("/proc/{pid}/fd/3"))
+    }
+}
+
+impl Drop for HungMount {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.trigger);
+        if let Some(h) = self.holder.as_mut() {
+            let _ = h.kill();
+            let _ = h.wait();
+        }
+        let _ = self.fs.kill();
+        let _ = self.fs.wait();
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+/// Is `child` still running `secs` seconds from now? (A process waiting on a FUSE
+/// request the daemon has taken cannot be killed, not even by SIGKILL: it is reaped
+/// only after the filesystem answers again.)
+fn still_running_after(child: &mut std::process::Child, secs: u64) -> bool {
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(secs) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+#[test]
+fn a_file_held_open_on_a_mount_that_stopped_answering_does_not_stall_a_run() {
+    if !is_root() {
+        eprintln!("skipped: mounting a FUSE filesystem needs root");
+        return;
+    }
+    let env = Env::new();
+    env.drop_file("plc-1/batch.csv", b"t,value\n1,42\n");
+    age(&env.src.join("plc-1/batch.csv"), 60);
+    let mount = HungMount::start(env.root());
+    mount.hang();
+
+    // The fixture does hang: a plain stat of the holder's descriptor (what lsof does,
+    // and Shuttle's pass over /proc did) waits for an answer that does not come.
+    let mut stat = Command::new("stat")
+        .arg("-L")
+        .arg(mount.fd_link())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        still_running_after(&mut stat, 2),
+        "stat of a file on the hung mount returned: the fixture does not hang"
+    );
+
+    let mut run = env
+        .run_command()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let hung = still_running_after(&mut run, 60);
+    drop(mount);
+    let _ = stat.wait();
+    if hung {
+        let _ = run.kill();
+        let _ = run.wait();
+        panic!("shuttle run hung on a file held open on a mount that stopped answering");
+    }
+    let r = Run::from(run.wait_with_output().unwrap());
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(Env::tree(&env.dst)["plc-1/batch.csv"], b"t,value\n1,42\n");
+    assert!(Env::tree(&env.src).is_empty(), "the source was not removed");
+    assert_eq!(env.report()["files"]["clean"], 1);
 }
 
 /// The packaged service's user, and another user uploading into the drop directory
