@@ -12,9 +12,10 @@
 //!
 //! Another process's file is looked at only through its descriptor's magic link, with
 //! `statx(AT_STATX_DONT_SYNC)` asking for the type and inode alone ([`identity`]): the
-//! kernel answers from what it has cached, so a file held open on a network mount
-//! whose server has gone away (a hard-mounted NFS share, a FUSE daemon that hangs)
-//! cannot stall the run, as a plain `stat` of it would, until the server returns.
+//! kernel answers from what it has cached, so a file held open on a mount whose server
+//! has stopped answering (a FUSE daemon that hangs, as the tests show; a hard-mounted
+//! NFS share, whose client answers this from its cache too) does not stall the run, as
+//! a plain `stat` of it would, until the server returns.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -72,16 +73,23 @@ impl OpenFiles {
                 continue;
             };
             this_process.clear();
+            let mut unreadable = false;
             for fd in fds.flatten() {
-                if let Some(file) = identity(&fd.path())
-                    && this_process.insert(file)
-                {
-                    out.held
-                        .entry(file)
-                        .or_insert(Holders { pid, processes: 0 })
-                        .processes += 1;
+                match identity(&fd.path()) {
+                    Ok(Some(file)) if this_process.insert(file) => {
+                        out.held
+                            .entry(file)
+                            .or_insert(Holders { pid, processes: 0 })
+                            .processes += 1;
+                    }
+                    // A descriptor closed since the listing, or the process gone.
+                    Ok(_) | Err(rustix::io::Errno::NOENT | rustix::io::Errno::SRCH) => {}
+                    // Anything else (statx refused by a seccomp filter, say) leaves this
+                    // process's files unknown: counted, so that nothing relies on the scan.
+                    Err(_) => unreadable = true,
                 }
             }
+            out.unreadable_processes += usize::from(unreadable);
         }
         out
     }
@@ -110,7 +118,7 @@ pub fn writers_of(dev: u64, ino: u64) -> Option<Holders> {
                 let (flags, inode) = fdinfo_fields(&text);
                 inode == Some(ino)
                     && flags.is_none_or(|f| f & libc::O_ACCMODE as u32 != libc::O_RDONLY as u32)
-                    && identity(&dir.join("fd").join(info.file_name())) == Some((dev, ino))
+                    && identity(&dir.join("fd").join(info.file_name())) == Ok(Some((dev, ino)))
             })
         });
         if writes {
@@ -122,21 +130,22 @@ pub fn writers_of(dev: u64, ino: u64) -> Option<Holders> {
 
 /// The (device, inode) of the regular file a descriptor's magic link `/proc/<pid>/fd/<n>`
 /// leads to (the open file itself, even if renamed or unlinked since it was opened);
-/// `None` for anything else, or if the descriptor is gone. Only the type and inode are
-/// asked for, from the kernel's cache (`AT_STATX_DONT_SYNC`): no request reaches the
-/// file's filesystem server, which may not be answering. Both are fixed for an open
-/// file, so the cache cannot be stale about them.
-fn identity(fd_link: &Path) -> Option<(u64, u64)> {
+/// `None` for anything else. Only the type and inode are asked for, from the kernel's
+/// cache (`AT_STATX_DONT_SYNC`): FUSE and NFS answer that without asking their server,
+/// which may not be answering. Both are fixed for an open file, so the cache cannot be
+/// stale about them.
+fn identity(fd_link: &Path) -> rustix::io::Result<Option<(u64, u64)>> {
     use rustix::fs::{AtFlags, CWD, FileType, StatxFlags, makedev, statx};
     let x = statx(
         CWD,
         fd_link,
         AtFlags::STATX_DONT_SYNC,
         StatxFlags::TYPE | StatxFlags::INO,
+    )?;
+    Ok(
+        (FileType::from_raw_mode(x.stx_mode.into()) == FileType::RegularFile)
+            .then(|| (makedev(x.stx_dev_major, x.stx_dev_minor), x.stx_ino)),
     )
-    .ok()?;
-    (FileType::from_raw_mode(x.stx_mode.into()) == FileType::RegularFile)
-        .then(|| (makedev(x.stx_dev_major, x.stx_dev_minor), x.stx_ino))
 }
 
 /// The open flags (octal in `flags:`) and inode number (`ino:`) of a descriptor's

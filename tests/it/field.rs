@@ -189,13 +189,12 @@ fn still_running_after(child: &mut std::process::Child, secs: u64) -> bool {
 
 #[test]
 fn a_file_held_open_on_a_mount_that_stopped_answering_does_not_stall_a_run() {
-    if !is_root() {
-        eprintln!("skipped: mounting a FUSE filesystem needs root");
+    if !is_root() || !Path::new("/dev/fuse").exists() {
+        eprintln!("skipped: mounting a FUSE filesystem needs root and /dev/fuse");
         return;
     }
     let env = Env::new();
     env.drop_file("plc-1/batch.csv", b"t,value\n1,42\n");
-    age(&env.src.join("plc-1/batch.csv"), 60);
     let mount = HungMount::start(env.root());
     mount.hang();
 
