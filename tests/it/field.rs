@@ -118,34 +118,18 @@ impl HungMount {
             holder: None,
         };
         let held = m.dir.join("held.txt");
-        let started = std::time::Instant::now();
-        while !held.exists() {
-            let gone = m.fs.try_wait().unwrap();
-            assert!(
-                gone.is_none() && started.elapsed() < Duration::from_secs(20),
-                "hangfs did not mount (exit {gone:?}; scripts/install-deps installs \
-                 python3-fusepy): {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let holder = Command::new("sh")
-            .arg("-c")
-            .arg("exec 3<\"$0\"; exec sleep 120")
-            .arg(&held)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let comm = format!("/proc/{}/comm", holder.id());
-        m.holder = Some(holder);
-        while std::fs::read_to_string(&comm).unwrap_or_default() != "sleep\n" {
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "the holder never started"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let mut gone = None;
+        let mounted = wait_until(Duration::from_secs(20), || {
+            gone = m.fs.try_wait().unwrap();
+            gone.is_some() || held.exists()
+        });
+        assert!(
+            mounted && gone.is_none(),
+            "hangfs did not mount (exit {gone:?}; scripts/install-deps installs \
+             python3-fusepy): {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        m.holder = Some(process_holding(&held, "3<"));
         m
     }
 
@@ -177,14 +161,9 @@ impl Drop for HungMount {
 /// request the daemon has taken cannot be killed, not even by SIGKILL: it is reaped
 /// only after the filesystem answers again.)
 fn still_running_after(child: &mut std::process::Child, secs: u64) -> bool {
-    let started = std::time::Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if started.elapsed() > Duration::from_secs(secs) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
+    !wait_until(Duration::from_secs(secs), || {
+        child.try_wait().unwrap().is_some()
+    })
 }
 
 #[test]

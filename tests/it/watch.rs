@@ -20,17 +20,6 @@ fn start_watch(env: &Env) -> Child {
     child
 }
 
-fn wait_until(limit: Duration, mut ok: impl FnMut() -> bool) -> bool {
-    let t = Instant::now();
-    while t.elapsed() < limit {
-        if ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
-}
-
 /// Waits for the process to exit; its exit code.
 fn exit_code(mut child: Child, limit: Duration) -> i32 {
     let t = Instant::now();

@@ -374,25 +374,43 @@ pub fn term(child: &std::process::Child) {
 }
 
 /// A process holding `path` open for writing (a paused upload), returned once it
-/// runs `sleep` with the file open: `sh` opens it on descriptor 3, then becomes `sleep`.
+/// runs `sleep` with the file open.
 pub fn writer_holding(path: &Path) -> std::process::Child {
+    process_holding(path, "3>>")
+}
+
+/// A process holding `path` open on descriptor 3 as `redirection` says (`3<` reading,
+/// `3>>` writing), returned once it runs `sleep` with the file open: `sh` opens it,
+/// then becomes `sleep`.
+pub fn process_holding(path: &Path, redirection: &str) -> std::process::Child {
     let child = Command::new("sh")
         .arg("-c")
-        .arg("exec 3>>\"$0\"; exec sleep 60")
+        .arg(format!("exec {redirection}\"$0\"; exec sleep 60"))
         .arg(path)
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
     let comm = format!("/proc/{}/comm", child.id());
-    let started = std::time::Instant::now();
-    while std::fs::read_to_string(&comm).unwrap_or_default() != "sleep\n" {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the writer never started"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            std::fs::read_to_string(&comm).unwrap_or_default() == "sleep\n"
+        }),
+        "the holder of {} never started",
+        path.display()
+    );
     child
+}
+
+/// Polls `ok` every 20 ms until it holds (`true`) or `limit` has passed (`false`).
+pub fn wait_until(limit: Duration, mut ok: impl FnMut() -> bool) -> bool {
+    let started = std::time::Instant::now();
+    while started.elapsed() < limit {
+        if ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
 }
 
 /// Sets a file's mtime `secs` into the past.
